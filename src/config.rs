@@ -1,0 +1,313 @@
+//! The optimizer's configuration: types, defaults, validation and the JSON form of
+//! `shared/spec/semantics.md`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// Which update rule to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    /// Adam with coupled (L2) weight decay: `g += weight_decay * p` (`torch.optim.Adam`).
+    Adam,
+    /// Adam with decoupled weight decay: `p *= 1 - lr * weight_decay` (`torch.optim.AdamW`).
+    #[serde(rename = "adamw")]
+    AdamW,
+    /// Yogi: additive second-moment update `v -= (1 - b2) * sign(v - g^2) * g^2`.
+    Yogi,
+}
+
+/// Where `eps` enters the denominator when bias correction is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EpsMode {
+    /// `sqrt(v / bc2 + eps_root) + eps`: the paper, PyTorch, optax. The default.
+    Torch,
+    /// `sqrt(v + eps_root) + eps` with `sqrt(bc2) / bc1` folded into the learning rate:
+    /// MXNet, TensorFlow's ApplyAdam, TF-Addons Yogi.
+    Folded,
+}
+
+/// The configuration of one optimizer, with the key names of `semantics.md`.
+///
+/// One step `t = 1, 2, ...` for each element, with learning rate `lr_t`:
+///
+/// ```text
+/// g = grad * rescale_grad
+/// if clip_gradient = Some(c):  g = clamp(g, -c, c)
+/// if maximize:                 g = -g
+/// if weight_decay != 0:
+///     Adam, Yogi:  g = g + weight_decay * p               (coupled L2)
+///     AdamW:       p = p * (1 - lr_t * weight_decay)      (decoupled)
+/// m = b1 * m + (1 - b1) * g                                (exp_avg)
+/// Adam, AdamW:  v = b2 * v + (1 - b2) * g^2                (exp_avg_sq)
+/// Yogi:         v = v - (1 - b2) * sign(v - g^2) * g^2     (sign(0) = 0)
+/// if amsgrad:   vmax = max(vmax, v); use vmax for v below  (max_exp_avg_sq)
+/// if bias_correction:  bc1 = 1 - b1^t,  bc2 = 1 - b2^t
+///     eps_mode Torch:   p = p - (lr_t / bc1) * m / (sqrt(v / bc2 + eps_root) + eps)
+///     eps_mode Folded:  p = p - (lr_t * sqrt(bc2) / bc1) * m / (sqrt(v + eps_root) + eps)
+/// else:                 p = p - lr_t * m / (sqrt(v + eps_root) + eps)
+/// ```
+/// Initial state: `m = 0`, `v = initial_accumulator`, `vmax = 0`, `t = 0`.
+///
+/// | symbol | field | default |
+/// | --- | --- | --- |
+/// | | `algorithm` | required |
+/// | `lr_t` | `lr` (per step: [`crate::Optimizer::set_lr`]) | 1e-3 (Yogi: 1e-2) |
+/// | `b1, b2` | `betas` | `[0.9, 0.999]` |
+/// | `eps` | `eps` | 1e-8 (Yogi: 1e-3) |
+/// | `eps_root` | `eps_root` | 0 |
+/// | | `eps_mode` | `Torch` |
+/// | | `weight_decay` | 0 (AdamW: 1e-2) |
+/// | | `amsgrad`, `maximize` | false |
+/// | | `bias_correction` | true |
+/// | | `rescale_grad` | 1 |
+/// | `c` | `clip_gradient` | `None` |
+/// | | `initial_accumulator` | 0 (Yogi: 1e-6) |
+///
+/// Differences from torch / optax: none for what torch has (Adam and AdamW with `amsgrad`,
+/// `maximize`, `weight_decay`, `eps`; torch's `capturable`, `differentiable`, `foreach` and
+/// `fused` choose implementations, not results). `eps_root` is optax's. Hyperparameters are f64
+/// on the host like Python floats; the state is f32.
+///
+/// Build one with [`Config::adam`], [`Config::adamw`] or [`Config::yogi`] and the setters, or
+/// from JSON with [`Config::from_json`]. [`Config::validate`] checks every field; the
+/// optimizer calls it on construction.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Config {
+    pub algorithm: Algorithm,
+    pub lr: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub eps_root: f64,
+    pub eps_mode: EpsMode,
+    pub weight_decay: f64,
+    pub amsgrad: bool,
+    pub maximize: bool,
+    pub bias_correction: bool,
+    pub rescale_grad: f64,
+    pub clip_gradient: Option<f64>,
+    pub initial_accumulator: f64,
+}
+
+/// Every key of the JSON form, in the spec's order.
+pub const CONFIG_KEYS: [&str; 13] = [
+    "algorithm",
+    "lr",
+    "betas",
+    "eps",
+    "eps_root",
+    "eps_mode",
+    "weight_decay",
+    "amsgrad",
+    "maximize",
+    "bias_correction",
+    "rescale_grad",
+    "clip_gradient",
+    "initial_accumulator",
+];
+
+impl Config {
+    /// The spec's defaults for `algorithm`.
+    pub fn new(algorithm: Algorithm) -> Self {
+        let yogi = algorithm == Algorithm::Yogi;
+        Config {
+            algorithm,
+            lr: if yogi { 1e-2 } else { 1e-3 },
+            betas: [0.9, 0.999],
+            eps: if yogi { 1e-3 } else { 1e-8 },
+            eps_root: 0.0,
+            eps_mode: EpsMode::Torch,
+            weight_decay: if algorithm == Algorithm::AdamW { 1e-2 } else { 0.0 },
+            amsgrad: false,
+            maximize: false,
+            bias_correction: true,
+            rescale_grad: 1.0,
+            clip_gradient: None,
+            initial_accumulator: if yogi { 1e-6 } else { 0.0 },
+        }
+    }
+
+    /// `torch.optim.Adam`'s defaults.
+    pub fn adam() -> Self {
+        Self::new(Algorithm::Adam)
+    }
+
+    /// `torch.optim.AdamW`'s defaults.
+    pub fn adamw() -> Self {
+        Self::new(Algorithm::AdamW)
+    }
+
+    /// Yogi's defaults (lr 1e-2, eps 1e-3, initial accumulator 1e-6).
+    pub fn yogi() -> Self {
+        Self::new(Algorithm::Yogi)
+    }
+
+    pub fn lr(mut self, lr: f64) -> Self {
+        self.lr = lr;
+        self
+    }
+    pub fn betas(mut self, b1: f64, b2: f64) -> Self {
+        self.betas = [b1, b2];
+        self
+    }
+    pub fn eps(mut self, eps: f64) -> Self {
+        self.eps = eps;
+        self
+    }
+    pub fn eps_root(mut self, eps_root: f64) -> Self {
+        self.eps_root = eps_root;
+        self
+    }
+    pub fn eps_mode(mut self, eps_mode: EpsMode) -> Self {
+        self.eps_mode = eps_mode;
+        self
+    }
+    pub fn weight_decay(mut self, weight_decay: f64) -> Self {
+        self.weight_decay = weight_decay;
+        self
+    }
+    pub fn amsgrad(mut self, amsgrad: bool) -> Self {
+        self.amsgrad = amsgrad;
+        self
+    }
+    pub fn maximize(mut self, maximize: bool) -> Self {
+        self.maximize = maximize;
+        self
+    }
+    pub fn bias_correction(mut self, bias_correction: bool) -> Self {
+        self.bias_correction = bias_correction;
+        self
+    }
+    pub fn rescale_grad(mut self, rescale_grad: f64) -> Self {
+        self.rescale_grad = rescale_grad;
+        self
+    }
+    pub fn clip_gradient(mut self, clip_gradient: Option<f64>) -> Self {
+        self.clip_gradient = clip_gradient;
+        self
+    }
+    pub fn initial_accumulator(mut self, initial_accumulator: f64) -> Self {
+        self.initial_accumulator = initial_accumulator;
+        self
+    }
+
+    /// Checks every field against its domain; the error names the first bad key.
+    pub fn validate(&self) -> Result<()> {
+        check_lr("lr", self.lr)?;
+        check("betas", self.betas[0], "b1 in [0, 1)", |b| (0.0..1.0).contains(&b))?;
+        check("betas", self.betas[1], "b2 in [0, 1)", |b| (0.0..1.0).contains(&b))?;
+        check_non_negative("eps", self.eps)?;
+        check_non_negative("eps_root", self.eps_root)?;
+        check_non_negative("weight_decay", self.weight_decay)?;
+        check("rescale_grad", self.rescale_grad, "a finite number > 0", |r| {
+            r.is_finite() && r > 0.0
+        })?;
+        if let Some(c) = self.clip_gradient {
+            check("clip_gradient", c, "null or a finite number > 0", |c| {
+                c.is_finite() && c > 0.0
+            })?;
+        }
+        check_non_negative("initial_accumulator", self.initial_accumulator)
+    }
+
+    /// Parses the JSON form (an object with the spec's keys; missing keys take the defaults of
+    /// the algorithm) and validates it.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let value: Value = serde_json::from_str(text).map_err(|e| Error::ConfigJson(e.to_string()))?;
+        match value {
+            Value::Object(map) => Self::from_json_map(&map),
+            other => Err(Error::ConfigJson(format!("got {other}"))),
+        }
+    }
+
+    /// As [`Config::from_json`], from an already parsed object.
+    pub fn from_json_map(map: &Map<String, Value>) -> Result<Self> {
+        if let Some(key) = map.keys().find(|k| !CONFIG_KEYS.contains(&k.as_str())) {
+            return Err(Error::UnknownConfigKey {
+                key: key.clone(),
+                known: CONFIG_KEYS.join(", "),
+            });
+        }
+        let algorithm = match map.get("algorithm") {
+            None => return Err(Error::MissingAlgorithm),
+            Some(v) => parse::<Algorithm>(
+                "algorithm",
+                v,
+                "one of \"adam\", \"adamw\", \"yogi\"",
+            )?,
+        };
+        let mut c = Config::new(algorithm);
+        for (key, v) in map {
+            match key.as_str() {
+                "lr" => c.lr = parse("lr", v, "a finite number > 0")?,
+                "betas" => c.betas = parse("betas", v, "[b1, b2], each in [0, 1)")?,
+                "eps" => c.eps = parse("eps", v, "a number >= 0")?,
+                "eps_root" => c.eps_root = parse("eps_root", v, "a number >= 0")?,
+                "eps_mode" => c.eps_mode = parse("eps_mode", v, "\"torch\" or \"folded\"")?,
+                "weight_decay" => c.weight_decay = parse("weight_decay", v, "a number >= 0")?,
+                "amsgrad" => c.amsgrad = parse("amsgrad", v, "true or false")?,
+                "maximize" => c.maximize = parse("maximize", v, "true or false")?,
+                "bias_correction" => {
+                    c.bias_correction = parse("bias_correction", v, "true or false")?
+                }
+                "rescale_grad" => c.rescale_grad = parse("rescale_grad", v, "a number > 0")?,
+                "clip_gradient" => {
+                    c.clip_gradient = parse("clip_gradient", v, "null or a number > 0")?
+                }
+                "initial_accumulator" => {
+                    c.initial_accumulator = parse("initial_accumulator", v, "a number >= 0")?
+                }
+                _ => {} // "algorithm", read above
+            }
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// The JSON form with every key present (the effective configuration).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a Config always serializes")
+    }
+}
+
+impl<'de> Deserialize<'de> for Config {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let map = Map::<String, Value>::deserialize(deserializer)?;
+        Config::from_json_map(&map).map_err(serde::de::Error::custom)
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(
+    key: &'static str,
+    v: &Value,
+    expected: &'static str,
+) -> Result<T> {
+    serde_json::from_value(v.clone()).map_err(|_| Error::InvalidConfig {
+        key,
+        value: v.to_string(),
+        expected,
+    })
+}
+
+fn check(key: &'static str, x: f64, expected: &'static str, ok: impl Fn(f64) -> bool) -> Result<()> {
+    if ok(x) {
+        Ok(())
+    } else {
+        Err(Error::InvalidConfig {
+            key,
+            value: x.to_string(),
+            expected,
+        })
+    }
+}
+
+fn check_non_negative(key: &'static str, x: f64) -> Result<()> {
+    check(key, x, "a finite number >= 0", |x| x.is_finite() && x >= 0.0)
+}
+
+pub(crate) fn check_lr(key: &'static str, lr: f64) -> Result<()> {
+    check(key, lr, "a finite number > 0", |x| x.is_finite() && x > 0.0)
+}

@@ -1,0 +1,80 @@
+//! The one error type of the public API.
+
+/// Everything the public API can refuse. Each variant names the key, tensor or limit at fault,
+/// the value it got and what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration key has a value outside its domain (NaN, out of range, wrong type).
+    #[error("config key `{key}`: got {value}, expected {expected}")]
+    InvalidConfig {
+        key: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    /// A configuration key that the spec does not define.
+    #[error("unknown config key `{key}` (known keys: {known})")]
+    UnknownConfigKey { key: String, known: String },
+    /// The configuration has no `algorithm`.
+    #[error("config key `algorithm` is missing (expected \"adam\", \"adamw\" or \"yogi\")")]
+    MissingAlgorithm,
+    /// The configuration text is not a JSON object.
+    #[error("config is not a JSON object: {0}")]
+    ConfigJson(String),
+    /// An [`crate::OptimizerOptions`] field or a per-step argument is out of range.
+    #[error("option `{name}`: got {value}, expected {expected}")]
+    InvalidOption {
+        name: &'static str,
+        value: String,
+        expected: String,
+    },
+    /// A parameter's `param` and `grad` views differ in length.
+    #[error("parameter `{tensor}`: param has {param} elements but grad has {grad}")]
+    LengthMismatch {
+        tensor: String,
+        param: u64,
+        grad: u64,
+    },
+    /// A user buffer was created without a usage the optimizer needs.
+    #[error("parameter `{tensor}`: the {which} buffer lacks {needed} usage (it has {has})")]
+    MissingUsage {
+        tensor: String,
+        which: &'static str,
+        needed: &'static str,
+        has: String,
+    },
+    /// A view runs past the end of its buffer.
+    #[error(
+        "parameter `{tensor}`: the {which} view (offset {offset}, {len} elements) ends past its buffer of {buffer_bytes} bytes"
+    )]
+    OutOfBounds {
+        tensor: String,
+        which: &'static str,
+        offset: u64,
+        len: u64,
+        buffer_bytes: u64,
+    },
+    /// `param` and `grad` live in the same buffer, which one dispatch cannot bind both
+    /// read-write and read-only.
+    #[error("parameter `{tensor}`: param and grad are in the same buffer; give the gradient its own buffer")]
+    AliasedBuffers { tensor: String },
+    /// The device lacks a limit the optimizer needs. See the README's "Device limits".
+    #[error("device limit `{limit}` is {have}, but {need} is needed{context}")]
+    DeviceLimit {
+        limit: &'static str,
+        have: u64,
+        need: u64,
+        context: String,
+    },
+    /// A tensor index or name that the optimizer does not hold.
+    #[error("no parameter {0} in this optimizer")]
+    NoSuchParameter(String),
+    /// Copying a buffer back to the host failed.
+    #[error("reading a buffer back from the GPU failed: {0}")]
+    Readback(String),
+    /// No adapter, or the adapter refused a device (only from [`crate::util`]).
+    #[error("no usable GPU adapter: {0}")]
+    NoAdapter(String),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

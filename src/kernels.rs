@@ -1,0 +1,366 @@
+//! Pipelines, layouts, bind groups and buffers: the only file that builds wgpu descriptors, so
+//! a wgpu upgrade touches this file alone.
+
+use std::num::NonZeroU64;
+
+use crate::config::{Algorithm, Config};
+use crate::uniforms::{Chunk, StepUniforms};
+
+/// The WGSL family every variant is built from.
+pub const ADAM_FAMILY_WGSL: &str = include_str!("../shaders/adam_family.wgsl");
+
+/// The element type one pipeline loads: four lanes at a time, or one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Width {
+    Vec4,
+    Scalar,
+}
+
+impl Width {
+    /// f32 lanes per element.
+    pub fn lanes(self) -> u64 {
+        match self {
+            Width::Vec4 => 4,
+            Width::Scalar => 1,
+        }
+    }
+}
+
+/// The complete WGSL source for one element width: the generated prelude, then the family.
+pub fn wgsl_source(width: Width) -> String {
+    let elem = match width {
+        Width::Vec4 => "vec4<f32>",
+        Width::Scalar => "f32",
+    };
+    format!("alias Elem = {elem};\n{ADAM_FAMILY_WGSL}")
+}
+
+/// The override constants that pick one variant of the family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Variant {
+    pub algorithm: Algorithm,
+    pub amsgrad: bool,
+    pub maximize: bool,
+    pub clip: bool,
+    pub weight_decay: bool,
+    pub workgroup_size: u32,
+}
+
+impl Variant {
+    pub fn new(config: &Config, workgroup_size: u32) -> Self {
+        Variant {
+            algorithm: config.algorithm,
+            amsgrad: config.amsgrad,
+            maximize: config.maximize,
+            clip: config.clip_gradient.is_some(),
+            weight_decay: config.weight_decay != 0.0,
+            workgroup_size,
+        }
+    }
+
+    /// `(name, value)` pairs for `PipelineCompilationOptions::constants`.
+    pub fn constants(&self) -> [(&'static str, f64); 6] {
+        let algorithm = match self.algorithm {
+            Algorithm::Adam => 0.0,
+            Algorithm::AdamW => 1.0,
+            Algorithm::Yogi => 2.0,
+        };
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
+        [
+            ("ALGORITHM", algorithm),
+            ("AMSGRAD", flag(self.amsgrad)),
+            ("MAXIMIZE", flag(self.maximize)),
+            ("CLIP", flag(self.clip)),
+            ("WEIGHT_DECAY", flag(self.weight_decay)),
+            ("WORKGROUP_SIZE", self.workgroup_size as f64),
+        ]
+    }
+}
+
+/// The two pipelines (vec4 body, scalar tail) of one variant, sharing one bind group layout.
+pub struct Kernels {
+    pub variant: Variant,
+    pub layout: wgpu::BindGroupLayout,
+    vec4: wgpu::ComputePipeline,
+    scalar: wgpu::ComputePipeline,
+}
+
+impl Kernels {
+    pub fn new(device: &wgpu::Device, variant: Variant) -> Self {
+        let storage = |binding, read_only| wgpu::BindGroupLayoutEntry {
+            binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Storage { read_only },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        };
+        let uniform = |binding, has_dynamic_offset, size: usize| wgpu::BindGroupLayoutEntry {
+            binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Uniform,
+                has_dynamic_offset,
+                min_binding_size: NonZeroU64::new(size as u64),
+            },
+            count: None,
+        };
+        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("wgpu-optim step"),
+            entries: &[
+                uniform(0, true, size_of::<StepUniforms>()),
+                uniform(1, false, size_of::<Chunk>()),
+                storage(2, false),
+                storage(3, true),
+                storage(4, false),
+                storage(5, false),
+                storage(6, false),
+            ],
+        });
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("wgpu-optim step"),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let constants = variant.constants();
+        let pipeline = |width| {
+            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some("wgpu-optim adam_family"),
+                source: wgpu::ShaderSource::Wgsl(wgsl_source(width).into()),
+            });
+            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some("wgpu-optim step"),
+                layout: Some(&pipeline_layout),
+                module: &module,
+                entry_point: Some("step"),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &constants,
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            })
+        };
+        Kernels {
+            variant,
+            vec4: pipeline(Width::Vec4),
+            scalar: pipeline(Width::Scalar),
+            layout,
+        }
+    }
+
+    pub fn pipeline(&self, width: Width) -> &wgpu::ComputePipeline {
+        match width {
+            Width::Vec4 => &self.vec4,
+            Width::Scalar => &self.scalar,
+        }
+    }
+}
+
+/// A byte range of a buffer to bind.
+#[derive(Clone, Debug)]
+pub struct Range<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    pub offset: u64,
+    pub size: u64,
+}
+
+impl<'a> Range<'a> {
+    fn binding(&self) -> wgpu::BindingResource<'a> {
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: self.buffer,
+            offset: self.offset,
+            size: NonZeroU64::new(self.size),
+        })
+    }
+}
+
+/// The ranges one dispatch binds, in the shader's binding order.
+pub struct Bindings<'a> {
+    pub step_uniforms: &'a wgpu::Buffer,
+    pub chunk: Range<'a>,
+    pub param: Range<'a>,
+    pub grad: Range<'a>,
+    pub exp_avg: Range<'a>,
+    pub exp_avg_sq: Range<'a>,
+    pub max_exp_avg_sq: Range<'a>,
+}
+
+pub fn bind_group(device: &wgpu::Device, kernels: &Kernels, b: &Bindings) -> wgpu::BindGroup {
+    let step = Range {
+        buffer: b.step_uniforms,
+        offset: 0,
+        size: size_of::<StepUniforms>() as u64,
+    };
+    let ranges = [
+        &step,
+        &b.chunk,
+        &b.param,
+        &b.grad,
+        &b.exp_avg,
+        &b.exp_avg_sq,
+        &b.max_exp_avg_sq,
+    ];
+    let entries: Vec<wgpu::BindGroupEntry> = ranges
+        .iter()
+        .enumerate()
+        .map(|(i, r)| wgpu::BindGroupEntry {
+            binding: i as u32,
+            resource: r.binding(),
+        })
+        .collect();
+    device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("wgpu-optim step"),
+        layout: &kernels.layout,
+        entries: &entries,
+    })
+}
+
+/// Records `dispatches` into one compute pass; `step_offset` is the dynamic offset of this
+/// step's uniforms.
+pub fn record(
+    encoder: &mut wgpu::CommandEncoder,
+    kernels: &Kernels,
+    step_offset: u32,
+    dispatches: &mut dyn Iterator<Item = &Dispatch>,
+) {
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some("wgpu-optim step"),
+        timestamp_writes: None,
+    });
+    for d in dispatches {
+        pass.set_pipeline(kernels.pipeline(d.width));
+        pass.set_bind_group(0, &d.bind_group, &[step_offset]);
+        pass.dispatch_workgroups(d.grid[0], d.grid[1], 1);
+    }
+}
+
+/// One recorded dispatch of a step.
+pub struct Dispatch {
+    pub width: Width,
+    pub bind_group: wgpu::BindGroup,
+    pub grid: [u32; 2],
+}
+
+/// Workgroups for `units` invocations: x up to `max_per_dim`, the rest in y.
+pub fn workgroup_grid(units: u64, workgroup_size: u32, max_per_dim: u32) -> [u32; 2] {
+    let groups = units.div_ceil(workgroup_size as u64);
+    let x = groups.min(max_per_dim as u64).max(1);
+    [x as u32, groups.div_ceil(x) as u32]
+}
+
+/// A storage buffer of `len` f32, every element `fill`; at least 16 bytes so that an empty
+/// tensor still has something to bind.
+pub fn state_buffer(device: &wgpu::Device, label: &str, len: u64, fill: f32) -> wgpu::Buffer {
+    let size = (len * 4).max(16);
+    let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: fill != 0.0,
+    });
+    if fill != 0.0 {
+        // New buffers are zeroed; only a non-zero fill needs writing, a block at a time.
+        const BLOCK: usize = 1 << 16;
+        let block = vec![fill; BLOCK];
+        let mut view = buffer
+            .get_mapped_range_mut(..)
+            .expect("a buffer mapped at creation maps");
+        let bytes = view.len();
+        for start in (0..bytes).step_by(BLOCK * 4) {
+            let end = (start + BLOCK * 4).min(bytes);
+            view.slice(start..end)
+                .copy_from_slice(&bytemuck::cast_slice(&block)[..end - start]);
+        }
+        drop(view);
+        buffer.unmap();
+    }
+    buffer
+}
+
+/// A uniform buffer of `size` bytes written later with `Queue::write_buffer`.
+pub fn uniform_buffer(device: &wgpu::Device, label: &str, size: u64) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size,
+        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    })
+}
+
+/// A uniform buffer holding `data`.
+pub fn uniform_buffer_init(device: &wgpu::Device, label: &str, data: &[u8]) -> wgpu::Buffer {
+    let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: (data.len() as u64).max(16),
+        usage: wgpu::BufferUsages::UNIFORM,
+        mapped_at_creation: true,
+    });
+    buffer
+        .get_mapped_range_mut(..data.len() as u64)
+        .expect("a buffer mapped at creation maps")
+        .copy_from_slice(data);
+    buffer.unmap();
+    buffer
+}
+
+/// Copies `len` f32 from `buffer` at byte `offset` into a fresh staging buffer, submits, and
+/// asks to map it. The returned future resolves once the device is polled past the copy.
+pub fn read_f32(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    buffer: &wgpu::Buffer,
+    offset: u64,
+    len: u64,
+) -> impl Future<Output = Result<Vec<f32>, String>> + use<> {
+    let staging = (len > 0).then(|| {
+        let staging = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgpu-optim readback"),
+            size: len * 4,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, len * 4);
+        queue.submit([encoder.finish()]);
+        let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |result| {
+            sender.send(result).ok();
+        });
+        (staging, receiver)
+    });
+    async move {
+        let Some((staging, receiver)) = staging else {
+            return Ok(Vec::new());
+        };
+        match receiver.receive().await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(e.to_string()),
+            None => return Err("the map callback was dropped".into()),
+        }
+        let data = match staging.get_mapped_range(..) {
+            Ok(view) => bytemuck::cast_slice(&view).to_vec(),
+            Err(e) => return Err(e.to_string()),
+        };
+        staging.unmap();
+        Ok(data)
+    }
+}
+
+/// Blocks on the device until `read_f32`'s copy is done, then returns the values.
+pub fn read_f32_blocking(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    buffer: &wgpu::Buffer,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<f32>, String> {
+    let future = read_f32(device, queue, buffer, offset, len);
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| e.to_string())?;
+    pollster::block_on(future)
+}

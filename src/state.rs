@@ -1,0 +1,60 @@
+//! The optimizer state on the GPU: buffers with PyTorch's names, allocated and owned here.
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::kernels;
+use crate::reference::TensorState;
+
+/// The state buffers of one parameter tensor: f32, one element per parameter element.
+pub struct StateBuffers {
+    pub exp_avg: wgpu::Buffer,
+    pub exp_avg_sq: wgpu::Buffer,
+    /// Only with `amsgrad`.
+    pub max_exp_avg_sq: Option<wgpu::Buffer>,
+}
+
+impl StateBuffers {
+    /// The initial state: `m = 0`, `v = initial_accumulator`, `vmax = 0`.
+    pub fn new(device: &wgpu::Device, config: &Config, name: &str, len: u64) -> Self {
+        let label = |state: &str| format!("wgpu-optim {state}.{name}");
+        StateBuffers {
+            exp_avg: kernels::state_buffer(device, &label("exp_avg"), len, 0.0),
+            exp_avg_sq: kernels::state_buffer(
+                device,
+                &label("exp_avg_sq"),
+                len,
+                config.initial_accumulator as f32,
+            ),
+            max_exp_avg_sq: config
+                .amsgrad
+                .then(|| kernels::state_buffer(device, &label("max_exp_avg_sq"), len, 0.0)),
+        }
+    }
+
+    /// Copies the state back to the host. The copies are submitted now; the future resolves
+    /// once the device has been polled past them.
+    pub fn read(
+        &self,
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        len: u64,
+    ) -> impl Future<Output = Result<TensorState>> + use<> {
+        let exp_avg = kernels::read_f32(device, queue, &self.exp_avg, 0, len);
+        let exp_avg_sq = kernels::read_f32(device, queue, &self.exp_avg_sq, 0, len);
+        let max_exp_avg_sq = self
+            .max_exp_avg_sq
+            .as_ref()
+            .map(|b| kernels::read_f32(device, queue, b, 0, len));
+        async move {
+            let max_exp_avg_sq = match max_exp_avg_sq {
+                Some(f) => Some(f.await.map_err(Error::Readback)?),
+                None => None,
+            };
+            Ok(TensorState {
+                exp_avg: exp_avg.await.map_err(Error::Readback)?,
+                exp_avg_sq: exp_avg_sq.await.map_err(Error::Readback)?,
+                max_exp_avg_sq,
+            })
+        }
+    }
+}
