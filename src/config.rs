@@ -120,7 +120,11 @@ impl Config {
             eps: if yogi { 1e-3 } else { 1e-8 },
             eps_root: 0.0,
             eps_mode: EpsMode::Torch,
-            weight_decay: if algorithm == Algorithm::AdamW { 1e-2 } else { 0.0 },
+            weight_decay: if algorithm == Algorithm::AdamW {
+                1e-2
+            } else {
+                0.0
+            },
             amsgrad: false,
             maximize: false,
             bias_correction: true,
@@ -197,14 +201,21 @@ impl Config {
     /// Checks every field against its domain; the error names the first bad key.
     pub fn validate(&self) -> Result<()> {
         check_lr("lr", self.lr)?;
-        check("betas", self.betas[0], "b1 in [0, 1)", |b| (0.0..1.0).contains(&b))?;
-        check("betas", self.betas[1], "b2 in [0, 1)", |b| (0.0..1.0).contains(&b))?;
+        check("betas", self.betas[0], "b1 in [0, 1)", |b| {
+            (0.0..1.0).contains(&b)
+        })?;
+        check("betas", self.betas[1], "b2 in [0, 1)", |b| {
+            (0.0..1.0).contains(&b)
+        })?;
         check_non_negative("eps", self.eps)?;
         check_non_negative("eps_root", self.eps_root)?;
         check_non_negative("weight_decay", self.weight_decay)?;
-        check("rescale_grad", self.rescale_grad, "a finite number > 0", |r| {
-            r.is_finite() && r > 0.0
-        })?;
+        check(
+            "rescale_grad",
+            self.rescale_grad,
+            "a finite number > 0",
+            |r| r.is_finite() && r > 0.0,
+        )?;
         if let Some(c) = self.clip_gradient {
             check("clip_gradient", c, "null or a finite number > 0", |c| {
                 c.is_finite() && c > 0.0
@@ -216,7 +227,8 @@ impl Config {
     /// Parses the JSON form (an object with the spec's keys; missing keys take the defaults of
     /// the algorithm) and validates it.
     pub fn from_json(text: &str) -> Result<Self> {
-        let value: Value = serde_json::from_str(text).map_err(|e| Error::ConfigJson(e.to_string()))?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| Error::ConfigJson(e.to_string()))?;
         match value {
             Value::Object(map) => Self::from_json_map(&map),
             other => Err(Error::ConfigJson(format!("got {other}"))),
@@ -233,11 +245,7 @@ impl Config {
         }
         let algorithm = match map.get("algorithm") {
             None => return Err(Error::MissingAlgorithm),
-            Some(v) => parse::<Algorithm>(
-                "algorithm",
-                v,
-                "one of \"adam\", \"adamw\", \"yogi\"",
-            )?,
+            Some(v) => parse::<Algorithm>("algorithm", v, "one of \"adam\", \"adamw\", \"yogi\"")?,
         };
         let mut c = Config::new(algorithm);
         for (key, v) in map {
@@ -292,7 +300,12 @@ fn parse<T: serde::de::DeserializeOwned>(
     })
 }
 
-fn check(key: &'static str, x: f64, expected: &'static str, ok: impl Fn(f64) -> bool) -> Result<()> {
+fn check(
+    key: &'static str,
+    x: f64,
+    expected: &'static str,
+    ok: impl Fn(f64) -> bool,
+) -> Result<()> {
     if ok(x) {
         Ok(())
     } else {
@@ -305,7 +318,9 @@ fn check(key: &'static str, x: f64, expected: &'static str, ok: impl Fn(f64) -> 
 }
 
 fn check_non_negative(key: &'static str, x: f64) -> Result<()> {
-    check(key, x, "a finite number >= 0", |x| x.is_finite() && x >= 0.0)
+    check(key, x, "a finite number >= 0", |x| {
+        x.is_finite() && x >= 0.0
+    })
 }
 
 pub(crate) fn check_lr(key: &'static str, lr: f64) -> Result<()> {

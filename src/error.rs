@@ -55,7 +55,9 @@ pub enum Error {
     },
     /// `param` and `grad` live in the same buffer, which one dispatch cannot bind both
     /// read-write and read-only.
-    #[error("parameter `{tensor}`: param and grad are in the same buffer; give the gradient its own buffer")]
+    #[error(
+        "parameter `{tensor}`: param and grad are in the same buffer; give the gradient its own buffer"
+    )]
     AliasedBuffers { tensor: String },
     /// The device lacks a limit the optimizer needs. See the README's "Device limits".
     #[error("device limit `{limit}` is {have}, but {need} is needed{context}")]

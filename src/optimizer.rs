@@ -139,9 +139,11 @@ impl Optimizer {
         let mut chunk_bytes = vec![0u8; (chunk_stride as usize) * plans.iter().flatten().count()];
         for (i, planned) in plans.iter().flatten().enumerate() {
             let at = i * chunk_stride as usize;
-            chunk_bytes[at..at + size_of::<Chunk>()].copy_from_slice(bytemuck::bytes_of(&planned.chunk));
+            chunk_bytes[at..at + size_of::<Chunk>()]
+                .copy_from_slice(bytemuck::bytes_of(&planned.chunk));
         }
-        let chunk_uniforms = kernels::uniform_buffer_init(device, "wgpu-optim chunks", &chunk_bytes);
+        let chunk_uniforms =
+            kernels::uniform_buffer_init(device, "wgpu-optim chunks", &chunk_bytes);
         // amsgrad off: the max_exp_avg_sq binding is never read, but must be bound.
         let unused = kernels::state_buffer(device, "wgpu-optim unused max_exp_avg_sq", 4, 0.0);
 
@@ -365,8 +367,14 @@ fn plan(p: &Parameter, chunk_len: u64, align: u64) -> Vec<Planned> {
                     grad_base: (grad_base / lanes) as u32,
                     state_base: (state_base / lanes) as u32,
                 },
-                param: (param_offset, (p.param.offset + start) * 4 - param_offset + len * 4),
-                grad: (grad_offset, (p.grad.offset + start) * 4 - grad_offset + len * 4),
+                param: (
+                    param_offset,
+                    (p.param.offset + start) * 4 - param_offset + len * 4,
+                ),
+                grad: (
+                    grad_offset,
+                    (p.grad.offset + start) * 4 - grad_offset + len * 4,
+                ),
                 state: (start * 4, len * 4),
             }
         };
@@ -485,7 +493,10 @@ fn check_parameter(limits: &wgpu::Limits, p: &Parameter) -> Result<()> {
                 has: format!("{usage:?}"),
             });
         }
-        let end = view.offset.checked_add(view.len).and_then(|e| e.checked_mul(4));
+        let end = view
+            .offset
+            .checked_add(view.len)
+            .and_then(|e| e.checked_mul(4));
         if end.is_none_or(|end| end > view.buffer.size()) {
             return Err(Error::OutOfBounds {
                 tensor: tensor(),
@@ -522,12 +533,18 @@ mod tests {
         assert_eq!(kernels::workgroup_grid(0, 64, 65535), [1, 0]);
         assert_eq!(kernels::workgroup_grid(1, 64, 65535), [1, 1]);
         assert_eq!(kernels::workgroup_grid(64 * 65535, 64, 65535), [65535, 1]);
-        assert_eq!(kernels::workgroup_grid(64 * 65535 + 1, 64, 65535), [65535, 2]);
+        assert_eq!(
+            kernels::workgroup_grid(64 * 65535 + 1, 64, 65535),
+            [65535, 2]
+        );
         // Every unit is covered, and by fewer than one extra row of workgroups.
         for units in [1u64, 255, 256, 257, 1 << 24, (1 << 30) + 3] {
             let [x, y] = kernels::workgroup_grid(units, 16, 65535);
             let covered = x as u64 * y as u64 * 16;
-            assert!(covered >= units && covered - units < x as u64 * 16, "{units}");
+            assert!(
+                covered >= units && covered - units < x as u64 * 16,
+                "{units}"
+            );
             assert!(x <= 65535 && y <= 65535);
         }
     }

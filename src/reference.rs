@@ -33,7 +33,14 @@ impl TensorState {
 /// # Panics
 /// If `grad` or the state differ in length from `param`, or `amsgrad` is on and the state has
 /// no `max_exp_avg_sq` (the reference is a test oracle, not a checked API).
-pub fn step(config: &Config, t: u64, lr: f64, param: &mut [f32], grad: &[f32], state: &mut TensorState) {
+pub fn step(
+    config: &Config,
+    t: u64,
+    lr: f64,
+    param: &mut [f32],
+    grad: &[f32],
+    state: &mut TensorState,
+) {
     assert!(t >= 1, "steps count from 1");
     let n = param.len();
     assert_eq!(grad.len(), n);
@@ -86,7 +93,9 @@ pub fn step(config: &Config, t: u64, lr: f64, param: &mut [f32], grad: &[f32], s
             lr * m / ((v + config.eps_root).sqrt() + config.eps)
         } else {
             match config.eps_mode {
-                EpsMode::Torch => (lr / bc1) * m / ((v / bc2 + config.eps_root).sqrt() + config.eps),
+                EpsMode::Torch => {
+                    (lr / bc1) * m / ((v / bc2 + config.eps_root).sqrt() + config.eps)
+                }
                 EpsMode::Folded => {
                     (lr * bc2.sqrt() / bc1) * m / ((v + config.eps_root).sqrt() + config.eps)
                 }

@@ -15,7 +15,8 @@ pub fn request_device_blocking() -> Result<(wgpu::Adapter, wgpu::Device, wgpu::Q
 
 /// The async form of [`request_device_blocking`].
 pub async fn request_device() -> Result<(wgpu::Adapter, wgpu::Device, wgpu::Queue)> {
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     let adapter = match std::env::var("WGPU_ADAPTER_NAME") {
         Ok(wanted) => {
             let wanted = wanted.to_lowercase();

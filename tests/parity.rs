@@ -31,21 +31,36 @@ fn case(name: &'static str, config: Config) -> Case {
 fn cases() -> Vec<Case> {
     vec![
         case("adam default", Config::adam()),
-        case("adam weight decay", Config::adam().lr(1e-2).weight_decay(0.1)),
+        case(
+            "adam weight decay",
+            Config::adam().lr(1e-2).weight_decay(0.1),
+        ),
         case("adamw default", Config::adamw()),
-        case("adamw weight decay", Config::adamw().lr(1e-2).weight_decay(0.3)),
+        case(
+            "adamw weight decay",
+            Config::adamw().lr(1e-2).weight_decay(0.3),
+        ),
         case("yogi default", Config::yogi()),
         case("yogi weight decay", Config::yogi().weight_decay(0.05)),
         case("adam amsgrad", Config::adam().lr(1e-2).amsgrad(true)),
-        case("adamw amsgrad", Config::adamw().amsgrad(true).betas(0.8, 0.99)),
+        case(
+            "adamw amsgrad",
+            Config::adamw().amsgrad(true).betas(0.8, 0.99),
+        ),
         case("yogi amsgrad", Config::yogi().amsgrad(true)),
-        case("adam maximize", Config::adam().maximize(true).weight_decay(0.02)),
+        case(
+            "adam maximize",
+            Config::adam().maximize(true).weight_decay(0.02),
+        ),
         case(
             "adamw maximize amsgrad",
             Config::adamw().maximize(true).amsgrad(true).lr(5e-3),
         ),
         case("yogi maximize", Config::yogi().maximize(true)),
-        case("adam no bias correction", Config::adam().bias_correction(false)),
+        case(
+            "adam no bias correction",
+            Config::adam().bias_correction(false),
+        ),
         case(
             "yogi no bias correction",
             Config::yogi().bias_correction(false).eps(1e-6),
@@ -69,7 +84,10 @@ fn cases() -> Vec<Case> {
             "adam initial accumulator",
             Config::adam().initial_accumulator(0.5),
         ),
-        case("adam extreme betas", Config::adam().betas(0.0, 0.0).lr(1e-4)),
+        case(
+            "adam extreme betas",
+            Config::adam().betas(0.0, 0.0).lr(1e-4),
+        ),
         case("adamw low betas", Config::adamw().betas(0.5, 0.9).eps(1e-3)),
         Case {
             name: "adamw changing lr",
@@ -79,7 +97,9 @@ fn cases() -> Vec<Case> {
                 if t <= 10 {
                     1e-2 * t as f64 / 10.0
                 } else {
-                    1e-3 + 9e-3 * 0.5 * (1.0 + (std::f64::consts::PI * (t - 10) as f64 / 30.0).cos())
+                    1e-3 + 9e-3
+                        * 0.5
+                        * (1.0 + (std::f64::consts::PI * (t - 10) as f64 / 30.0).cos())
                 }
             }),
         },
@@ -96,18 +116,31 @@ enum Layout {
 }
 
 /// Steps `case` on the GPU and on the CPU and returns every mismatch.
-fn run(case: &Case, sizes: &[u64], layout: Layout, options: OptimizerOptions, steps: u64, seed: u64) -> Vec<String> {
+fn run(
+    case: &Case,
+    sizes: &[u64],
+    layout: Layout,
+    options: OptimizerOptions,
+    steps: u64,
+    seed: u64,
+) -> Vec<String> {
     let (device, queue) = gpu();
     let mut rng = Rng::new(seed);
     let n = sizes.len();
     // Per-tensor scales spread the magnitudes the way real models do.
     let grad_scales: Vec<f64> = (0..n).map(|i| [1.0, 1e-2, 3.0, 1e-4][i % 4]).collect();
-    let mut params: Vec<Vec<f32>> = sizes.iter().map(|&s| rng.normals(s as usize, 1.0)).collect();
+    let mut params: Vec<Vec<f32>> = sizes
+        .iter()
+        .map(|&s| rng.normals(s as usize, 1.0))
+        .collect();
 
     // Place the tensors.
     let (mut param_offsets, mut grad_offsets) = (vec![0u64; n], vec![0u64; n]);
     let (param_buffers, grad_buffers): (Vec<wgpu::Buffer>, Vec<wgpu::Buffer>) = match layout {
-        Layout::Separate => sizes.iter().map(|&s| (buffer(s, STORAGE), buffer(s, STORAGE))).unzip(),
+        Layout::Separate => sizes
+            .iter()
+            .map(|&s| (buffer(s, STORAGE), buffer(s, STORAGE)))
+            .unzip(),
         Layout::Packed => {
             let (mut p_end, mut g_end) = (0, 0);
             for i in 0..n {
@@ -140,6 +173,9 @@ fn run(case: &Case, sizes: &[u64], layout: Layout, options: OptimizerOptions, st
         .collect();
 
     let mut lr_max = case.config.lr;
+    // The largest processed gradient each tensor saw (rescaled, clipped, plus L2 decay): the
+    // moments' rounding errors scale with it.
+    let mut g_max = vec![0f32; n];
     for t in 1..=steps {
         let lr = case.schedule.map_or(case.config.lr, |f| f(t));
         lr_max = lr_max.max(lr);
@@ -149,6 +185,10 @@ fn run(case: &Case, sizes: &[u64], layout: Layout, options: OptimizerOptions, st
         for i in 0..n {
             let grad = rng.normals(sizes[i] as usize, grad_scales[i] * wobble);
             write(&grad_buffers[i], grad_offsets[i], &grad);
+            let c = case.config.clip_gradient.unwrap_or(f64::INFINITY) as f32;
+            let g = (max_abs(&grad) * case.config.rescale_grad as f32).min(c)
+                + case.config.weight_decay as f32 * max_abs(&params[i]);
+            g_max[i] = g_max[i].max(g);
             reference::step(&case.config, t, lr, &mut params[i], &grad, &mut states[i]);
         }
         optimizer.step_blocking(device, queue).unwrap();
@@ -158,8 +198,8 @@ fn run(case: &Case, sizes: &[u64], layout: Layout, options: OptimizerOptions, st
     // Tolerances, from float32 rounding (u = 2^-24 ~ 6e-8 per operation):
     // - exp_avg, exp_avg_sq, max_exp_avg_sq are weighted sums of the gradient history; each
     //   step adds a few roundings, and old errors decay by b1 (b2), so the error stays within
-    //   ~30u (b = 0.9) to ~100u of the tensor's largest value: 1e-5 of it covers that, while a
-    //   skipped or doubled step moves them by (1 - b) ~ 10% of it.
+    //   ~30u (b = 0.9) to ~100u of the largest gradient (squared, for v): 1e-5 of it covers
+    //   that, while a skipped or doubled step moves them by (1 - b) ~ 10% of it.
     // - param: each step rounds p (at most 2u |p| apart between the two paths) and the update
     //   lr * m / (sqrt(v) + eps) inherits the moments' ~1e-5 relative error, so the error
     //   grows by at most 2u * |p|max + 1e-5 * 10 * lr per step. A skipped step moves p by about
@@ -174,27 +214,56 @@ fn run(case: &Case, sizes: &[u64], layout: Layout, options: OptimizerOptions, st
             0
         }
     };
-    let moment = |want: &[f32]| Tolerance {
-        abs: 1e-5 * max_abs(want),
-        rel: 1e-5,
-    };
     for i in 0..n {
+        let moment = |want: &[f32], scale: f32| Tolerance {
+            abs: 1e-5 * max_abs(want).max(scale),
+            rel: 1e-5,
+        };
+        let (m_scale, v_scale) = (g_max[i], g_max[i] * g_max[i]);
         let what = |buf: &str| format!("{} [size {}, {buf}]", case.name, sizes[i]);
         let got = read(&param_buffers[i], param_offsets[i], sizes[i]);
         let param_tol = Tolerance {
-            abs: steps as f32 * (2.0 * f32::EPSILON / 2.0 * max_abs(&params[i]) + 1e-4 * lr_max as f32),
+            abs: steps as f32
+                * (2.0 * f32::EPSILON / 2.0 * max_abs(&params[i]) + 1e-4 * lr_max as f32),
             rel: 0.0,
         };
         let state = optimizer.read_state_blocking(device, queue, i).unwrap();
         let want = &states[i];
         let checks = [
-            compare(&what("param"), &got, &params[i], param_tol, allowed(sizes[i])),
-            compare(&what("exp_avg"), &state.exp_avg, &want.exp_avg, moment(&want.exp_avg), allowed(sizes[i])),
-            compare(&what("exp_avg_sq"), &state.exp_avg_sq, &want.exp_avg_sq, moment(&want.exp_avg_sq), allowed(sizes[i])),
+            compare(
+                &what("param"),
+                &got,
+                &params[i],
+                param_tol,
+                allowed(sizes[i]),
+            ),
+            compare(
+                &what("exp_avg"),
+                &state.exp_avg,
+                &want.exp_avg,
+                moment(&want.exp_avg, m_scale),
+                allowed(sizes[i]),
+            ),
+            compare(
+                &what("exp_avg_sq"),
+                &state.exp_avg_sq,
+                &want.exp_avg_sq,
+                moment(&want.exp_avg_sq, v_scale),
+                allowed(sizes[i]),
+            ),
         ];
         errors.extend(checks.into_iter().filter_map(Result::err));
         match (&state.max_exp_avg_sq, &want.max_exp_avg_sq) {
-            (Some(g), Some(w)) => errors.extend(compare(&what("max_exp_avg_sq"), g, w, moment(w), allowed(sizes[i])).err()),
+            (Some(g), Some(w)) => errors.extend(
+                compare(
+                    &what("max_exp_avg_sq"),
+                    g,
+                    w,
+                    moment(w, v_scale),
+                    allowed(sizes[i]),
+                )
+                .err(),
+            ),
             (None, None) => {}
             _ => errors.push(what("max_exp_avg_sq present on one side only")),
         }
@@ -203,14 +272,26 @@ fn run(case: &Case, sizes: &[u64], layout: Layout, options: OptimizerOptions, st
 }
 
 fn assert_all(errors: Vec<String>) {
-    assert!(errors.is_empty(), "{} mismatches:\n{}", errors.len(), errors.join("\n"));
+    assert!(
+        errors.is_empty(),
+        "{} mismatches:\n{}",
+        errors.len(),
+        errors.join("\n")
+    );
 }
 
 #[test]
 fn every_case_matches_the_reference() {
     let mut errors = Vec::new();
     for (k, case) in cases().iter().enumerate() {
-        errors.extend(run(case, &SIZES, Layout::Separate, OptimizerOptions::default(), STEPS, k as u64));
+        errors.extend(run(
+            case,
+            &SIZES,
+            Layout::Separate,
+            OptimizerOptions::default(),
+            STEPS,
+            k as u64,
+        ));
     }
     assert_all(errors);
 }
@@ -219,7 +300,14 @@ fn every_case_matches_the_reference() {
 fn packed_views_at_unaligned_offsets() {
     let mut errors = Vec::new();
     for (k, case) in cases().iter().enumerate().step_by(3) {
-        errors.extend(run(case, &SIZES, Layout::Packed, OptimizerOptions::default(), 7, 100 + k as u64));
+        errors.extend(run(
+            case,
+            &SIZES,
+            Layout::Packed,
+            OptimizerOptions::default(),
+            7,
+            100 + k as u64,
+        ));
     }
     assert_all(errors);
 }
@@ -227,7 +315,15 @@ fn packed_views_at_unaligned_offsets() {
 #[test]
 fn chunked_bindings() {
     let granularity = Optimizer::chunk_granularity(&gpu().0.limits());
-    let sizes = [1, 5, granularity - 1, granularity, granularity + 3, 1025, 65537];
+    let sizes = [
+        1,
+        5,
+        granularity - 1,
+        granularity,
+        granularity + 3,
+        1025,
+        65537,
+    ];
     let mut errors = Vec::new();
     for chunks in [1, 3] {
         let options = OptimizerOptions {
@@ -257,8 +353,22 @@ fn more_than_65535_workgroups() {
     let vec4_size = limit * workgroup_size as u64 * 4 + 4 * 17 + 3;
     let scalar_size = limit * workgroup_size as u64 + 99;
     let cases = cases();
-    assert_all(run(&cases[3], &[vec4_size], Layout::Separate, options, 2, 300));
-    assert_all(run(&cases[8], &[7, scalar_size], Layout::Packed, options, 2, 301));
+    assert_all(run(
+        &cases[3],
+        &[vec4_size],
+        Layout::Separate,
+        options,
+        2,
+        300,
+    ));
+    assert_all(run(
+        &cases[8],
+        &[7, scalar_size],
+        Layout::Packed,
+        options,
+        2,
+        301,
+    ));
 }
 
 #[test]
@@ -268,7 +378,11 @@ fn step_counter_and_lr_are_kept() {
     let mut optimizer = Optimizer::new(
         device,
         Config::adam(),
-        &[Parameter::new("p", BufferView::whole(&p), BufferView::whole(&g))],
+        &[Parameter::new(
+            "p",
+            BufferView::whole(&p),
+            BufferView::whole(&g),
+        )],
     )
     .unwrap();
     assert_eq!(optimizer.step_count(), 0);
@@ -297,7 +411,11 @@ fn several_steps_recorded_before_one_submit() {
     let mut optimizer = Optimizer::new(
         device,
         config.clone(),
-        &[Parameter::new("p", BufferView::whole(&pb), BufferView::whole(&gb))],
+        &[Parameter::new(
+            "p",
+            BufferView::whole(&pb),
+            BufferView::whole(&gb),
+        )],
     )
     .unwrap();
     let mut state = TensorState::new(&config, n);

@@ -14,7 +14,10 @@ pub fn gpu() -> &'static (wgpu::Device, wgpu::Queue) {
         let (adapter, device, queue) = wgpu_optim::util::request_device_blocking()
             .unwrap_or_else(|e| panic!("no GPU adapter, and the tests need one: {e}"));
         let info = adapter.get_info();
-        eprintln!("adapter: {} ({:?}, {:?})", info.name, info.backend, info.device_type);
+        eprintln!(
+            "adapter: {} ({:?}, {:?})",
+            info.name, info.backend, info.device_type
+        );
         (device, queue)
     })
 }
@@ -63,7 +66,9 @@ pub fn buffer(len: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
 
 pub fn write(buffer: &wgpu::Buffer, offset: u64, data: &[f32]) {
     if !data.is_empty() {
-        gpu().1.write_buffer(buffer, offset * 4, bytemuck::cast_slice(data));
+        gpu()
+            .1
+            .write_buffer(buffer, offset * 4, bytemuck::cast_slice(data));
     }
 }
 
@@ -89,7 +94,11 @@ pub fn compare(
     allowed: usize,
 ) -> Result<(), String> {
     if got.len() != want.len() {
-        return Err(format!("{what}: got {} elements, want {}", got.len(), want.len()));
+        return Err(format!(
+            "{what}: got {} elements, want {}",
+            got.len(),
+            want.len()
+        ));
     }
     let bad: Vec<(usize, f32, f32)> = got
         .iter()
