@@ -1,0 +1,334 @@
+//! Bad input is a typed error from the public API, never a panic.
+
+mod common;
+
+use common::{STORAGE, buffer, gpu};
+use wgpu_optim::{BufferView, Config, Error, Optimizer, OptimizerOptions, Parameter};
+
+fn param(len: u64) -> (wgpu::Buffer, wgpu::Buffer) {
+    (buffer(len, STORAGE), buffer(len, STORAGE))
+}
+
+fn new(config: Config, parameters: &[Parameter]) -> Result<Optimizer, Error> {
+    Optimizer::new(&gpu().0, config, parameters)
+}
+
+#[test]
+fn invalid_config_values_name_the_key() {
+    let bad: Vec<(Config, &str)> = vec![
+        (Config::adam().lr(0.0), "lr"),
+        (Config::adam().lr(f64::NAN), "lr"),
+        (Config::adam().lr(f64::INFINITY), "lr"),
+        (Config::adam().betas(1.0, 0.999), "betas"),
+        (Config::adam().betas(0.9, -0.1), "betas"),
+        (Config::adam().betas(f64::NAN, 0.9), "betas"),
+        (Config::adam().eps(-1e-8), "eps"),
+        (Config::adam().eps_root(f64::NAN), "eps_root"),
+        (Config::adam().weight_decay(-0.1), "weight_decay"),
+        (Config::adam().rescale_grad(0.0), "rescale_grad"),
+        (Config::adam().rescale_grad(f64::INFINITY), "rescale_grad"),
+        (Config::adam().clip_gradient(Some(0.0)), "clip_gradient"),
+        (
+            Config::adam().clip_gradient(Some(f64::NAN)),
+            "clip_gradient",
+        ),
+        (
+            Config::adam().initial_accumulator(-1.0),
+            "initial_accumulator",
+        ),
+    ];
+    let (p, g) = param(4);
+    let parameters = [Parameter::new(
+        "w",
+        BufferView::whole(&p),
+        BufferView::whole(&g),
+    )];
+    for (config, key) in bad {
+        for err in [
+            config.validate().unwrap_err(),
+            new(config.clone(), &parameters).err().unwrap(),
+        ] {
+            match &err {
+                Error::InvalidConfig { key: k, .. } => assert_eq!(*k, key, "{config:?}"),
+                other => panic!("{config:?}: expected InvalidConfig for {key}, got {other:?}"),
+            }
+            assert!(err.to_string().contains(key), "{err}");
+        }
+    }
+}
+
+#[test]
+fn json_config_parses_fills_defaults_and_rejects_bad_keys() {
+    let c = Config::from_json(r#"{"algorithm": "yogi", "betas": [0.8, 0.99]}"#).unwrap();
+    assert_eq!(c, Config::yogi().betas(0.8, 0.99));
+    assert_eq!((c.lr, c.eps, c.initial_accumulator), (1e-2, 1e-3, 1e-6));
+    let c = Config::from_json(r#"{"algorithm": "adamw"}"#).unwrap();
+    assert_eq!(c.weight_decay, 1e-2);
+    let c = Config::from_json(
+        r#"{"algorithm":"adam","eps_mode":"folded","clip_gradient":null,"amsgrad":true,
+            "maximize":true,"bias_correction":false,"rescale_grad":0.5,"eps_root":1e-9,
+            "initial_accumulator":0.1,"weight_decay":0.2,"lr":0.1,"eps":1e-6}"#,
+    )
+    .unwrap();
+    // Every key round-trips through the effective JSON form.
+    assert_eq!(Config::from_json(&c.to_json()).unwrap(), c);
+    let c2: Config = serde_json::from_str(&c.to_json()).unwrap();
+    assert_eq!(c2, c);
+
+    let err = Config::from_json(r#"{"algorithm": "adam", "learning_rate": 1}"#).unwrap_err();
+    assert!(
+        matches!(&err, Error::UnknownConfigKey { key, .. } if key == "learning_rate"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("learning_rate"));
+    assert!(matches!(
+        Config::from_json(r#"{"lr": 1e-3}"#),
+        Err(Error::MissingAlgorithm)
+    ));
+    for (text, key) in [
+        (r#"{"algorithm": "sgd"}"#, "algorithm"),
+        (r#"{"algorithm": "adam", "lr": "fast"}"#, "lr"),
+        (r#"{"algorithm": "adam", "lr": -1}"#, "lr"),
+        (r#"{"algorithm": "adam", "betas": [0.9]}"#, "betas"),
+        (r#"{"algorithm": "adam", "betas": [0.9, 1.5]}"#, "betas"),
+        (r#"{"algorithm": "adam", "eps_mode": "mxnet"}"#, "eps_mode"),
+        (r#"{"algorithm": "adam", "amsgrad": 1}"#, "amsgrad"),
+        (
+            r#"{"algorithm": "adam", "clip_gradient": -2}"#,
+            "clip_gradient",
+        ),
+        (
+            r#"{"algorithm": "adam", "weight_decay": null}"#,
+            "weight_decay",
+        ),
+    ] {
+        match Config::from_json(text) {
+            Err(Error::InvalidConfig { key: k, .. }) => assert_eq!(k, key, "{text}"),
+            other => panic!("{text}: expected InvalidConfig for {key}, got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        Config::from_json("[1, 2]"),
+        Err(Error::ConfigJson(_))
+    ));
+    assert!(matches!(Config::from_json("{"), Err(Error::ConfigJson(_))));
+}
+
+#[test]
+fn bad_parameters_are_typed_errors() {
+    let (p, g) = param(16);
+    let no_storage = buffer(16, wgpu::BufferUsages::COPY_DST);
+    let view = BufferView::new;
+
+    let err = new(
+        Config::adam(),
+        &[Parameter::new("w", view(&p, 0, 16), view(&g, 0, 15))],
+    )
+    .err()
+    .unwrap();
+    assert!(
+        matches!(&err, Error::LengthMismatch { tensor, param: 16, grad: 15 } if tensor == "w"),
+        "{err}"
+    );
+
+    let err = new(
+        Config::adam(),
+        &[Parameter::new(
+            "w",
+            view(&no_storage, 0, 16),
+            view(&g, 0, 16),
+        )],
+    )
+    .err()
+    .unwrap();
+    assert!(
+        matches!(&err, Error::MissingUsage { which: "param", .. }),
+        "{err}"
+    );
+    let err = new(
+        Config::adam(),
+        &[Parameter::new(
+            "w",
+            view(&p, 0, 16),
+            view(&no_storage, 0, 16),
+        )],
+    )
+    .err()
+    .unwrap();
+    assert!(
+        matches!(&err, Error::MissingUsage { which: "grad", .. }),
+        "{err}"
+    );
+
+    let err = new(
+        Config::adam(),
+        &[Parameter::new("w", view(&p, 1, 16), view(&g, 0, 16))],
+    )
+    .err()
+    .unwrap();
+    assert!(
+        matches!(
+            &err,
+            Error::OutOfBounds {
+                which: "param",
+                offset: 1,
+                len: 16,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = new(
+        Config::adam(),
+        &[Parameter::new("w", view(&p, 0, 4), view(&g, u64::MAX, 4))],
+    )
+    .err()
+    .unwrap();
+    assert!(
+        matches!(&err, Error::OutOfBounds { which: "grad", .. }),
+        "{err}"
+    );
+
+    let err = new(
+        Config::adam(),
+        &[Parameter::new("w", view(&p, 0, 8), view(&p, 8, 8))],
+    )
+    .err()
+    .unwrap();
+    assert!(matches!(&err, Error::AliasedBuffers { .. }), "{err}");
+    assert!(err.to_string().contains("`w`"));
+}
+
+#[test]
+fn bad_options_are_typed_errors() {
+    let (device, _) = gpu();
+    let (p, g) = param(16);
+    let parameters = [Parameter::new(
+        "w",
+        BufferView::whole(&p),
+        BufferView::whole(&g),
+    )];
+    let granularity = Optimizer::chunk_granularity(&device.limits());
+    for chunk in [0, granularity + 1, granularity / 2, u64::MAX] {
+        let options = OptimizerOptions {
+            chunk_elements: Some(chunk),
+            ..Default::default()
+        };
+        let err = Optimizer::with_options(device, Config::adam(), &parameters, options)
+            .err()
+            .unwrap();
+        assert!(
+            matches!(
+                &err,
+                Error::InvalidOption {
+                    name: "chunk_elements",
+                    ..
+                }
+            ),
+            "{chunk}: {err}"
+        );
+    }
+    let options = OptimizerOptions {
+        workgroup_size: 0,
+        ..Default::default()
+    };
+    let err = Optimizer::with_options(device, Config::adam(), &parameters, options)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            &err,
+            Error::InvalidOption {
+                name: "workgroup_size",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let too_big = device.limits().max_compute_invocations_per_workgroup * 2;
+    let options = OptimizerOptions {
+        workgroup_size: too_big,
+        ..Default::default()
+    };
+    let err = Optimizer::with_options(device, Config::adam(), &parameters, options)
+        .err()
+        .unwrap();
+    assert!(matches!(&err, Error::DeviceLimit { .. }), "{err}");
+}
+
+#[test]
+fn bad_calls_are_typed_errors() {
+    let (device, queue) = gpu();
+    let (p, g) = param(16);
+    let mut optimizer = new(
+        Config::adam(),
+        &[Parameter::new(
+            "w",
+            BufferView::whole(&p),
+            BufferView::whole(&g),
+        )],
+    )
+    .unwrap();
+    for lr in [0.0, -1.0, f64::NAN] {
+        assert!(matches!(
+            optimizer.set_lr(lr),
+            Err(Error::InvalidConfig { key: "lr", .. })
+        ));
+    }
+    assert_eq!(optimizer.lr(), 1e-3, "a refused lr leaves the old one");
+    assert!(matches!(
+        optimizer.read_state_blocking(device, queue, 1),
+        Err(Error::NoSuchParameter(_))
+    ));
+    assert!(optimizer.state_buffers(3).is_err());
+}
+
+#[test]
+fn a_device_without_the_needed_limits_is_refused() {
+    // A device that allows only 4 storage buffers per stage cannot bind param, grad and the
+    // three state buffers.
+    let (adapter, _, _) = wgpu_optim::util::request_device_blocking().unwrap();
+    let (device, _) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_limits: wgpu::Limits {
+            max_storage_buffers_per_shader_stage: 4,
+            ..wgpu::Limits::downlevel_defaults()
+        },
+        ..Default::default()
+    }))
+    .unwrap();
+    let make = |usage| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: 64,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    let (p, g) = (
+        make(wgpu::BufferUsages::STORAGE),
+        make(wgpu::BufferUsages::STORAGE),
+    );
+    let err = Optimizer::new(
+        &device,
+        Config::adam(),
+        &[Parameter::new(
+            "w",
+            BufferView::whole(&p),
+            BufferView::whole(&g),
+        )],
+    )
+    .err()
+    .unwrap();
+    assert!(
+        matches!(
+            &err,
+            Error::DeviceLimit {
+                limit: "max_storage_buffers_per_shader_stage",
+                have: 4,
+                need: 5,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
