@@ -39,3 +39,8 @@ pub use optimizer::{BufferView, MAX_STEPS_PER_SUBMIT, Optimizer, OptimizerOption
 pub use reference::TensorState;
 pub use state::StateBuffers;
 pub use uniforms::{Chunk, StepUniforms};
+
+/// The README's Rust snippets compile as doc-tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
