@@ -1,22 +1,24 @@
 // The fused Adam / AdamW / Yogi step (shared/spec/semantics.md): one pass reads param, grad
 // and the state once and writes param and the state once.
 //
-// `Elem` comes from a one-line generated prelude: `alias Elem = vec4<f32>;` for the body of a
-// tensor whose ranges are 16-byte aligned, `alias Elem = f32;` for tails and unaligned views.
-// Every operation below is component-wise, so one source serves both.
-// Variants are override constants, so the driver folds the branches away.
+// A dispatch walks a range of `Elem`s that may hold many parameter tensors (segments), each in
+// a parameter group with its own per-step numbers. `Elem`, `Index`, `LANES` and `LANE` come
+// from a generated prelude: `vec4<f32>` / `vec4<u32>` / 4 / (0, 1, 2, 3) for 16-byte aligned
+// ranges, `f32` / `u32` / 1 / 0 otherwise. Every operation below is component-wise, so one
+// source serves both. Variants are override constants: the driver folds the branches away.
 
 override ALGORITHM: u32 = 0u;          // 0 adam (coupled L2), 1 adamw (decoupled), 2 yogi
 override AMSGRAD: bool = false;
 override MAXIMIZE: bool = false;
-override CLIP: bool = false;
-override WEIGHT_DECAY: bool = false;  // weight_decay != 0
+override CLIP: bool = false;          // some group clips
+override WEIGHT_DECAY: bool = false;  // some group has weight_decay != 0
 override WORKGROUP_SIZE: u32 = 256u;
 
 const ADAMW: u32 = 1u;
 const YOGI: u32 = 2u;
+const MAX_GROUPS: u32 = 16u;
 
-// Mirrors src/uniforms.rs StepUniforms; written once per step.
+// Mirrors src/uniforms.rs StepUniforms: one group's numbers for this step.
 struct StepUniforms {
     step_size: f32,
     eps: f32,
@@ -32,21 +34,28 @@ struct StepUniforms {
     _pad: f32,
 }
 
-// Mirrors src/uniforms.rs Chunk; fixed per dispatch.
+// Mirrors src/uniforms.rs Chunk: what one dispatch covers; fixed when the step is planned.
 struct Chunk {
-    count: u32,
-    param_base: u32,
+    count: u32,           // Elems in this dispatch
+    param_base: u32,      // index of the dispatch's first Elem in the param binding
     grad_base: u32,
     state_base: u32,
+    first_element: u32,   // f32 element of the first Elem, relative to the segments' origin
+    segments: u32,        // where this dispatch's segments start in `table`
+    segment_count: u32,
+    blocks: u32,          // where its per-workgroup first-segment hints start in `table`
 }
 
-@group(0) @binding(0) var<uniform> u: StepUniforms;
+@group(0) @binding(0) var<uniform> groups: array<StepUniforms, MAX_GROUPS>;
 @group(0) @binding(1) var<uniform> chunk: Chunk;
 @group(0) @binding(2) var<storage, read_write> param: array<Elem>;
 @group(0) @binding(3) var<storage, read> grad: array<Elem>;
 @group(0) @binding(4) var<storage, read_write> exp_avg: array<Elem>;
 @group(0) @binding(5) var<storage, read_write> exp_avg_sq: array<Elem>;
 @group(0) @binding(6) var<storage, read_write> max_exp_avg_sq: array<Elem>;
+// Segments as (start, end, group, 0) in f32 elements, sorted and disjoint; and for each
+// workgroup the first segment that ends past its first element.
+@group(0) @binding(7) var<storage, read> table: array<u32>;
 
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn step(
@@ -55,12 +64,30 @@ fn step(
     @builtin(local_invocation_index) lane: u32,
 ) {
     // 2-D grid: more than 65,535 workgroups spill into y.
-    let i = (workgroup.y * workgroups.x + workgroup.x) * WORKGROUP_SIZE + lane;
+    let block = workgroup.y * workgroups.x + workgroup.x;
+    let i = block * WORKGROUP_SIZE + lane;
     if i >= chunk.count {
         return;
     }
-    let s = chunk.state_base + i;
-    var p = param[chunk.param_base + i];
+
+    // Find the segment holding this Elem's first element; skip gaps between tensors.
+    let e = chunk.first_element + i * LANES;
+    var s = table[chunk.blocks + block];
+    while s + 1u < chunk.segment_count && table[chunk.segments + 4u * s + 1u] <= e {
+        s += 1u;
+    }
+    let start = table[chunk.segments + 4u * s];
+    let end = table[chunk.segments + 4u * s + 1u];
+    if e < start || e >= end {
+        return;
+    }
+    // Lanes past the tensor's end (vec4 only) keep their values.
+    let inside = Index(e) + LANE < Index(end);
+    let u = groups[table[chunk.segments + 4u * s + 2u]];
+
+    let k = chunk.state_base + i;
+    let p_in = param[chunk.param_base + i];
+    var p = p_in;
 
     var g = grad[chunk.grad_base + i] * u.rescale_grad;
     if CLIP {
@@ -77,23 +104,24 @@ fn step(
         }
     }
 
-    let m = u.beta1 * exp_avg[s] + u.one_minus_beta1 * g;
-    exp_avg[s] = m;
+    let m = u.beta1 * exp_avg[k] + u.one_minus_beta1 * g;
+    exp_avg[k] = m;
 
     let g2 = g * g;
-    var v = exp_avg_sq[s];
+    var v = exp_avg_sq[k];
     if ALGORITHM == YOGI {
         v = v - u.one_minus_beta2 * sign(v - g2) * g2;
     } else {
         v = u.beta2 * v + u.one_minus_beta2 * g2;
     }
-    exp_avg_sq[s] = v;
+    exp_avg_sq[k] = v;
 
     if AMSGRAD {
-        v = max(max_exp_avg_sq[s], v);
-        max_exp_avg_sq[s] = v;
+        v = max(max_exp_avg_sq[k], v);
+        max_exp_avg_sq[k] = v;
     }
 
     // Bias correction and eps_mode are folded into step_size, eps and eps_root on the host.
-    param[chunk.param_base + i] = p - u.step_size * m / (sqrt(v + u.eps_root) + u.eps);
+    p = p - u.step_size * m / (sqrt(v + u.eps_root) + u.eps);
+    param[chunk.param_base + i] = select(p_in, p, inside);
 }

@@ -67,6 +67,12 @@ pub enum Error {
         need: u64,
         context: String,
     },
+    /// Two tensors of a flat buffer share elements.
+    #[error("tensors `{first}` and `{second}` of a flat buffer overlap")]
+    OverlappingTensors { first: String, second: String },
+    /// Parameter groups differ in a key that one kernel must share.
+    #[error("parameter group {group} differs from group 0 in `{key}`, which all groups must share")]
+    GroupMismatch { group: usize, key: &'static str },
     /// A tensor index or name that the optimizer does not hold.
     #[error("no parameter {0} in this optimizer")]
     NoSuchParameter(String),

@@ -4,7 +4,10 @@
 use std::num::NonZeroU64;
 
 use crate::config::{Algorithm, Config};
-use crate::uniforms::{Chunk, StepUniforms};
+use crate::uniforms::{Chunk, MAX_GROUPS, StepUniforms};
+
+/// Bytes of one step's uniforms: every group's `StepUniforms`.
+pub const GROUPS_BYTES: u64 = (MAX_GROUPS * size_of::<StepUniforms>()) as u64;
 
 /// The WGSL family every variant is built from.
 pub const ADAM_FAMILY_WGSL: &str = include_str!("../shaders/adam_family.wgsl");
@@ -28,11 +31,16 @@ impl Width {
 
 /// The complete WGSL source for one element width: the generated prelude, then the family.
 pub fn wgsl_source(width: Width) -> String {
-    let elem = match width {
-        Width::Vec4 => "vec4<f32>",
-        Width::Scalar => "f32",
+    let prelude = match width {
+        Width::Vec4 => {
+            "alias Elem = vec4<f32>;\nalias Index = vec4<u32>;\nconst LANES: u32 = 4u;\n\
+             const LANE = vec4<u32>(0u, 1u, 2u, 3u);\n"
+        }
+        Width::Scalar => {
+            "alias Elem = f32;\nalias Index = u32;\nconst LANES: u32 = 1u;\nconst LANE = 0u;\n"
+        }
     };
-    format!("alias Elem = {elem};\n{ADAM_FAMILY_WGSL}")
+    format!("{prelude}{ADAM_FAMILY_WGSL}")
 }
 
 /// The override constants that pick one variant of the family.
@@ -47,13 +55,14 @@ pub struct Variant {
 }
 
 impl Variant {
-    pub fn new(config: &Config, workgroup_size: u32) -> Self {
+    /// The variant for these groups (which agree on algorithm, amsgrad and maximize).
+    pub fn new(groups: &[Config], workgroup_size: u32) -> Self {
         Variant {
-            algorithm: config.algorithm,
-            amsgrad: config.amsgrad,
-            maximize: config.maximize,
-            clip: config.clip_gradient.is_some(),
-            weight_decay: config.weight_decay != 0.0,
+            algorithm: groups[0].algorithm,
+            amsgrad: groups[0].amsgrad,
+            maximize: groups[0].maximize,
+            clip: groups.iter().any(|g| g.clip_gradient.is_some()),
+            weight_decay: groups.iter().any(|g| g.weight_decay != 0.0),
             workgroup_size,
         }
     }
@@ -110,13 +119,14 @@ impl Kernels {
         let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
             label: Some("wgpu-optim step"),
             entries: &[
-                uniform(0, true, size_of::<StepUniforms>()),
+                uniform(0, true, GROUPS_BYTES as usize),
                 uniform(1, false, size_of::<Chunk>()),
                 storage(2, false),
                 storage(3, true),
                 storage(4, false),
                 storage(5, false),
                 storage(6, false),
+                storage(7, true),
             ],
         });
         let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
@@ -185,13 +195,19 @@ pub struct Bindings<'a> {
     pub exp_avg: Range<'a>,
     pub exp_avg_sq: Range<'a>,
     pub max_exp_avg_sq: Range<'a>,
+    pub table: &'a wgpu::Buffer,
 }
 
 pub fn bind_group(device: &wgpu::Device, kernels: &Kernels, b: &Bindings) -> wgpu::BindGroup {
     let step = Range {
         buffer: b.step_uniforms,
         offset: 0,
-        size: size_of::<StepUniforms>() as u64,
+        size: GROUPS_BYTES,
+    };
+    let table = Range {
+        buffer: b.table,
+        offset: 0,
+        size: b.table.size(),
     };
     let ranges = [
         &step,
@@ -201,6 +217,7 @@ pub fn bind_group(device: &wgpu::Device, kernels: &Kernels, b: &Bindings) -> wgp
         &b.exp_avg,
         &b.exp_avg_sq,
         &b.max_exp_avg_sq,
+        &table,
     ];
     let entries: Vec<wgpu::BindGroupEntry> = ranges
         .iter()
@@ -291,12 +308,17 @@ pub fn uniform_buffer(device: &wgpu::Device, label: &str, size: u64) -> wgpu::Bu
     })
 }
 
-/// A uniform buffer holding `data`.
-pub fn uniform_buffer_init(device: &wgpu::Device, label: &str, data: &[u8]) -> wgpu::Buffer {
+/// A buffer holding `data`, with `usage` (UNIFORM, or STORAGE for read-only tables).
+pub fn buffer_init(
+    device: &wgpu::Device,
+    label: &str,
+    usage: wgpu::BufferUsages,
+    data: &[u8],
+) -> wgpu::Buffer {
     let buffer = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
         size: (data.len() as u64).max(16),
-        usage: wgpu::BufferUsages::UNIFORM,
+        usage,
         mapped_at_creation: true,
     });
     buffer

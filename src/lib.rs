@@ -26,6 +26,7 @@
 
 mod config;
 mod error;
+pub mod groups;
 pub mod kernels;
 mod optimizer;
 pub mod reference;
@@ -35,10 +36,13 @@ pub mod util;
 
 pub use config::{Algorithm, CONFIG_KEYS, Config, EpsMode};
 pub use error::{Error, Result};
-pub use optimizer::{BufferView, MAX_STEPS_PER_SUBMIT, Optimizer, OptimizerOptions, Parameter};
+pub use optimizer::{
+    Arena, BufferView, FlatParameters, FlatTensor, MAX_STEPS_PER_SUBMIT, Optimizer,
+    OptimizerOptions, Parameter,
+};
 pub use reference::TensorState;
 pub use state::StateBuffers;
-pub use uniforms::{Chunk, StepUniforms};
+pub use uniforms::{Chunk, MAX_GROUPS, StepUniforms};
 
 /// The README's Rust snippets compile as doc-tests.
 #[cfg(doctest)]

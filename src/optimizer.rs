@@ -1,12 +1,16 @@
 //! The optimizer: validates the user's buffers once, plans the dispatches once, and records
 //! one step into the caller's `CommandEncoder` each time it is asked.
+//!
+//! Every parameter tensor is a *segment* of a *span*: a parameter in its own buffers is a span
+//! of one segment; a flat buffer of many tensors ([`FlatParameters`], [`Arena`]) is one span of
+//! many. A span is dispatched once per binding-size chunk, whatever its number of tensors.
 
 use crate::config::{self, Config};
 use crate::error::{Error, Result};
-use crate::kernels::{self, Bindings, Dispatch, Kernels, Range, Variant, Width};
+use crate::kernels::{self, Bindings, Dispatch, GROUPS_BYTES, Kernels, Range, Variant, Width};
 use crate::reference::TensorState;
 use crate::state::StateBuffers;
-use crate::uniforms::{Chunk, StepUniforms};
+use crate::uniforms::{Chunk, MAX_GROUPS, StepUniforms};
 
 /// Steps that can be recorded before the queue is submitted. Each step writes its uniforms to
 /// its own slot of a ring with `Queue::write_buffer`, which lands at the next submit; more
@@ -38,13 +42,16 @@ impl BufferView {
     }
 }
 
-/// One parameter tensor: its name (as in a PyTorch state dict), its values and its gradient.
-/// Both buffers need `BufferUsages::STORAGE`; the gradient must be in another buffer.
+/// One parameter tensor in buffers of its own: its name (as in a PyTorch state dict), its
+/// values, its gradient and its parameter group. Both buffers need `BufferUsages::STORAGE`;
+/// the gradient must be in another buffer.
 #[derive(Clone, Debug)]
 pub struct Parameter {
     pub name: String,
     pub param: BufferView,
     pub grad: BufferView,
+    /// Index into the optimizer's groups; 0 unless set with [`Parameter::in_group`].
+    pub group: usize,
 }
 
 impl Parameter {
@@ -53,8 +60,33 @@ impl Parameter {
             name: name.into(),
             param,
             grad,
+            group: 0,
         }
     }
+
+    pub fn in_group(mut self, group: usize) -> Self {
+        self.group = group;
+        self
+    }
+}
+
+/// One tensor of a flat buffer: `len` elements at `offset` (in elements, from the start of the
+/// flat views), in parameter group `group`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlatTensor {
+    pub name: String,
+    pub offset: u64,
+    pub len: u64,
+    pub group: usize,
+}
+
+/// Many tensors in one parameter view and one gradient view with the same layout: updated by
+/// one dispatch per binding-size chunk. Elements that belong to no tensor are never written.
+#[derive(Clone, Debug)]
+pub struct FlatParameters {
+    pub param: BufferView,
+    pub grad: BufferView,
+    pub tensors: Vec<FlatTensor>,
 }
 
 /// Knobs that change how the step is dispatched, never what it computes.
@@ -77,9 +109,16 @@ impl Default for OptimizerOptions {
     }
 }
 
+/// A parameter tensor as the optimizer keeps it: where its state lives.
 struct Tensor {
     name: String,
+    span: usize,
+    offset: u64,
     len: u64,
+}
+
+/// A contiguous range of param and grad elements with its state, dispatched as a whole.
+struct Span {
     state: StateBuffers,
     dispatches: Vec<Dispatch>,
 }
@@ -89,70 +128,170 @@ struct Tensor {
 /// It borrows the user's `Device` and `Queue` when it needs them, keeps clones of the
 /// parameter and gradient buffers (wgpu buffers are reference counted) and owns the state.
 pub struct Optimizer {
-    config: Config,
-    lr: f64,
+    groups: Vec<Config>,
+    lrs: Vec<f64>,
     step: u64,
     kernels: Kernels,
     step_uniforms: wgpu::Buffer,
     slot_stride: u64,
     tensors: Vec<Tensor>,
+    spans: Vec<Span>,
 }
 
 impl Optimizer {
-    /// An optimizer with default options. See [`Optimizer::with_options`].
+    /// An optimizer with default options. See [`Optimizer::with_groups`].
     pub fn new(device: &wgpu::Device, config: Config, parameters: &[Parameter]) -> Result<Self> {
         Self::with_options(device, config, parameters, OptimizerOptions::default())
     }
 
-    /// Validates `config`, the device's limits and every parameter, allocates the state and
-    /// builds the pipelines and bind groups. Nothing is recorded or submitted.
+    /// One group, separate buffers. See [`Optimizer::with_groups`].
     pub fn with_options(
         device: &wgpu::Device,
         config: Config,
         parameters: &[Parameter],
         options: OptimizerOptions,
     ) -> Result<Self> {
-        config.validate()?;
+        Self::with_groups(device, &[config], parameters, &[], options)
+    }
+
+    /// Validates the groups, the device's limits and every parameter, allocates the state and
+    /// builds the pipelines and bind groups. Nothing is recorded or submitted.
+    ///
+    /// `groups` are like `torch.optim` param_groups: each a full [`Config`]; they must agree on
+    /// `algorithm`, `amsgrad`, `maximize` and `initial_accumulator` (one kernel runs them all),
+    /// and may differ in everything else. At most [`MAX_GROUPS`]. Tensors are numbered
+    /// `parameters` first, then the tensors of each of `flats` in order (for
+    /// [`Optimizer::read_state`] and friends).
+    pub fn with_groups(
+        device: &wgpu::Device,
+        groups: &[Config],
+        parameters: &[Parameter],
+        flats: &[FlatParameters],
+        options: OptimizerOptions,
+    ) -> Result<Self> {
+        check_groups(groups)?;
         let limits = device.limits();
         check_limits(&limits, options.workgroup_size)?;
         let chunk_len = chunk_len(&limits, options)?;
+
+        // Every span with its segments (start, end, group), sorted, relative to the span.
+        let mut plans: Vec<(BufferView, BufferView, Vec<[u64; 3]>)> = Vec::new();
+        let mut tensors = Vec::new();
         for p in parameters {
-            check_parameter(&limits, p)?;
+            check_views(&p.name, &p.param, &p.grad)?;
+            check_group(&p.name, p.group, groups.len())?;
+            tensors.push(Tensor {
+                name: p.name.clone(),
+                span: plans.len(),
+                offset: 0,
+                len: p.param.len,
+            });
+            plans.push((
+                p.param.clone(),
+                p.grad.clone(),
+                vec![[0, p.param.len, p.group as u64]],
+            ));
+        }
+        for (k, flat) in flats.iter().enumerate() {
+            check_views(&format!("flat #{k}"), &flat.param, &flat.grad)?;
+            let mut segments = Vec::new();
+            for t in &flat.tensors {
+                check_group(&t.name, t.group, groups.len())?;
+                if t.offset
+                    .checked_add(t.len)
+                    .is_none_or(|end| end > flat.param.len)
+                {
+                    return Err(Error::OutOfBounds {
+                        tensor: t.name.clone(),
+                        which: "flat",
+                        offset: t.offset,
+                        len: t.len,
+                        buffer_bytes: flat.param.len * 4,
+                    });
+                }
+                tensors.push(Tensor {
+                    name: t.name.clone(),
+                    span: plans.len(),
+                    offset: t.offset,
+                    len: t.len,
+                });
+                if t.len > 0 {
+                    segments.push([t.offset, t.offset + t.len, t.group as u64]);
+                }
+            }
+            segments.sort();
+            if let Some(w) = segments.windows(2).find(|w| w[0][1] > w[1][0]) {
+                let name = |s: [u64; 3]| {
+                    let t = flat.tensors.iter().find(|t| t.offset == s[0] && t.len > 0);
+                    t.map_or(String::new(), |t| t.name.clone())
+                };
+                return Err(Error::OverlappingTensors {
+                    first: name(w[0]),
+                    second: name(w[1]),
+                });
+            }
+            plans.push((flat.param.clone(), flat.grad.clone(), segments));
         }
 
-        let kernels = Kernels::new(device, Variant::new(&config, options.workgroup_size));
+        let kernels = Kernels::new(device, Variant::new(groups, options.workgroup_size));
         let uniform_align = limits.min_uniform_buffer_offset_alignment as u64;
-        let slot_stride = (size_of::<StepUniforms>() as u64).next_multiple_of(uniform_align);
+        let slot_stride = GROUPS_BYTES.next_multiple_of(uniform_align);
         let step_uniforms = kernels::uniform_buffer(
             device,
             "wgpu-optim step uniforms",
             slot_stride * MAX_STEPS_PER_SUBMIT,
         );
-        let align = storage_alignment(&limits);
 
-        // Plan every dispatch first, so that all their Chunk entries share one buffer.
-        let plans: Vec<Vec<Planned>> = parameters
+        // Plan every dispatch first, so that their Chunk entries share one uniform buffer and
+        // their segment tables one storage buffer.
+        let align = storage_alignment(&limits);
+        let mut table: Vec<u32> = Vec::new();
+        let planned: Vec<Vec<Planned>> = plans
             .iter()
-            .map(|p| plan(p, chunk_len, align))
+            .map(|(param, grad, segments)| {
+                plan(
+                    param,
+                    grad,
+                    segments,
+                    chunk_len,
+                    align,
+                    options.workgroup_size,
+                    &mut table,
+                )
+            })
             .collect();
         let chunk_stride = (size_of::<Chunk>() as u64).next_multiple_of(uniform_align);
-        let mut chunk_bytes = vec![0u8; (chunk_stride as usize) * plans.iter().flatten().count()];
-        for (i, planned) in plans.iter().flatten().enumerate() {
+        let mut chunk_bytes = vec![0u8; chunk_stride as usize * planned.iter().flatten().count()];
+        for (i, d) in planned.iter().flatten().enumerate() {
             let at = i * chunk_stride as usize;
-            chunk_bytes[at..at + size_of::<Chunk>()]
-                .copy_from_slice(bytemuck::bytes_of(&planned.chunk));
+            chunk_bytes[at..at + size_of::<Chunk>()].copy_from_slice(bytemuck::bytes_of(&d.chunk));
         }
-        let chunk_uniforms =
-            kernels::uniform_buffer_init(device, "wgpu-optim chunks", &chunk_bytes);
+        let chunk_uniforms = kernels::buffer_init(
+            device,
+            "wgpu-optim chunks",
+            wgpu::BufferUsages::UNIFORM,
+            &chunk_bytes,
+        );
+        let table = kernels::buffer_init(
+            device,
+            "wgpu-optim segments",
+            wgpu::BufferUsages::STORAGE,
+            bytemuck::cast_slice(&table),
+        );
         // amsgrad off: the max_exp_avg_sq binding is never read, but must be bound.
         let unused = kernels::state_buffer(device, "wgpu-optim unused max_exp_avg_sq", 4, 0.0);
 
         let mut chunk_index = 0u64;
-        let tensors = parameters
+        let spans = plans
             .iter()
-            .zip(&plans)
-            .map(|(p, planned)| {
-                let state = StateBuffers::new(device, &config, &p.name, p.param.len);
+            .zip(&planned)
+            .enumerate()
+            .map(|(i, ((param, grad, _), planned))| {
+                let name = match parameters.get(i) {
+                    Some(p) => p.name.clone(),
+                    None => format!("flat{}", i - parameters.len()),
+                };
+                let state = StateBuffers::new(device, &groups[0], &name, param.len);
                 let dispatches = planned
                     .iter()
                     .map(|d| {
@@ -169,12 +308,12 @@ impl Optimizer {
                                 size: size_of::<Chunk>() as u64,
                             },
                             param: Range {
-                                buffer: &p.param.buffer,
+                                buffer: &param.buffer,
                                 offset: d.param.0,
                                 size: d.param.1,
                             },
                             grad: Range {
-                                buffer: &p.grad.buffer,
+                                buffer: &grad.buffer,
                                 offset: d.grad.0,
                                 size: d.grad.1,
                             },
@@ -188,6 +327,7 @@ impl Optimizer {
                                     size: 16,
                                 },
                             },
+                            table: &table,
                         };
                         chunk_index += 1;
                         Dispatch {
@@ -201,23 +341,19 @@ impl Optimizer {
                         }
                     })
                     .collect();
-                Tensor {
-                    name: p.name.clone(),
-                    len: p.param.len,
-                    state,
-                    dispatches,
-                }
+                Span { state, dispatches }
             })
             .collect();
 
         Ok(Optimizer {
-            lr: config.lr,
-            config,
+            lrs: groups.iter().map(|g| g.lr).collect(),
+            groups: groups.to_vec(),
             step: 0,
             kernels,
             step_uniforms,
             slot_stride,
             tensors,
+            spans,
         })
     }
 
@@ -228,13 +364,16 @@ impl Optimizer {
     pub fn step(&mut self, queue: &wgpu::Queue, encoder: &mut wgpu::CommandEncoder) {
         self.step += 1;
         let slot = (self.step - 1) % MAX_STEPS_PER_SUBMIT;
-        let uniforms = StepUniforms::new(&self.config, self.step, self.lr);
+        let mut uniforms = [StepUniforms::default(); MAX_GROUPS];
+        for ((u, config), &lr) in uniforms.iter_mut().zip(&self.groups).zip(&self.lrs) {
+            *u = StepUniforms::new(config, self.step, lr);
+        }
         queue.write_buffer(
             &self.step_uniforms,
             slot * self.slot_stride,
-            bytemuck::bytes_of(&uniforms),
+            bytemuck::cast_slice(&uniforms[..self.groups.len()]),
         );
-        let mut dispatches = self.tensors.iter().flat_map(|t| &t.dispatches);
+        let mut dispatches = self.spans.iter().flat_map(|s| &s.dispatches);
         kernels::record(
             encoder,
             &self.kernels,
@@ -254,16 +393,30 @@ impl Optimizer {
             .map_err(|e| Error::Readback(e.to_string()))
     }
 
-    /// Sets the learning rate of the following steps (a finite number > 0).
+    /// Sets the learning rate of every group for the following steps (finite, > 0).
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
         config::check_lr("lr", lr)?;
-        self.lr = lr;
+        self.lrs.fill(lr);
         Ok(())
     }
 
-    /// The learning rate of the next step.
+    /// Sets the learning rate of group `group` for the following steps (finite, > 0). Only the
+    /// per-step uniforms change; nothing is re-recorded.
+    pub fn set_group_lr(&mut self, group: usize, lr: f64) -> Result<()> {
+        config::check_lr("lr", lr)?;
+        check_group("set_group_lr", group, self.groups.len())?;
+        self.lrs[group] = lr;
+        Ok(())
+    }
+
+    /// The learning rate of group 0's next step.
     pub fn lr(&self) -> f64 {
-        self.lr
+        self.lrs[0]
+    }
+
+    /// The learning rate of each group's next step.
+    pub fn group_lrs(&self) -> &[f64] {
+        &self.lrs
     }
 
     /// Steps recorded so far (`t` of the last one; 0 before the first).
@@ -271,22 +424,29 @@ impl Optimizer {
         self.step
     }
 
-    /// The validated configuration.
+    /// The validated configuration of group 0.
     pub fn config(&self) -> &Config {
-        &self.config
+        &self.groups[0]
     }
 
-    /// The parameters' names, in the order they were given.
+    /// The validated configuration of every group.
+    pub fn groups(&self) -> &[Config] {
+        &self.groups
+    }
+
+    /// The tensors' names: the separate parameters, then each flat buffer's tensors.
     pub fn parameter_names(&self) -> impl Iterator<Item = &str> {
         self.tensors.iter().map(|t| t.name.as_str())
     }
 
-    /// The state buffers of parameter `index`, for an engine that reads them itself.
-    pub fn state_buffers(&self, index: usize) -> Result<&StateBuffers> {
-        Ok(&self.tensor(index)?.state)
+    /// The state buffers that hold tensor `index`, and the element offset of its state in them,
+    /// for an engine that reads them itself.
+    pub fn state_buffers(&self, index: usize) -> Result<(&StateBuffers, u64)> {
+        let t = self.tensor(index)?;
+        Ok((&self.spans[t.span].state, t.offset))
     }
 
-    /// Copies the state of parameter `index` back to the host. The copies are submitted at
+    /// Copies the state of tensor `index` back to the host. The copies are submitted at
     /// once; the future resolves when the device is polled past them (`Device::poll`), which
     /// the caller arranges. See [`Optimizer::read_state_blocking`].
     pub fn read_state(
@@ -295,9 +455,11 @@ impl Optimizer {
         queue: &wgpu::Queue,
         index: usize,
     ) -> impl Future<Output = Result<TensorState>> + use<> {
-        let read = self
-            .tensor(index)
-            .map(|t| t.state.read(device, queue, t.len));
+        let read = self.tensor(index).map(|t| {
+            self.spans[t.span]
+                .state
+                .read(device, queue, t.offset, t.len)
+        });
         async move { read?.await }
     }
 
@@ -315,20 +477,102 @@ impl Optimizer {
         pollster::block_on(future)
     }
 
-    /// The smallest unit of [`OptimizerOptions::chunk_elements`] on this device.
+    /// The smallest unit of [`OptimizerOptions::chunk_elements`] on this device, and the
+    /// alignment (in elements) at which an [`Arena`] places its tensors.
     pub fn chunk_granularity(limits: &wgpu::Limits) -> u64 {
         (storage_alignment(limits) / 4).max(4)
     }
 
-    /// Dispatches one step records (for tests and the benchmark's bookkeeping).
+    /// Dispatches one step records.
     pub fn dispatch_count(&self) -> usize {
-        self.tensors.iter().map(|t| t.dispatches.len()).sum()
+        self.spans.iter().map(|s| s.dispatches.len()).sum()
     }
 
     fn tensor(&self, index: usize) -> Result<&Tensor> {
         self.tensors.get(index).ok_or_else(|| {
             Error::NoSuchParameter(format!("{index} (it has {})", self.tensors.len()))
         })
+    }
+}
+
+/// A flat parameter buffer and a gradient buffer with the same layout, allocated for a list of
+/// tensors: each tensor starts at a multiple of [`Optimizer::chunk_granularity`] elements, so
+/// that its views can also be bound on their own (`min_storage_buffer_offset_alignment`).
+pub struct Arena {
+    pub param: wgpu::Buffer,
+    pub grad: wgpu::Buffer,
+    tensors: Vec<FlatTensor>,
+}
+
+impl Arena {
+    /// Lays out `(name, len, group)` tensors in order. The buffers have `STORAGE`,
+    /// `COPY_DST` and `COPY_SRC` usage and start zeroed.
+    pub fn new(device: &wgpu::Device, tensors: &[(&str, u64, usize)]) -> Result<Self> {
+        let align = Optimizer::chunk_granularity(&device.limits());
+        let mut end = 0u64;
+        let tensors: Vec<FlatTensor> = tensors
+            .iter()
+            .map(|&(name, len, group)| {
+                let offset = end.next_multiple_of(align);
+                end = offset + len;
+                FlatTensor {
+                    name: name.to_string(),
+                    offset,
+                    len,
+                    group,
+                }
+            })
+            .collect();
+        let max = device.limits().max_buffer_size;
+        if end * 4 > max {
+            return Err(Error::DeviceLimit {
+                limit: "max_buffer_size",
+                have: max,
+                need: end * 4,
+                context: " for the arena (request the adapter's limits)".into(),
+            });
+        }
+        let buffer = |label| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: (end * 4).max(16),
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_DST
+                    | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        };
+        Ok(Arena {
+            param: buffer("wgpu-optim arena params"),
+            grad: buffer("wgpu-optim arena grads"),
+            tensors,
+        })
+    }
+
+    /// The tensors with their offsets, in the order given.
+    pub fn tensors(&self) -> &[FlatTensor] {
+        &self.tensors
+    }
+
+    /// Tensor `index`'s parameter view, for the engine to read and write.
+    pub fn param_view(&self, index: usize) -> Option<BufferView> {
+        let t = self.tensors.get(index)?;
+        Some(BufferView::new(&self.param, t.offset, t.len))
+    }
+
+    /// Tensor `index`'s gradient view, for the engine's backward pass to fill.
+    pub fn grad_view(&self, index: usize) -> Option<BufferView> {
+        let t = self.tensors.get(index)?;
+        Some(BufferView::new(&self.grad, t.offset, t.len))
+    }
+
+    /// The arena as flat parameters, for [`Optimizer::with_groups`].
+    pub fn flat(&self) -> FlatParameters {
+        FlatParameters {
+            param: BufferView::whole(&self.param),
+            grad: BufferView::whole(&self.grad),
+            tensors: self.tensors.clone(),
+        }
     }
 }
 
@@ -341,58 +585,82 @@ struct Planned {
     state: (u64, u64),
 }
 
-/// Splits a parameter into chunks of at most `chunk_len` elements; each chunk becomes a vec4
-/// dispatch over its body (when param and grad start 16-byte aligned) and a scalar one over
-/// the rest. Views are bound from the aligned offset below their start.
-fn plan(p: &Parameter, chunk_len: u64, align: u64) -> Vec<Planned> {
+/// Splits a span into chunks of at most `chunk_len` elements; each chunk becomes a vec4
+/// dispatch over its body (when param and grad start 16-byte aligned and every segment starts
+/// at a multiple of 4) and a scalar one over the rest. Views are bound from the aligned offset
+/// below their start. Segment tables and workgroup hints are appended to `table`.
+fn plan(
+    param: &BufferView,
+    grad: &BufferView,
+    segments: &[[u64; 3]],
+    chunk_len: u64,
+    align: u64,
+    workgroup_size: u32,
+    table: &mut Vec<u32>,
+) -> Vec<Planned> {
     let mut out = Vec::new();
     let mut start = 0;
-    while start < p.param.len {
-        let len = chunk_len.min(p.param.len - start);
+    while start < param.len {
+        let len = chunk_len.min(param.len - start);
+        let end = start + len;
+        // This chunk's segments, relative to its start.
+        let local: Vec<[u64; 3]> = segments
+            .iter()
+            .filter(|s| s[0] < end && s[1] > start)
+            .map(|s| [s[0].max(start) - start, s[1].min(end) - start, s[2]])
+            .collect();
         // (binding offset in bytes, first element within the binding)
         let bind = |view: &BufferView| {
             let byte = (view.offset + start) * 4;
             let offset = byte / align * align;
             (offset, (byte - offset) / 4)
         };
-        let (param_offset, param_base) = bind(&p.param);
-        let (grad_offset, grad_base) = bind(&p.grad);
-        let ranges = |width, count: u64, param_base: u64, grad_base: u64, state_base: u64| {
-            let lanes = Width::lanes(width);
-            Planned {
+        let (param_offset, param_base) = bind(param);
+        let (grad_offset, grad_base) = bind(grad);
+        let aligned =
+            param_base % 4 == 0 && grad_base % 4 == 0 && local.iter().all(|s| s[0] % 4 == 0);
+        let body = if aligned { len / 4 * 4 } else { 0 };
+        let segments_at = table.len() as u32;
+        for s in &local {
+            table.extend([s[0] as u32, s[1] as u32, s[2] as u32, 0]);
+        }
+        let mut dispatch = |width: Width, first: u64, count: u64| {
+            // Nothing to do where no segment overlaps [first, first + count).
+            if count == 0 || !local.iter().any(|s| s[0] < first + count && s[1] > first) {
+                return;
+            }
+            let lanes = width.lanes();
+            // For each workgroup, the first segment that ends past its first element.
+            let blocks_at = table.len() as u32;
+            let per_block = workgroup_size as u64 * lanes;
+            let mut s = 0;
+            for b in 0..(count / lanes).div_ceil(workgroup_size as u64) {
+                let e = first + b * per_block;
+                while s + 1 < local.len() && local[s][1] <= e {
+                    s += 1;
+                }
+                table.push(s as u32);
+            }
+            out.push(Planned {
                 width,
                 chunk: Chunk {
-                    count: count as u32,
-                    param_base: (param_base / lanes) as u32,
-                    grad_base: (grad_base / lanes) as u32,
-                    state_base: (state_base / lanes) as u32,
+                    count: (count / lanes) as u32,
+                    param_base: ((param_base + first) / lanes) as u32,
+                    grad_base: ((grad_base + first) / lanes) as u32,
+                    state_base: (first / lanes) as u32,
+                    first_element: first as u32,
+                    segments: segments_at,
+                    segment_count: local.len() as u32,
+                    blocks: blocks_at,
                 },
-                param: (
-                    param_offset,
-                    (p.param.offset + start) * 4 - param_offset + len * 4,
-                ),
-                grad: (
-                    grad_offset,
-                    (p.grad.offset + start) * 4 - grad_offset + len * 4,
-                ),
+                param: (param_offset, param_base * 4 + len * 4),
+                grad: (grad_offset, grad_base * 4 + len * 4),
                 state: (start * 4, len * 4),
-            }
+            });
         };
-        let aligned = param_base % 4 == 0 && grad_base % 4 == 0;
-        let body = if aligned { len / 4 * 4 } else { 0 };
-        if body > 0 {
-            out.push(ranges(Width::Vec4, body / 4, param_base, grad_base, 0));
-        }
-        if len > body {
-            out.push(ranges(
-                Width::Scalar,
-                len - body,
-                param_base + body,
-                grad_base + body,
-                body,
-            ));
-        }
-        start += len;
+        dispatch(Width::Vec4, 0, body);
+        dispatch(Width::Scalar, body, len - body);
+        start = end;
     }
     out
 }
@@ -424,6 +692,46 @@ fn chunk_len(limits: &wgpu::Limits, options: OptimizerOptions) -> Result<u64> {
             value: c.to_string(),
             expected: format!("a positive multiple of {granularity} up to {max}"),
         }),
+    }
+}
+
+/// Each group valid; at most MAX_GROUPS; the kernel-wide keys equal in all.
+fn check_groups(groups: &[Config]) -> Result<()> {
+    if groups.is_empty() || groups.len() > MAX_GROUPS {
+        return Err(Error::InvalidOption {
+            name: "groups",
+            value: groups.len().to_string(),
+            expected: format!("1 to {MAX_GROUPS} parameter groups"),
+        });
+    }
+    for (i, g) in groups.iter().enumerate() {
+        g.validate()?;
+        let first = &groups[0];
+        let differs = [
+            ("algorithm", g.algorithm != first.algorithm),
+            ("amsgrad", g.amsgrad != first.amsgrad),
+            ("maximize", g.maximize != first.maximize),
+            (
+                "initial_accumulator",
+                g.initial_accumulator != first.initial_accumulator,
+            ),
+        ];
+        if let Some((key, _)) = differs.iter().find(|(_, d)| *d) {
+            return Err(Error::GroupMismatch { group: i, key });
+        }
+    }
+    Ok(())
+}
+
+fn check_group(tensor: &str, group: usize, groups: usize) -> Result<()> {
+    if group < groups {
+        Ok(())
+    } else {
+        Err(Error::InvalidOption {
+            name: "group",
+            value: format!("{group} (for `{tensor}`)"),
+            expected: format!("a group index below {groups}"),
+        })
     }
 }
 
@@ -474,16 +782,18 @@ fn check_limits(limits: &wgpu::Limits, workgroup_size: u32) -> Result<()> {
     )
 }
 
-fn check_parameter(limits: &wgpu::Limits, p: &Parameter) -> Result<()> {
-    let tensor = || p.name.clone();
-    if p.param.len != p.grad.len {
+// A view never exceeds its buffer, and a buffer never exceeds max_buffer_size: the state
+// buffers, as long as the views, always fit.
+fn check_views(name: &str, param: &BufferView, grad: &BufferView) -> Result<()> {
+    let tensor = || name.to_string();
+    if param.len != grad.len {
         return Err(Error::LengthMismatch {
             tensor: tensor(),
-            param: p.param.len,
-            grad: p.grad.len,
+            param: param.len,
+            grad: grad.len,
         });
     }
-    for (which, view) in [("param", &p.param), ("grad", &p.grad)] {
+    for (which, view) in [("param", &param), ("grad", &grad)] {
         let usage = view.buffer.usage();
         if !usage.contains(wgpu::BufferUsages::STORAGE) {
             return Err(Error::MissingUsage {
@@ -507,19 +817,8 @@ fn check_parameter(limits: &wgpu::Limits, p: &Parameter) -> Result<()> {
             });
         }
     }
-    if p.param.buffer == p.grad.buffer {
+    if param.buffer == grad.buffer {
         return Err(Error::AliasedBuffers { tensor: tensor() });
-    }
-    if p.param.len * 4 > limits.max_buffer_size {
-        return Err(Error::DeviceLimit {
-            limit: "max_buffer_size",
-            have: limits.max_buffer_size,
-            need: p.param.len * 4,
-            context: format!(
-                " for the state of parameter `{}` (request the adapter's limits)",
-                p.name
-            ),
-        });
     }
     Ok(())
 }

@@ -31,20 +31,19 @@ impl StateBuffers {
         }
     }
 
-    /// Copies the state back to the host. The copies are submitted now; the future resolves
-    /// once the device has been polled past them.
+    /// Copies `len` elements of the state from element `offset` back to the host. The copies
+    /// are submitted now; the future resolves once the device has been polled past them.
     pub fn read(
         &self,
         device: &wgpu::Device,
         queue: &wgpu::Queue,
+        offset: u64,
         len: u64,
     ) -> impl Future<Output = Result<TensorState>> + use<> {
-        let exp_avg = kernels::read_f32(device, queue, &self.exp_avg, 0, len);
-        let exp_avg_sq = kernels::read_f32(device, queue, &self.exp_avg_sq, 0, len);
-        let max_exp_avg_sq = self
-            .max_exp_avg_sq
-            .as_ref()
-            .map(|b| kernels::read_f32(device, queue, b, 0, len));
+        let read = |b| kernels::read_f32(device, queue, b, offset * 4, len);
+        let exp_avg = read(&self.exp_avg);
+        let exp_avg_sq = read(&self.exp_avg_sq);
+        let max_exp_avg_sq = self.max_exp_avg_sq.as_ref().map(read);
         async move {
             let max_exp_avg_sq = match max_exp_avg_sq {
                 Some(f) => Some(f.await.map_err(Error::Readback)?),

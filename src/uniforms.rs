@@ -58,14 +58,18 @@ impl StepUniforms {
             weight_decay: config.weight_decay as f32,
             decay_factor: (1.0 - lr * config.weight_decay) as f32,
             rescale_grad: config.rescale_grad as f32,
-            clip_gradient: config.clip_gradient.unwrap_or(0.0) as f32,
+            // A group that does not clip, in a kernel where another does: clamp to +-f32::MAX.
+            clip_gradient: config.clip_gradient.map_or(f32::MAX, |c| c as f32),
             _pad: 0.0,
         }
     }
 }
 
-/// Mirrors `Chunk` in the shader: which slice of the bound ranges one dispatch updates, in
-/// units of the kernel's element type (vec4 or scalar).
+/// Parameter groups one optimizer can hold: the shader's `groups` uniform array has this many.
+pub const MAX_GROUPS: usize = 16;
+
+/// Mirrors `Chunk` in the shader: which slice of the bound ranges one dispatch updates (in
+/// units of the kernel's element type, vec4 or scalar) and where its segment table is.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Chunk {
@@ -73,4 +77,11 @@ pub struct Chunk {
     pub param_base: u32,
     pub grad_base: u32,
     pub state_base: u32,
+    /// The f32 element of the first unit, relative to the segments' origin.
+    pub first_element: u32,
+    /// Index in the table of this dispatch's first segment (4 u32 each).
+    pub segments: u32,
+    pub segment_count: u32,
+    /// Index in the table of this dispatch's per-workgroup first-segment hints.
+    pub blocks: u32,
 }

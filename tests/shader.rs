@@ -5,7 +5,7 @@ use std::mem::offset_of;
 
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 use wgpu_optim::kernels::{Variant, Width, wgsl_source};
-use wgpu_optim::{Algorithm, Chunk, StepUniforms};
+use wgpu_optim::{Algorithm, Chunk, MAX_GROUPS, StepUniforms};
 
 fn parse(width: Width) -> naga::Module {
     naga::front::wgsl::parse_str(&wgsl_source(width))
@@ -64,7 +64,11 @@ fn shared_structs_have_the_same_layout_in_rust_and_wgsl() {
                 count,
                 param_base,
                 grad_base,
-                state_base
+                state_base,
+                first_element,
+                segments,
+                segment_count,
+                blocks
             })
         );
         assert_eq!(

@@ -1,0 +1,390 @@
+//! Many tensors in one flat buffer, one dispatch per chunk, each tensor with its group's
+//! hyperparameters: equal, element for element, to stepping each tensor on its own.
+
+mod common;
+
+use common::{Rng, STORAGE, Tolerance, buffer, compare, gpu, max_abs, read, write};
+use wgpu_optim::{
+    Arena, BufferView, Config, Error, FlatParameters, FlatTensor, Optimizer, OptimizerOptions,
+    Parameter, TensorState, groups, reference,
+};
+
+/// Three groups as a BERT fine-tune would have them, differing in every per-group value.
+fn three_groups() -> Vec<Config> {
+    vec![
+        Config::adamw().lr(1e-3).weight_decay(0.01),
+        Config::adamw().lr(2e-3).weight_decay(0.0), // biases and LayerNorm weights
+        Config::adamw()
+            .lr(5e-4)
+            .weight_decay(0.1)
+            .betas(0.8, 0.99)
+            .eps(1e-6)
+            .clip_gradient(Some(1.5)),
+    ]
+}
+
+/// Random sizes from 1 to ~5000, log-uniform: 0-d tensors, single elements, sizes that are not
+/// multiples of 4 and some that are.
+fn random_sizes(rng: &mut Rng, n: usize) -> Vec<u64> {
+    (0..n)
+        .map(|i| match i % 10 {
+            0 => 1, // 0-d
+            1 => 4 * (1 + rng.next_u64() % 64),
+            _ => (5000f64.powf(rng.uniform())) as u64,
+        })
+        .collect()
+}
+
+#[test]
+fn flat_arena_equals_separate_tensors_element_for_element() {
+    let (device, queue) = gpu();
+    let mut rng = Rng::new(5);
+    let sizes = random_sizes(&mut rng, 300);
+    let groups = three_groups();
+    let names: Vec<String> = (0..sizes.len())
+        .map(|i| match i % 3 {
+            0 => format!("layer.{i}.weight"),
+            1 => format!("layer.{i}.bias"),
+            _ => format!("layer.{i}.LayerNorm.weight"),
+        })
+        .collect();
+    let mut group_of = groups::weight_decay_groups(
+        names.iter().map(String::as_str),
+        &groups::BERT_NO_DECAY,
+        0,
+        1,
+    );
+    for (i, g) in group_of.iter_mut().enumerate() {
+        if i % 7 == 0 {
+            *g = 2;
+        }
+    }
+
+    // The arena: one flat param buffer, one flat grad buffer.
+    let specs: Vec<(&str, u64, usize)> = (0..sizes.len())
+        .map(|i| (names[i].as_str(), sizes[i], group_of[i]))
+        .collect();
+    let arena = Arena::new(device, &specs).unwrap();
+    let granularity = Optimizer::chunk_granularity(&device.limits());
+    assert!(arena.tensors().iter().all(|t| t.offset % granularity == 0));
+    let mut flat = Optimizer::with_groups(
+        device,
+        &groups,
+        &[],
+        &[arena.flat()],
+        OptimizerOptions::default(),
+    )
+    .unwrap();
+    assert!(
+        flat.dispatch_count() <= 2,
+        "one vec4 dispatch (and at most a scalar tail) per chunk"
+    );
+
+    // The same tensors, each in its own buffers.
+    let separate_buffers: Vec<(wgpu::Buffer, wgpu::Buffer)> = sizes
+        .iter()
+        .map(|&s| (buffer(s, STORAGE), buffer(s, STORAGE)))
+        .collect();
+    let parameters: Vec<Parameter> = (0..sizes.len())
+        .map(|i| {
+            let (p, g) = &separate_buffers[i];
+            Parameter::new(&names[i], BufferView::whole(p), BufferView::whole(g))
+                .in_group(group_of[i])
+        })
+        .collect();
+    let mut separate = Optimizer::with_groups(
+        device,
+        &groups,
+        &parameters,
+        &[],
+        OptimizerOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        separate.parameter_names().collect::<Vec<_>>(),
+        flat.parameter_names().collect::<Vec<_>>()
+    );
+
+    let mut cpu_params: Vec<Vec<f32>> = sizes
+        .iter()
+        .map(|&s| rng.normals(s as usize, 1.0))
+        .collect();
+    let mut cpu_states: Vec<TensorState> = (0..sizes.len())
+        .map(|i| TensorState::new(&groups[group_of[i]], sizes[i] as usize))
+        .collect();
+    for (i, p) in cpu_params.iter().enumerate() {
+        write(&arena.param, arena.tensors()[i].offset, p);
+        write(&separate_buffers[i].0, 0, p);
+    }
+    let steps = 6;
+    for t in 1..=steps {
+        // Each group's lr changes every step, through the uniforms only.
+        let lrs: Vec<f64> = groups
+            .iter()
+            .map(|g| g.lr * (1.0 + 0.3 * (t as f64).sin()))
+            .collect();
+        for (g, &lr) in lrs.iter().enumerate() {
+            flat.set_group_lr(g, lr).unwrap();
+            separate.set_group_lr(g, lr).unwrap();
+        }
+        for i in 0..sizes.len() {
+            let grad = rng.normals(sizes[i] as usize, 0.5 + i as f64 % 3.0);
+            write(&arena.grad, arena.tensors()[i].offset, &grad);
+            write(&separate_buffers[i].1, 0, &grad);
+            let g = group_of[i];
+            reference::step(
+                &groups[g],
+                t,
+                lrs[g],
+                &mut cpu_params[i],
+                &grad,
+                &mut cpu_states[i],
+            );
+        }
+        let mut encoder = device.create_command_encoder(&Default::default());
+        flat.step(queue, &mut encoder);
+        separate.step(queue, &mut encoder);
+        queue.submit([encoder.finish()]);
+    }
+
+    let mut errors = Vec::new();
+    for i in 0..sizes.len() {
+        let t = &arena.tensors()[i];
+        let from_flat = read(&arena.param, t.offset, t.len);
+        let from_separate = read(&separate_buffers[i].0, 0, t.len);
+        let (flat_state, separate_state) = (
+            flat.read_state_blocking(device, queue, i).unwrap(),
+            separate.read_state_blocking(device, queue, i).unwrap(),
+        );
+        // Element for element: the same f32 operations on the same inputs.
+        if from_flat != from_separate || flat_state != separate_state {
+            errors.push(format!(
+                "tensor {i} ({} elements, group {}): flat != separate",
+                t.len, t.group
+            ));
+        }
+        // And the groups' hyperparameters are the reference's (tolerance as in parity.rs).
+        let lr_max = 1.3 * groups[t.group].lr as f32;
+        let tol = Tolerance {
+            abs: steps as f32 * (f32::EPSILON * max_abs(&cpu_params[i]) + 1e-4 * lr_max),
+            rel: 0.0,
+        };
+        errors.extend(compare(&names[i], &from_flat, &cpu_params[i], tol, 0).err());
+    }
+    assert!(
+        errors.is_empty(),
+        "{} mismatches:\n{}",
+        errors.len(),
+        errors.join("\n")
+    );
+}
+
+#[test]
+fn engine_flat_buffer_with_gaps_and_unaligned_tensors() {
+    // The engine's own flat buffers: tensors at odd offsets (so the scalar kernel runs),
+    // listed out of order, with sentinel values between them that must stay untouched.
+    let (device, queue) = gpu();
+    let mut rng = Rng::new(9);
+    let groups = three_groups();
+    let layout = [
+        (3u64, 10u64, 0usize),
+        (40, 1, 1),
+        (17, 20, 2),
+        (50, 33, 0),
+        (90, 0, 1),
+        (91, 7, 2),
+    ];
+    let total = 120u64;
+    let (pb, gb) = (buffer(total + 8, STORAGE), buffer(total + 5, STORAGE));
+    let sentinel = -1234.5f32;
+    let initial: Vec<f32> = vec![sentinel; (total + 8) as usize];
+    write(&pb, 0, &initial);
+    let tensors: Vec<FlatTensor> = layout
+        .iter()
+        .enumerate()
+        .map(|(i, &(offset, len, group))| FlatTensor {
+            name: format!("t{i}"),
+            offset,
+            len,
+            group,
+        })
+        .collect();
+    // The flat views start 1 element into the param buffer and 2 into the grad buffer.
+    let flat = FlatParameters {
+        param: BufferView::new(&pb, 1, total),
+        grad: BufferView::new(&gb, 2, total),
+        tensors: tensors.clone(),
+    };
+    let options = OptimizerOptions {
+        chunk_elements: Some(Optimizer::chunk_granularity(&device.limits())),
+        ..Default::default()
+    };
+    let mut optimizer = Optimizer::with_groups(device, &groups, &[], &[flat], options).unwrap();
+
+    let mut params: Vec<Vec<f32>> = tensors
+        .iter()
+        .map(|t| rng.normals(t.len as usize, 1.0))
+        .collect();
+    let mut states: Vec<TensorState> = tensors
+        .iter()
+        .map(|t| TensorState::new(&groups[t.group], t.len as usize))
+        .collect();
+    for (t, p) in tensors.iter().zip(&params) {
+        write(&pb, 1 + t.offset, p);
+    }
+    for step in 1..=4 {
+        for (i, t) in tensors.iter().enumerate() {
+            let grad = rng.normals(t.len as usize, 1.0);
+            write(&gb, 2 + t.offset, &grad);
+            reference::step(
+                &groups[t.group],
+                step,
+                groups[t.group].lr,
+                &mut params[i],
+                &grad,
+                &mut states[i],
+            );
+        }
+        optimizer.step_blocking(device, queue).unwrap();
+    }
+    let all = read(&pb, 0, total + 8);
+    let mut expected = initial.clone();
+    for (t, p) in tensors.iter().zip(&params) {
+        expected[(1 + t.offset) as usize..][..t.len as usize].copy_from_slice(p);
+    }
+    let tol = Tolerance {
+        abs: 4.0 * (f32::EPSILON * 4.0 + 1e-4 * 2e-3),
+        rel: 0.0,
+    };
+    compare("flat buffer with its gaps", &all, &expected, tol, 0).unwrap();
+    assert!(all.iter().filter(|&&x| x == sentinel).count() >= (total + 8 - 71) as usize);
+    for (i, want) in states.iter().enumerate() {
+        let got = optimizer.read_state_blocking(device, queue, i).unwrap();
+        let tol = Tolerance {
+            abs: 1e-5 * (1.0 + max_abs(&want.exp_avg_sq)),
+            rel: 1e-5,
+        };
+        compare("exp_avg", &got.exp_avg, &want.exp_avg, tol, 0).unwrap();
+        compare("exp_avg_sq", &got.exp_avg_sq, &want.exp_avg_sq, tol, 0).unwrap();
+    }
+}
+
+#[test]
+fn group_errors_are_typed() {
+    let (device, _) = gpu();
+    let (p, g) = (buffer(8, STORAGE), buffer(8, STORAGE));
+    let param =
+        |group| Parameter::new("w", BufferView::whole(&p), BufferView::whole(&g)).in_group(group);
+    let options = OptimizerOptions::default();
+
+    let err = Optimizer::with_groups(device, &[Config::adam()], &[param(1)], &[], options)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, Error::InvalidOption { name: "group", .. }),
+        "{err}"
+    );
+    for (other, key) in [
+        (Config::adamw(), "algorithm"),
+        (Config::adam().amsgrad(true), "amsgrad"),
+        (Config::adam().maximize(true), "maximize"),
+        (
+            Config::adam().initial_accumulator(1.0),
+            "initial_accumulator",
+        ),
+    ] {
+        let err =
+            Optimizer::with_groups(device, &[Config::adam(), other], &[param(0)], &[], options)
+                .err()
+                .unwrap();
+        assert!(
+            matches!(&err, Error::GroupMismatch { group: 1, key: k } if *k == key),
+            "{err}"
+        );
+    }
+    let err = Optimizer::with_groups(
+        device,
+        &[Config::adam().lr(-1.0)],
+        &[param(0)],
+        &[],
+        options,
+    )
+    .err()
+    .unwrap();
+    assert!(
+        matches!(&err, Error::InvalidConfig { key: "lr", .. }),
+        "{err}"
+    );
+    let seventeen = vec![Config::adam(); 17];
+    let err = Optimizer::with_groups(device, &seventeen, &[param(0)], &[], options)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, Error::InvalidOption { name: "groups", .. }),
+        "{err}"
+    );
+    let err = Optimizer::with_groups(device, &[], &[param(0)], &[], options)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, Error::InvalidOption { name: "groups", .. }),
+        "{err}"
+    );
+
+    let flat = |tensors: Vec<FlatTensor>| FlatParameters {
+        param: BufferView::whole(&p),
+        grad: BufferView::whole(&g),
+        tensors,
+    };
+    let t = |name: &str, offset, len| FlatTensor {
+        name: name.into(),
+        offset,
+        len,
+        group: 0,
+    };
+    let err = Optimizer::with_groups(
+        device,
+        &[Config::adam()],
+        &[],
+        &[flat(vec![t("a", 0, 4), t("b", 3, 2)])],
+        options,
+    )
+    .err()
+    .unwrap();
+    assert!(
+        matches!(&err, Error::OverlappingTensors { first, second } if first == "a" && second == "b"),
+        "{err}"
+    );
+    let err = Optimizer::with_groups(
+        device,
+        &[Config::adam()],
+        &[],
+        &[flat(vec![t("a", 5, 4)])],
+        options,
+    )
+    .err()
+    .unwrap();
+    assert!(
+        matches!(&err, Error::OutOfBounds { tensor, .. } if tensor == "a"),
+        "{err}"
+    );
+
+    let mut optimizer = Optimizer::with_groups(
+        device,
+        &[Config::adam(), Config::adam()],
+        &[param(1)],
+        &[],
+        options,
+    )
+    .unwrap();
+    assert!(matches!(
+        optimizer.set_group_lr(2, 1e-3),
+        Err(Error::InvalidOption { name: "group", .. })
+    ));
+    assert!(matches!(
+        optimizer.set_group_lr(1, f64::NAN),
+        Err(Error::InvalidConfig { key: "lr", .. })
+    ));
+    optimizer.set_group_lr(1, 0.5).unwrap();
+    assert_eq!(optimizer.group_lrs(), [1e-3, 0.5]);
+}
