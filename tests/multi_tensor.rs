@@ -181,11 +181,8 @@ fn flat_arena_equals_separate_tensors_element_for_element() {
 
 #[test]
 fn engine_flat_buffer_with_gaps_and_unaligned_tensors() {
-    // The engine's own flat buffers: tensors at odd offsets (so the scalar kernel runs),
-    // listed out of order, with sentinel values between them that must stay untouched.
-    let (device, queue) = gpu();
-    let mut rng = Rng::new(9);
-    let groups = three_groups();
+    // Tensors at odd offsets (so the scalar kernel runs), listed out of order; the flat views
+    // start 1 element into the param buffer and 2 into the grad buffer.
     let layout = [
         (3u64, 10u64, 0usize),
         (40, 1, 1),
@@ -194,6 +191,29 @@ fn engine_flat_buffer_with_gaps_and_unaligned_tensors() {
         (90, 0, 1),
         (91, 7, 2),
     ];
+    engine_flat_buffer(&layout, 1, 2);
+}
+
+#[test]
+fn engine_flat_buffer_with_gaps_and_aligned_tensors() {
+    // Tensors starting at multiples of 4 (so the vec4 kernel runs) whose lengths are not:
+    // the lanes past each tensor's end fall in gaps that must stay untouched.
+    let layout = [
+        (4u64, 10u64, 0usize),
+        (40, 1, 1),
+        (16, 21, 2),
+        (52, 33, 0),
+        (88, 0, 1),
+        (92, 7, 2),
+    ];
+    engine_flat_buffer(&layout, 0, 4);
+}
+
+/// The engine's own flat buffers, with sentinel values between the tensors.
+fn engine_flat_buffer(layout: &[(u64, u64, usize)], param_start: u64, grad_start: u64) {
+    let (device, queue) = gpu();
+    let mut rng = Rng::new(9);
+    let groups = three_groups();
     let total = 120u64;
     let (pb, gb) = (buffer(total + 8, STORAGE), buffer(total + 5, STORAGE));
     let sentinel = -1234.5f32;
@@ -209,10 +229,9 @@ fn engine_flat_buffer_with_gaps_and_unaligned_tensors() {
             group,
         })
         .collect();
-    // The flat views start 1 element into the param buffer and 2 into the grad buffer.
     let flat = FlatParameters {
-        param: BufferView::new(&pb, 1, total),
-        grad: BufferView::new(&gb, 2, total),
+        param: BufferView::new(&pb, param_start, total),
+        grad: BufferView::new(&gb, grad_start, total),
         tensors: tensors.clone(),
     };
     let options = OptimizerOptions {
@@ -230,12 +249,12 @@ fn engine_flat_buffer_with_gaps_and_unaligned_tensors() {
         .map(|t| TensorState::new(&groups[t.group], t.len as usize))
         .collect();
     for (t, p) in tensors.iter().zip(&params) {
-        write(&pb, 1 + t.offset, p);
+        write(&pb, param_start + t.offset, p);
     }
     for step in 1..=4 {
         for (i, t) in tensors.iter().enumerate() {
             let grad = rng.normals(t.len as usize, 1.0);
-            write(&gb, 2 + t.offset, &grad);
+            write(&gb, grad_start + t.offset, &grad);
             reference::step(
                 &groups[t.group],
                 step,
@@ -250,14 +269,18 @@ fn engine_flat_buffer_with_gaps_and_unaligned_tensors() {
     let all = read(&pb, 0, total + 8);
     let mut expected = initial.clone();
     for (t, p) in tensors.iter().zip(&params) {
-        expected[(1 + t.offset) as usize..][..t.len as usize].copy_from_slice(p);
+        expected[(param_start + t.offset) as usize..][..t.len as usize].copy_from_slice(p);
     }
     let tol = Tolerance {
         abs: 4.0 * (f32::EPSILON * 4.0 + 1e-4 * 2e-3),
         rel: 0.0,
     };
     compare("flat buffer with its gaps", &all, &expected, tol, 0).unwrap();
-    assert!(all.iter().filter(|&&x| x == sentinel).count() >= (total + 8 - 71) as usize);
+    let covered: u64 = layout.iter().map(|t| t.1).sum();
+    assert_eq!(
+        all.iter().filter(|&&x| x == sentinel).count() as u64,
+        total + 8 - covered
+    );
     for (i, want) in states.iter().enumerate() {
         let got = optimizer.read_state_blocking(device, queue, i).unwrap();
         let tol = Tolerance {
