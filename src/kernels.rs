@@ -246,8 +246,12 @@ pub fn record(
         label: Some("wgpu-optim step"),
         timestamp_writes: None,
     });
+    let mut width = None;
     for d in dispatches {
-        pass.set_pipeline(kernels.pipeline(d.width));
+        if width != Some(d.width) {
+            pass.set_pipeline(kernels.pipeline(d.width));
+            width = Some(d.width);
+        }
         pass.set_bind_group(0, &d.bind_group, &[step_offset]);
         pass.dispatch_workgroups(d.grid[0], d.grid[1], 1);
     }

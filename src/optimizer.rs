@@ -751,7 +751,7 @@ fn check_limits(limits: &wgpu::Limits, workgroup_size: u32) -> Result<()> {
     need(
         "max_storage_buffers_per_shader_stage",
         limits.max_storage_buffers_per_shader_stage as u64,
-        5,
+        6,
     )?;
     need(
         "max_uniform_buffers_per_shader_stage",

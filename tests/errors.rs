@@ -285,8 +285,8 @@ fn bad_calls_are_typed_errors() {
 
 #[test]
 fn a_device_without_the_needed_limits_is_refused() {
-    // A device that allows only 4 storage buffers per stage cannot bind param, grad and the
-    // three state buffers.
+    // A device that allows only 4 storage buffers per stage cannot bind param, grad, the
+    // three state buffers and the segment table.
     let (adapter, _, _) = wgpu_optim::util::request_device_blocking().unwrap();
     let (device, _) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
         required_limits: wgpu::Limits {
@@ -325,7 +325,7 @@ fn a_device_without_the_needed_limits_is_refused() {
             Error::DeviceLimit {
                 limit: "max_storage_buffers_per_shader_stage",
                 have: 4,
-                need: 5,
+                need: 6,
                 ..
             }
         ),
