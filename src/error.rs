@@ -82,6 +82,14 @@ pub enum Error {
     /// No adapter, or the adapter refused a device (only from [`crate::util`]).
     #[error("no usable GPU adapter: {0}")]
     NoAdapter(String),
+    /// A [`crate::Schedule`] field (its path inside `Sequential`, e.g. `schedules[1].t_max`)
+    /// or a schedule constructor's argument is out of range.
+    #[error("schedule field `{field}`: got {value}, expected {expected}")]
+    InvalidSchedule {
+        field: String,
+        value: String,
+        expected: String,
+    },
 }
 
 /// Shorthand for results of this crate.

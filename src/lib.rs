@@ -30,6 +30,7 @@ pub mod groups;
 pub mod kernels;
 mod optimizer;
 pub mod reference;
+pub mod schedule;
 mod state;
 mod uniforms;
 pub mod util;
@@ -41,6 +42,7 @@ pub use optimizer::{
     OptimizerOptions, Parameter,
 };
 pub use reference::TensorState;
+pub use schedule::Schedule;
 pub use state::StateBuffers;
 pub use uniforms::{Chunk, MAX_GROUPS, StepUniforms};
 
