@@ -323,6 +323,13 @@ fn check_non_negative(key: &'static str, x: f64) -> Result<()> {
     })
 }
 
+/// A learning rate given per step may be 0 (schedules end there; torch allows it).
+pub(crate) fn check_step_lr(lr: f64) -> Result<()> {
+    check("lr", lr, "a finite number >= 0", |x| {
+        x.is_finite() && x >= 0.0
+    })
+}
+
 pub(crate) fn check_lr(key: &'static str, lr: f64) -> Result<()> {
     check(key, lr, "a finite number > 0", |x| x.is_finite() && x > 0.0)
 }

@@ -9,6 +9,7 @@ use crate::config::{self, Config};
 use crate::error::{Error, Result};
 use crate::kernels::{self, Bindings, Dispatch, GROUPS_BYTES, Kernels, Range, Variant, Width};
 use crate::reference::TensorState;
+use crate::schedule::Schedule;
 use crate::state::StateBuffers;
 use crate::uniforms::{Chunk, MAX_GROUPS, StepUniforms};
 
@@ -129,7 +130,9 @@ struct Span {
 /// parameter and gradient buffers (wgpu buffers are reference counted) and owns the state.
 pub struct Optimizer {
     groups: Vec<Config>,
+    /// Each group's base learning rate, and the schedule that scales it per step.
     lrs: Vec<f64>,
+    schedules: Vec<Option<Schedule>>,
     step: u64,
     kernels: Kernels,
     step_uniforms: wgpu::Buffer,
@@ -347,6 +350,7 @@ impl Optimizer {
 
         Ok(Optimizer {
             lrs: groups.iter().map(|g| g.lr).collect(),
+            schedules: vec![None; groups.len()],
             groups: groups.to_vec(),
             step: 0,
             kernels,
@@ -365,8 +369,8 @@ impl Optimizer {
         self.step += 1;
         let slot = (self.step - 1) % MAX_STEPS_PER_SUBMIT;
         let mut uniforms = [StepUniforms::default(); MAX_GROUPS];
-        for ((u, config), &lr) in uniforms.iter_mut().zip(&self.groups).zip(&self.lrs) {
-            *u = StepUniforms::new(config, self.step, lr);
+        for (g, u) in uniforms.iter_mut().enumerate().take(self.groups.len()) {
+            *u = StepUniforms::new(&self.groups[g], self.step, self.lr_at(g, self.step));
         }
         queue.write_buffer(
             &self.step_uniforms,
@@ -393,30 +397,51 @@ impl Optimizer {
             .map_err(|e| Error::Readback(e.to_string()))
     }
 
-    /// Sets the learning rate of every group for the following steps (finite, > 0).
+    /// Sets the base learning rate of every group for the following steps (finite, >= 0; a
+    /// schedule scales it).
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
-        config::check_lr("lr", lr)?;
+        config::check_step_lr(lr)?;
         self.lrs.fill(lr);
         Ok(())
     }
 
-    /// Sets the learning rate of group `group` for the following steps (finite, > 0). Only the
-    /// per-step uniforms change; nothing is re-recorded.
+    /// Sets the base learning rate of group `group` for the following steps (finite, >= 0).
+    /// Only the per-step uniforms change; nothing is re-recorded.
     pub fn set_group_lr(&mut self, group: usize, lr: f64) -> Result<()> {
-        config::check_lr("lr", lr)?;
+        config::check_step_lr(lr)?;
         check_group("set_group_lr", group, self.groups.len())?;
         self.lrs[group] = lr;
         Ok(())
     }
 
-    /// The learning rate of group 0's next step.
+    /// From the next step on, group `group` runs at `schedule.lr(base_lr, t)` for step `t`,
+    /// where `base_lr` is the group's base learning rate (its config's `lr`, or the last
+    /// [`Optimizer::set_group_lr`]). `None` removes the schedule.
+    pub fn set_schedule(&mut self, group: usize, schedule: Option<Schedule>) -> Result<()> {
+        check_group("set_schedule", group, self.groups.len())?;
+        if let Some(s) = &schedule {
+            s.validate()?;
+        }
+        self.schedules[group] = schedule;
+        Ok(())
+    }
+
+    /// Group 0's base learning rate.
     pub fn lr(&self) -> f64 {
         self.lrs[0]
     }
 
-    /// The learning rate of each group's next step.
+    /// Each group's base learning rate.
     pub fn group_lrs(&self) -> &[f64] {
         &self.lrs
+    }
+
+    /// The learning rate group `group` runs at in step `t` (its schedule applied).
+    pub fn lr_at(&self, group: usize, t: u64) -> f64 {
+        let base = self.lrs[group];
+        self.schedules[group]
+            .as_ref()
+            .map_or(base, |s| s.lr(base, t))
     }
 
     /// Steps recorded so far (`t` of the last one; 0 before the first).

@@ -269,13 +269,28 @@ fn bad_calls_are_typed_errors() {
         )],
     )
     .unwrap();
-    for lr in [0.0, -1.0, f64::NAN] {
+    for lr in [-1.0, f64::NAN, f64::INFINITY] {
         assert!(matches!(
             optimizer.set_lr(lr),
             Err(Error::InvalidConfig { key: "lr", .. })
         ));
     }
     assert_eq!(optimizer.lr(), 1e-3, "a refused lr leaves the old one");
+    // A per-step lr of 0 is allowed (schedules end there; torch allows it): only the moments move.
+    optimizer.set_lr(0.0).unwrap();
+    assert_eq!(optimizer.lr(), 0.0);
+    let bad = wgpu_optim::Schedule::Step {
+        step_size: 0,
+        gamma: 0.5,
+    };
+    assert!(matches!(
+        optimizer.set_schedule(0, Some(bad)),
+        Err(Error::InvalidSchedule { .. })
+    ));
+    assert!(matches!(
+        optimizer.set_schedule(1, None),
+        Err(Error::InvalidOption { name: "group", .. })
+    ));
     assert!(matches!(
         optimizer.read_state_blocking(device, queue, 1),
         Err(Error::NoSuchParameter(_))

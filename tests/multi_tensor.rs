@@ -6,7 +6,7 @@ mod common;
 use common::{Rng, STORAGE, Tolerance, buffer, compare, gpu, max_abs, read, write};
 use wgpu_optim::{
     Arena, BufferView, Config, Error, FlatParameters, FlatTensor, Optimizer, OptimizerOptions,
-    Parameter, TensorState, groups, reference,
+    Parameter, Schedule, TensorState, groups, reference,
 };
 
 /// Three groups as a BERT fine-tune would have them, differing in every per-group value.
@@ -410,4 +410,65 @@ fn group_errors_are_typed() {
     ));
     optimizer.set_group_lr(1, 0.5).unwrap();
     assert_eq!(optimizer.group_lrs(), [1e-3, 0.5]);
+}
+
+#[test]
+fn schedules_drive_each_groups_lr() {
+    // A scheduled optimizer equals, element for element, one whose group lrs are set by hand to
+    // the schedule's value each step.
+    let (device, queue) = gpu();
+    let mut rng = Rng::new(11);
+    let groups = three_groups();
+    let specs = [("w", 1000u64, 0usize), ("b", 37, 1), ("n", 5, 2)];
+    let schedules = [
+        Some(Schedule::warmup_cosine(3, 10, 1e-5).unwrap()),
+        Some(Schedule::Step {
+            step_size: 2,
+            gamma: 0.5,
+        }),
+        None,
+    ];
+    let arenas = [
+        Arena::new(device, &specs).unwrap(),
+        Arena::new(device, &specs).unwrap(),
+    ];
+    let make = |arena: &Arena| {
+        Optimizer::with_groups(
+            device,
+            &groups,
+            &[],
+            &[arena.flat()],
+            OptimizerOptions::default(),
+        )
+        .unwrap()
+    };
+    let (mut scheduled, mut by_hand) = (make(&arenas[0]), make(&arenas[1]));
+    for (g, s) in schedules.iter().enumerate() {
+        scheduled.set_schedule(g, s.clone()).unwrap();
+    }
+    let len = arenas[0].tensors().last().map_or(0, |t| t.offset + t.len);
+    let init = rng.normals(len as usize, 1.0);
+    for arena in &arenas {
+        write(&arena.param, 0, &init);
+    }
+    for t in 1..=10u64 {
+        for (g, s) in schedules.iter().enumerate() {
+            let lr = s.as_ref().map_or(groups[g].lr, |s| s.lr(groups[g].lr, t));
+            assert_eq!(scheduled.lr_at(g, t), lr);
+            by_hand.set_group_lr(g, lr).unwrap();
+        }
+        let grad = rng.normals(len as usize, 1.0);
+        for arena in &arenas {
+            write(&arena.grad, 0, &grad);
+        }
+        scheduled.step_blocking(device, queue).unwrap();
+        by_hand.step_blocking(device, queue).unwrap();
+    }
+    assert_eq!(
+        read(&arenas[0].param, 0, len),
+        read(&arenas[1].param, 0, len)
+    );
+    // The schedules did change the lr: warmup starts at base / 3, StepLR halves after 2 steps.
+    assert_eq!(scheduled.lr_at(0, 1), groups[0].lr / 3.0);
+    assert_eq!(scheduled.lr_at(1, 3), groups[1].lr * 0.5);
 }
