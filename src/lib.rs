@@ -26,9 +26,11 @@
 
 mod config;
 mod error;
+mod file;
 pub mod kernels;
 mod optimizer;
 pub mod reference;
+pub mod replay;
 mod state;
 mod uniforms;
 pub mod util;
