@@ -57,4 +57,20 @@ impl StateBuffers {
             })
         }
     }
+
+    /// Overwrites the buffers with `state` through `queue` (the writes land before the work
+    /// of the next submit). The caller has checked the lengths; an absent `max_exp_avg_sq` on
+    /// either side is skipped.
+    pub(crate) fn write(&self, queue: &wgpu::Queue, state: &TensorState) {
+        let write = |buffer: &wgpu::Buffer, data: &[f32]| {
+            if !data.is_empty() {
+                queue.write_buffer(buffer, 0, bytemuck::cast_slice(data));
+            }
+        };
+        write(&self.exp_avg, &state.exp_avg);
+        write(&self.exp_avg_sq, &state.exp_avg_sq);
+        if let (Some(buffer), Some(data)) = (&self.max_exp_avg_sq, &state.max_exp_avg_sq) {
+            write(buffer, data);
+        }
+    }
 }
