@@ -24,6 +24,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod checkpoint;
 mod config;
 mod error;
 mod file;
