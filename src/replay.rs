@@ -4,7 +4,7 @@
 //! A **trace** is a safetensors file with metadata `config` (the JSON of [`Config::from_json`]),
 //! tensors `param.<name>` (the initial parameters, f32, any shape, 0-d included),
 //! `grad.<t>.<name>` (the gradient of every parameter at every step t = 1..T, f32, the param's
-//! shape) and optionally `lr` (f32, shape [T]: the learning rate of each step, overriding
+//! shape) and optionally `lr` (f32, shape `[T]`: the learning rate of each step, overriding
 //! `config.lr`). `<name>` is everything after the first dot (after `grad.<t>.` for gradients)
 //! and may itself hold dots. Other metadata keys are ignored; any other tensor is an error.
 //!
