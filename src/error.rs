@@ -90,6 +90,72 @@ pub enum Error {
         value: String,
         expected: String,
     },
+    /// A file could not be read or written (replay traces and results, checkpoints).
+    #[error("{file}: {reason}")]
+    Io { file: String, reason: String },
+    /// A file is not a safetensors file, or is truncated.
+    #[error("{file}: not a valid safetensors file ({reason})")]
+    Safetensors { file: String, reason: String },
+    /// A metadata key that the file format requires is absent.
+    #[error("{file}: metadata key `{key}` is missing (expected {expected})")]
+    MissingMetadata {
+        file: String,
+        key: &'static str,
+        expected: &'static str,
+    },
+    /// A metadata value that does not parse or is out of range.
+    #[error("{file}: metadata key `{key}`: got {value}, expected {expected}")]
+    InvalidMetadata {
+        file: String,
+        key: &'static str,
+        value: String,
+        expected: String,
+    },
+    /// A tensor that the file format requires is absent.
+    #[error("tensor `{tensor}` is missing (expected {expected})")]
+    MissingTensor { tensor: String, expected: String },
+    /// A tensor that the file format does not define, or that belongs to no parameter.
+    #[error("unexpected tensor `{tensor}` (expected {expected})")]
+    UnexpectedTensor { tensor: String, expected: String },
+    /// A tensor of another dtype than f32.
+    #[error("tensor `{tensor}` has dtype {dtype}, expected F32")]
+    DType { tensor: String, dtype: String },
+    /// A tensor whose shape (or element count) does not fit.
+    #[error("tensor `{tensor}` has shape {shape:?}, expected {expected}")]
+    Shape {
+        tensor: String,
+        shape: Vec<usize>,
+        expected: String,
+    },
+    /// A tensor element outside its domain (a NaN gradient, a negative learning rate, a step
+    /// that disagrees with the metadata).
+    #[error("tensor `{tensor}` element {index} is {value}, expected {expected}")]
+    TensorValue {
+        tensor: String,
+        index: usize,
+        value: f32,
+        expected: String,
+    },
+    /// A checkpoint's configuration differs from the optimizer's in a key other than `lr`.
+    #[error(
+        "config key `{key}` differs: the checkpoint has {checkpoint}, the optimizer {optimizer}"
+    )]
+    ConfigMismatch {
+        key: &'static str,
+        checkpoint: String,
+        optimizer: String,
+    },
+    /// A checkpoint holds another set of parameters than the optimizer.
+    #[error(
+        "parameter names differ: the checkpoint has {checkpoint:?}, the optimizer {optimizer:?}"
+    )]
+    ParameterNames {
+        checkpoint: Vec<String>,
+        optimizer: Vec<String>,
+    },
+    /// Two parameters share a name, which a file keyed by name cannot hold.
+    #[error("parameter name `{0}` appears more than once (names must be unique)")]
+    DuplicateName(String),
 }
 
 /// Shorthand for results of this crate.

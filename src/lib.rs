@@ -24,12 +24,15 @@
 //! # Ok(()) }
 //! ```
 
+pub mod checkpoint;
 mod config;
 mod error;
+mod file;
 pub mod groups;
 pub mod kernels;
 mod optimizer;
 pub mod reference;
+pub mod replay;
 pub mod schedule;
 mod state;
 mod uniforms;

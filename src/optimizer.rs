@@ -113,6 +113,7 @@ impl Default for OptimizerOptions {
 /// A parameter tensor as the optimizer keeps it: where its state lives.
 struct Tensor {
     name: String,
+    group: usize,
     span: usize,
     offset: u64,
     len: u64,
@@ -185,6 +186,7 @@ impl Optimizer {
             check_group(&p.name, p.group, groups.len())?;
             tensors.push(Tensor {
                 name: p.name.clone(),
+                group: p.group,
                 span: plans.len(),
                 offset: 0,
                 len: p.param.len,
@@ -214,6 +216,7 @@ impl Optimizer {
                 }
                 tensors.push(Tensor {
                     name: t.name.clone(),
+                    group: t.group,
                     span: plans.len(),
                     offset: t.offset,
                     len: t.len,
@@ -846,6 +849,71 @@ fn check_views(name: &str, param: &BufferView, grad: &BufferView) -> Result<()> 
         return Err(Error::AliasedBuffers { tensor: tensor() });
     }
     Ok(())
+}
+
+// Restoring a saved state (`checkpoint.rs` builds on these).
+impl Optimizer {
+    /// Elements of parameter `index`.
+    pub fn parameter_len(&self, index: usize) -> Result<u64> {
+        Ok(self.tensor(index)?.len)
+    }
+
+    /// The parameter group of parameter `index`.
+    pub fn parameter_group(&self, index: usize) -> Result<usize> {
+        Ok(self.tensor(index)?.group)
+    }
+
+    /// Overwrites the state of parameter `index` with `state`. Checks first that every vector
+    /// has the parameter's length and that `max_exp_avg_sq` is present exactly when amsgrad is
+    /// on; on error nothing is written. The writes go through `queue` and land before the work
+    /// of the next submit: load between submits, not while steps are recorded and unsubmitted.
+    pub fn load_state(
+        &mut self,
+        queue: &wgpu::Queue,
+        index: usize,
+        state: &TensorState,
+    ) -> Result<()> {
+        let tensor = self.tensor(index)?;
+        let name = &tensor.name;
+        let check = |kind: &str, data: &[f32]| {
+            if data.len() as u64 == tensor.len {
+                Ok(())
+            } else {
+                Err(Error::Shape {
+                    tensor: format!("{kind}.{name}"),
+                    shape: vec![data.len()],
+                    expected: format!("{} elements, like parameter `{name}`", tensor.len),
+                })
+            }
+        };
+        check("exp_avg", &state.exp_avg)?;
+        check("exp_avg_sq", &state.exp_avg_sq)?;
+        match (&state.max_exp_avg_sq, self.config().amsgrad) {
+            (Some(vmax), true) => check("max_exp_avg_sq", vmax)?,
+            (None, false) => {}
+            (None, true) => {
+                return Err(Error::MissingTensor {
+                    tensor: format!("max_exp_avg_sq.{name}"),
+                    expected: "the running maximum of exp_avg_sq, as amsgrad is on".into(),
+                });
+            }
+            (Some(_), false) => {
+                return Err(Error::UnexpectedTensor {
+                    tensor: format!("max_exp_avg_sq.{name}"),
+                    expected: "no max_exp_avg_sq, as amsgrad is off".into(),
+                });
+            }
+        }
+        self.spans[tensor.span]
+            .state
+            .write(queue, tensor.offset, state);
+        Ok(())
+    }
+
+    /// Sets the step counter: the next step is `step + 1` (its bias correction uses it).
+    pub fn set_step_count(&mut self, step: u64) {
+        self.step = step;
+    }
 }
 
 #[cfg(test)]

@@ -56,4 +56,20 @@ impl StateBuffers {
             })
         }
     }
+
+    /// Overwrites the state from element `offset` with `state` through `queue` (the writes land before the work
+    /// of the next submit). The caller has checked the lengths; an absent `max_exp_avg_sq` on
+    /// either side is skipped.
+    pub(crate) fn write(&self, queue: &wgpu::Queue, offset: u64, state: &TensorState) {
+        let write = |buffer: &wgpu::Buffer, data: &[f32]| {
+            if !data.is_empty() {
+                queue.write_buffer(buffer, offset * 4, bytemuck::cast_slice(data));
+            }
+        };
+        write(&self.exp_avg, &state.exp_avg);
+        write(&self.exp_avg_sq, &state.exp_avg_sq);
+        if let (Some(buffer), Some(data)) = (&self.max_exp_avg_sq, &state.max_exp_avg_sq) {
+            write(buffer, data);
+        }
+    }
 }

@@ -74,8 +74,25 @@ fn shared_structs_have_the_same_layout_in_rust_and_wgsl() {
         assert_eq!(
             size_of::<StepUniforms>() % 16,
             0,
-            "uniform structs are padded to 16 bytes"
+            "uniform array elements need a 16-byte stride"
         );
+        // The uniform array of groups has MAX_GROUPS elements on both sides.
+        let (_, groups) = module
+            .global_variables
+            .iter()
+            .find(|(_, v)| v.name.as_deref() == Some("groups"))
+            .expect("a `groups` uniform");
+        match module.types[groups.ty].inner {
+            naga::TypeInner::Array {
+                size: naga::ArraySize::Constant(n),
+                stride,
+                ..
+            } => {
+                assert_eq!(n.get() as usize, MAX_GROUPS);
+                assert_eq!(stride as usize, size_of::<StepUniforms>());
+            }
+            ref other => panic!("groups is {other:?}"),
+        }
     }
 }
 

@@ -1,0 +1,441 @@
+//! Checkpoints: the optimizer's state as a safetensors file with PyTorch's state names, so that
+//! it survives a restart and moves between PyTorch and wgpu-optim.
+//!
+//! | tensor | content |
+//! | --- | --- |
+//! | `exp_avg.<name>` | f32, one element per parameter element |
+//! | `exp_avg_sq.<name>` | f32, the same shape |
+//! | `max_exp_avg_sq.<name>` | f32, the same shape; only with amsgrad |
+//! | `step.<name>` | f32, 0-d: the step count, like torch's per-parameter `step` |
+//!
+//! | metadata | content |
+//! | --- | --- |
+//! | `config` | the effective configuration ([`Config::to_json`]), `lr` being the one in effect |
+//! | `step` | the step count, decimal (exact where f32 is not) |
+//! | `param_names` | the parameter names as a JSON list, in the optimizer's order |
+//! | `groups` | with several parameter groups only: every group's effective configuration |
+//! | `param_groups` | with `groups` only: each parameter's group, a JSON list beside `param_names` |
+//!
+//! The optimizer knows element counts, not shapes: it saves its tensors flat (`[len]`), and a
+//! tensor of any shape with the right element count loads (torch saves the parameter's shape).
+//! `scripts/torch_checkpoint.py` maps a `torch.optim.Adam`/`AdamW` state dict to and from this
+//! layout. Other metadata keys are ignored.
+//!
+//! Loading checks the file on its own (names, dtypes, shapes, the config, every `step.<name>`
+//! equal to `step`), then against the optimizer (the same parameter names, element counts,
+//! and config in every key but `lr`), and only then writes the state, the step counter and
+//! the learning rate: a failed load returns a typed error and leaves the optimizer as it was.
+//! Saving writes a temporary file in the same directory and renames it over the target.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), wgpu_optim::Error> {
+//! # let (_, device, queue) = wgpu_optim::util::request_device_blocking()?;
+//! # let mut optimizer = wgpu_optim::Optimizer::new(&device, wgpu_optim::Config::adam(), &[])?;
+//! use wgpu_optim::checkpoint;
+//! checkpoint::save(&optimizer, &device, &queue, "optimizer.safetensors")?;
+//! // ... later, in a fresh process, with an optimizer over the same parameters:
+//! checkpoint::load(&mut optimizer, &queue, "optimizer.safetensors")?;
+//! # Ok(()) }
+//! ```
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::config::{CONFIG_KEYS, Config};
+use crate::error::{Error, Result};
+use crate::file::{self, F32Tensor, Safetensors};
+use crate::optimizer::Optimizer;
+use crate::reference::TensorState;
+
+/// The state of one optimizer, on the host: what a checkpoint file holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    config: Config,
+    /// Groups 1.. of an optimizer with several parameter groups (group 0 is `config`).
+    other_groups: Vec<Config>,
+    step: u64,
+    tensors: Vec<Saved>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Saved {
+    name: String,
+    group: usize,
+    shape: Vec<usize>,
+    state: TensorState,
+}
+
+/// Saves the optimizer's state to `path` ([`Checkpoint::capture`], then [`Checkpoint::save`]).
+pub fn save(
+    optimizer: &Optimizer,
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    path: impl AsRef<Path>,
+) -> Result<()> {
+    Checkpoint::capture(optimizer, device, queue)?.save(path)
+}
+
+/// Loads `path` into the optimizer ([`Checkpoint::read`], then [`Checkpoint::restore`]).
+pub fn load(optimizer: &mut Optimizer, queue: &wgpu::Queue, path: impl AsRef<Path>) -> Result<()> {
+    Checkpoint::read(path)?.restore(optimizer, queue)
+}
+
+impl Checkpoint {
+    /// Reads the optimizer's state back from the device (after the work submitted so far).
+    pub fn capture(
+        optimizer: &Optimizer,
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+    ) -> Result<Self> {
+        let names = unique_names(optimizer)?;
+        let mut tensors = Vec::with_capacity(names.len());
+        for (i, name) in names.into_iter().enumerate() {
+            tensors.push(Saved {
+                name,
+                group: optimizer.parameter_group(i)?,
+                shape: vec![optimizer.parameter_len(i)? as usize],
+                state: optimizer.read_state_blocking(device, queue, i)?,
+            });
+        }
+        // Each group's configuration with the learning rate in effect.
+        let mut groups = optimizer
+            .groups()
+            .iter()
+            .zip(optimizer.group_lrs())
+            .map(|(g, &lr)| Config { lr, ..g.clone() });
+        Ok(Checkpoint {
+            config: groups.next().expect("an optimizer has a group"),
+            other_groups: groups.collect(),
+            step: optimizer.step_count(),
+            tensors,
+        })
+    }
+
+    /// The configuration saved (of group 0; its `lr` is the one in effect at the save).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Every group's saved configuration (one for a single-group optimizer).
+    pub fn groups(&self) -> impl Iterator<Item = &Config> {
+        std::iter::once(&self.config).chain(&self.other_groups)
+    }
+
+    /// Steps taken before the save.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The parameter names, in the saved order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.iter().map(|t| t.name.as_str())
+    }
+
+    /// The state of parameter `name`, and the shape its tensors have in the file.
+    pub fn state(&self, name: &str) -> Option<(&TensorState, &[usize])> {
+        self.tensors
+            .iter()
+            .find(|t| t.name == name)
+            .map(|t| (&t.state, t.shape.as_slice()))
+    }
+
+    /// The file's bytes (see the module docs for the layout).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut tensors = Vec::new();
+        for t in &self.tensors {
+            let mut push = |kind: &str, shape: &[usize], data: &[f32]| {
+                tensors.push((format!("{kind}.{}", t.name), F32Tensor::new(shape, data)));
+            };
+            push("exp_avg", &t.shape, &t.state.exp_avg);
+            push("exp_avg_sq", &t.shape, &t.state.exp_avg_sq);
+            if let Some(vmax) = &t.state.max_exp_avg_sq {
+                push("max_exp_avg_sq", &t.shape, vmax);
+            }
+            push("step", &[], &[self.step as f32]);
+        }
+        let names: Vec<&str> = self.names().collect();
+        let mut metadata = HashMap::from([
+            ("config".to_string(), self.config.to_json()),
+            ("step".to_string(), self.step.to_string()),
+            (
+                "param_names".to_string(),
+                serde_json::to_string(&names).expect("strings serialize"),
+            ),
+        ]);
+        if !self.other_groups.is_empty() {
+            let groups: Vec<Value> = self
+                .groups()
+                .map(|g| serde_json::to_value(g).expect("a Config serializes"))
+                .collect();
+            let member: Vec<usize> = self.tensors.iter().map(|t| t.group).collect();
+            metadata.insert("groups".into(), Value::Array(groups).to_string());
+            metadata.insert(
+                "param_groups".into(),
+                serde_json::to_string(&member).expect("numbers serialize"),
+            );
+        }
+        file::serialize(&tensors, metadata)
+    }
+
+    /// Writes the file atomically: on failure there is no new file and an existing one is
+    /// untouched.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        file::write_atomic(path.as_ref(), &self.to_bytes()?)
+    }
+
+    /// Reads and checks a checkpoint file.
+    pub fn read(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        Self::from_bytes(&file::read(path)?, &path.display().to_string())
+    }
+
+    /// Parses and checks a checkpoint on its own: the config, the metadata, every tensor
+    /// present with the f32 dtype and consistent shapes, no other tensor. `file` names it in
+    /// errors.
+    pub fn from_bytes(bytes: &[u8], file: &str) -> Result<Self> {
+        let st = Safetensors::parse(bytes, file)?;
+        let config = st.config()?;
+        let step_text = st.require_metadata("step", "the step count, a decimal integer")?;
+        let step = step_text
+            .parse::<u64>()
+            .ok()
+            .filter(|s| s.to_string() == step_text)
+            .ok_or_else(|| Error::InvalidMetadata {
+                file: file.to_string(),
+                key: "step",
+                value: format!("{step_text:?}"),
+                expected: "a decimal integer >= 0".into(),
+            })?;
+        let names_text =
+            st.require_metadata("param_names", "the parameter names, a JSON list of strings")?;
+        let names: Vec<String> =
+            serde_json::from_str(names_text).map_err(|_| Error::InvalidMetadata {
+                file: file.to_string(),
+                key: "param_names",
+                value: names_text.to_string(),
+                expected: "a JSON list of strings".into(),
+            })?;
+        check_unique(&names)?;
+        let (other_groups, member) = parse_groups(&st, file, &config, names.len())?;
+
+        let mut views: BTreeMap<&str, _> =
+            st.tensors.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let mut tensors = Vec::with_capacity(names.len());
+        for (name, group) in names.into_iter().zip(member) {
+            let mut take = |kind: &str, expected: &str| {
+                let tensor = format!("{kind}.{name}");
+                match views.remove(tensor.as_str()) {
+                    Some(view) => Ok((file::f32_data(&tensor, view)?, view.shape().to_vec())),
+                    None => Err(Error::MissingTensor {
+                        tensor,
+                        expected: expected.into(),
+                    }),
+                }
+            };
+            let (exp_avg, shape) = take("exp_avg", "the first moment of every parameter")?;
+            let same_shape = |kind: &str, (data, s): (Vec<f32>, Vec<usize>)| {
+                if s == shape {
+                    Ok(data)
+                } else {
+                    Err(Error::Shape {
+                        tensor: format!("{kind}.{name}"),
+                        shape: s,
+                        expected: format!("{shape:?}, the shape of `exp_avg.{name}`"),
+                    })
+                }
+            };
+            let exp_avg_sq = same_shape(
+                "exp_avg_sq",
+                take("exp_avg_sq", "the second moment of every parameter")?,
+            )?;
+            let max_exp_avg_sq = match config.amsgrad {
+                true => Some(same_shape(
+                    "max_exp_avg_sq",
+                    take(
+                        "max_exp_avg_sq",
+                        "the running maximum of exp_avg_sq: amsgrad is on",
+                    )?,
+                )?),
+                false => None,
+            };
+            let (steps, step_shape) = take("step", "the step count of every parameter")?;
+            if steps.len() != 1 {
+                return Err(Error::Shape {
+                    tensor: format!("step.{name}"),
+                    shape: step_shape,
+                    expected: "[], one number".into(),
+                });
+            }
+            if steps[0] != step as f32 {
+                return Err(Error::TensorValue {
+                    tensor: format!("step.{name}"),
+                    index: 0,
+                    value: steps[0],
+                    expected: format!("{step}, the metadata `step`"),
+                });
+            }
+            tensors.push(Saved {
+                name,
+                group,
+                shape,
+                state: TensorState {
+                    exp_avg,
+                    exp_avg_sq,
+                    max_exp_avg_sq,
+                },
+            });
+        }
+        if let Some(tensor) = views.keys().next() {
+            return Err(Error::UnexpectedTensor {
+                tensor: tensor.to_string(),
+                expected: format!(
+                    "`exp_avg.<name>`, `exp_avg_sq.<name>`, `step.<name>` and, with amsgrad \
+                     (here {}), `max_exp_avg_sq.<name>`, for each name of `param_names`",
+                    if config.amsgrad { "on" } else { "off" }
+                ),
+            });
+        }
+        Ok(Checkpoint {
+            config,
+            other_groups,
+            step,
+            tensors,
+        })
+    }
+
+    /// Loads the checkpoint into `optimizer`: checks that it has the same parameter names
+    /// (in any order), element counts and configuration (every key but `lr`, which is restored
+    /// as torch's `load_state_dict` does), then writes the state and sets the step counter and
+    /// learning rate. On error the optimizer is untouched. Load between submits.
+    pub fn restore(&self, optimizer: &mut Optimizer, queue: &wgpu::Queue) -> Result<()> {
+        let saved_groups: Vec<&Config> = self.groups().collect();
+        if saved_groups.len() != optimizer.groups().len() {
+            return Err(Error::ConfigMismatch {
+                key: "groups",
+                checkpoint: format!("{} parameter groups", saved_groups.len()),
+                optimizer: format!("{} parameter groups", optimizer.groups().len()),
+            });
+        }
+        for (saved, group) in saved_groups.iter().zip(optimizer.groups()) {
+            saved.validate()?;
+            let (ours, theirs) = (json_map(saved), json_map(group));
+            if let Some(key) = CONFIG_KEYS
+                .into_iter()
+                .find(|&k| k != "lr" && ours.get(k) != theirs.get(k))
+            {
+                let show = |m: &serde_json::Map<String, Value>| m.get(key).map(Value::to_string);
+                return Err(Error::ConfigMismatch {
+                    key,
+                    checkpoint: show(&ours).unwrap_or_default(),
+                    optimizer: show(&theirs).unwrap_or_default(),
+                });
+            }
+        }
+        let names = unique_names(optimizer)?;
+        let saved: HashMap<&str, &Saved> =
+            self.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+        if names.len() != saved.len() || names.iter().any(|n| !saved.contains_key(n.as_str())) {
+            return Err(Error::ParameterNames {
+                checkpoint: self.names().map(String::from).collect(),
+                optimizer: names,
+            });
+        }
+        let mut order = Vec::with_capacity(names.len());
+        for (i, name) in names.iter().enumerate() {
+            let t = saved[name.as_str()];
+            let len = optimizer.parameter_len(i)?;
+            let group = optimizer.parameter_group(i)?;
+            if t.group != group {
+                return Err(Error::ConfigMismatch {
+                    key: "param_groups",
+                    checkpoint: format!("`{name}` in group {}", t.group),
+                    optimizer: format!("`{name}` in group {group}"),
+                });
+            }
+            if t.state.exp_avg.len() as u64 != len {
+                return Err(Error::Shape {
+                    tensor: format!("exp_avg.{name}"),
+                    shape: t.shape.clone(),
+                    expected: format!("{len} elements, like parameter `{name}`"),
+                });
+            }
+            order.push((i, &t.state));
+        }
+        // Everything is checked (lengths agree within a Saved, amsgrad with the config): write.
+        for (i, state) in order {
+            optimizer.load_state(queue, i, state)?;
+        }
+        optimizer.set_step_count(self.step);
+        for (g, saved) in saved_groups.iter().enumerate() {
+            optimizer.set_group_lr(g, saved.lr)?;
+        }
+        Ok(())
+    }
+}
+
+/// The optional `groups` and `param_groups` metadata: groups 1.. and each tensor's group.
+fn parse_groups(
+    st: &Safetensors,
+    file: &str,
+    config: &Config,
+    tensors: usize,
+) -> Result<(Vec<Config>, Vec<usize>)> {
+    let Some(text) = st.metadata.get("groups") else {
+        return Ok((Vec::new(), vec![0; tensors]));
+    };
+    let invalid = |key, value: &str, expected: &str| Error::InvalidMetadata {
+        file: file.to_string(),
+        key,
+        value: value.to_string(),
+        expected: expected.to_string(),
+    };
+    let list: Vec<Value> = serde_json::from_str(text)
+        .map_err(|_| invalid("groups", text, "a JSON list of configurations"))?;
+    let mut groups = list
+        .iter()
+        .map(|g| file::config_from_json(&g.to_string()))
+        .collect::<Result<Vec<Config>>>()?;
+    if groups.len() < 2 || groups[0] != *config {
+        return Err(invalid(
+            "groups",
+            text,
+            "two or more configurations, the first equal to `config`",
+        ));
+    }
+    let member_text = st.require_metadata("param_groups", "each parameter's group, a JSON list")?;
+    let member: Vec<usize> = serde_json::from_str(member_text)
+        .ok()
+        .filter(|m: &Vec<usize>| m.len() == tensors && m.iter().all(|&g| g < groups.len()))
+        .ok_or_else(|| {
+            invalid(
+                "param_groups",
+                member_text,
+                &format!("{tensors} group indices below {}", groups.len()),
+            )
+        })?;
+    groups.remove(0);
+    Ok((groups, member))
+}
+
+fn json_map(config: &Config) -> serde_json::Map<String, Value> {
+    match serde_json::to_value(config) {
+        Ok(Value::Object(map)) => map,
+        _ => unreachable!("a Config serializes to an object"),
+    }
+}
+
+fn unique_names(optimizer: &Optimizer) -> Result<Vec<String>> {
+    let names: Vec<String> = optimizer.parameter_names().map(String::from).collect();
+    check_unique(&names)?;
+    Ok(names)
+}
+
+fn check_unique(names: &[String]) -> Result<()> {
+    let mut seen = HashSet::new();
+    match names.iter().find(|n| !seen.insert(n.as_str())) {
+        Some(n) => Err(Error::DuplicateName(n.clone())),
+        None => Ok(()),
+    }
+}
