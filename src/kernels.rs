@@ -235,16 +235,17 @@ pub fn bind_group(device: &wgpu::Device, kernels: &Kernels, b: &Bindings) -> wgp
 }
 
 /// Records `dispatches` into one compute pass; `step_offset` is the dynamic offset of this
-/// step's uniforms.
+/// step's uniforms. `timestamp_writes`, if any, time the pass (the benchmark uses it).
 pub fn record(
     encoder: &mut wgpu::CommandEncoder,
     kernels: &Kernels,
     step_offset: u32,
     dispatches: &mut dyn Iterator<Item = &Dispatch>,
+    timestamp_writes: Option<wgpu::ComputePassTimestampWrites>,
 ) {
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: Some("wgpu-optim step"),
-        timestamp_writes: None,
+        timestamp_writes,
     });
     let mut width = None;
     for d in dispatches {

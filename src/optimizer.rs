@@ -369,6 +369,17 @@ impl Optimizer {
     /// effect at the next submit: up to [`MAX_STEPS_PER_SUBMIT`] steps may be recorded before
     /// it. The gradients must be written before the encoder's work runs.
     pub fn step(&mut self, queue: &wgpu::Queue, encoder: &mut wgpu::CommandEncoder) {
+        self.step_with_timestamps(queue, encoder, None);
+    }
+
+    /// [`Optimizer::step`], with `timestamp_writes` on its compute pass (to time it with a
+    /// `QuerySet`; the device needs `Features::TIMESTAMP_QUERY`).
+    pub fn step_with_timestamps(
+        &mut self,
+        queue: &wgpu::Queue,
+        encoder: &mut wgpu::CommandEncoder,
+        timestamp_writes: Option<wgpu::ComputePassTimestampWrites>,
+    ) {
         self.step += 1;
         let slot = (self.step - 1) % MAX_STEPS_PER_SUBMIT;
         let mut uniforms = [StepUniforms::default(); MAX_GROUPS];
@@ -386,6 +397,7 @@ impl Optimizer {
             &self.kernels,
             (slot * self.slot_stride) as u32,
             &mut dispatches,
+            timestamp_writes,
         );
     }
 
