@@ -529,18 +529,19 @@ impl Step {
         gpu.write(&self.param, 0, &inputs.param);
         for (i, &(offset, len)) in self.tensors.iter().enumerate() {
             let range = offset as usize..(offset + len) as usize;
-            let state = self.optimizer.state_buffers(i).map_err(|e| e.to_string())?;
-            gpu.write(&state.exp_avg, 0, &inputs.state.exp_avg[range.clone()]);
-            gpu.write(
-                &state.exp_avg_sq,
-                0,
-                &inputs.state.exp_avg_sq[range.clone()],
-            );
-            if let (Some(buffer), Some(values)) =
-                (&state.max_exp_avg_sq, &inputs.state.max_exp_avg_sq)
-            {
-                gpu.write(buffer, 0, &values[range]);
-            }
+            let state = TensorState {
+                exp_avg: inputs.state.exp_avg[range.clone()].to_vec(),
+                exp_avg_sq: inputs.state.exp_avg_sq[range.clone()].to_vec(),
+                max_exp_avg_sq: inputs
+                    .state
+                    .max_exp_avg_sq
+                    .as_ref()
+                    .filter(|_| config.amsgrad)
+                    .map(|v| v[range].to_vec()),
+            };
+            self.optimizer
+                .load_state(&gpu.queue, i, &state)
+                .map_err(|e| format!("{name}: {e}"))?;
         }
         let t = self.optimizer.step_count() + 1;
         self.optimizer

@@ -17,6 +17,8 @@ override WORKGROUP_SIZE: u32 = 256u;
 const ADAMW: u32 = 1u;
 const YOGI: u32 = 2u;
 const MAX_GROUPS: u32 = 16u;
+const WHOLE_BLOCK: u32 = 0x80000000u;  // in a block hint: the block lies inside one segment
+const SEGMENT_INDEX: u32 = 0x7fffffffu;
 
 // Mirrors src/uniforms.rs StepUniforms: one group's numbers for this step.
 struct StepUniforms {
@@ -54,7 +56,8 @@ struct Chunk {
 @group(0) @binding(5) var<storage, read_write> exp_avg_sq: array<Elem>;
 @group(0) @binding(6) var<storage, read_write> max_exp_avg_sq: array<Elem>;
 // Segments as (start, end, group, 0) in f32 elements, sorted and disjoint; and for each
-// workgroup the first segment that ends past its first element.
+// workgroup the first segment that ends past its first element, with WHOLE_BLOCK set when the
+// workgroup's elements all lie inside that segment.
 @group(0) @binding(7) var<storage, read> table: array<u32>;
 
 @compute @workgroup_size(WORKGROUP_SIZE)
@@ -70,16 +73,21 @@ fn step(
         return;
     }
 
-    // Find the segment holding this Elem's first element; skip gaps between tensors.
+    // The segment (tensor) holding this Elem. The host marks blocks that lie wholly inside
+    // one segment: there every invocation agrees, with no search and no lane mask. Elsewhere,
+    // search from the block's first segment and skip gaps between tensors.
+    let hint = table[chunk.blocks + block];
+    var s = hint & SEGMENT_INDEX;
+    var end = 0xffffffffu;
     let e = chunk.first_element + i * LANES;
-    var s = table[chunk.blocks + block];
-    while s + 1u < chunk.segment_count && table[chunk.segments + 4u * s + 1u] <= e {
-        s += 1u;
-    }
-    let start = table[chunk.segments + 4u * s];
-    let end = table[chunk.segments + 4u * s + 1u];
-    if e < start || e >= end {
-        return;
+    if (hint & WHOLE_BLOCK) == 0u {
+        while s + 1u < chunk.segment_count && table[chunk.segments + 4u * s + 1u] <= e {
+            s += 1u;
+        }
+        end = table[chunk.segments + 4u * s + 1u];
+        if e < table[chunk.segments + 4u * s] || e >= end {
+            return;
+        }
     }
     // Lanes past the tensor's end (vec4 only) keep their values.
     let inside = Index(e) + LANE < Index(end);

@@ -616,6 +616,9 @@ impl Arena {
     }
 }
 
+/// In a workgroup's segment hint: all its elements lie inside that one segment.
+const WHOLE_BLOCK: u32 = 1 << 31;
+
 /// What one dispatch binds (byte offset and size of each range) and updates.
 struct Planned {
     width: Width,
@@ -670,16 +673,19 @@ fn plan(
                 return;
             }
             let lanes = width.lanes();
-            // For each workgroup, the first segment that ends past its first element.
+            // For each workgroup, the first segment that ends past its first element, marked
+            // WHOLE_BLOCK when it holds all of the workgroup's elements (the shader's fast path).
             let blocks_at = table.len() as u32;
             let per_block = workgroup_size as u64 * lanes;
             let mut s = 0;
             for b in 0..(count / lanes).div_ceil(workgroup_size as u64) {
                 let e = first + b * per_block;
+                let block_end = (e + per_block).min(first + count);
                 while s + 1 < local.len() && local[s][1] <= e {
                     s += 1;
                 }
-                table.push(s as u32);
+                let whole = local[s][0] <= e && local[s][1] >= block_end;
+                table.push(s as u32 | if whole { WHOLE_BLOCK } else { 0 });
             }
             out.push(Planned {
                 width,
