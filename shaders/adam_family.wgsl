@@ -13,12 +13,12 @@ override MAXIMIZE: bool = false;
 override CLIP: bool = false;          // some group clips
 override WEIGHT_DECAY: bool = false;  // some group has weight_decay != 0
 override WORKGROUP_SIZE: u32 = 256u;
+override SEGMENTED: bool = false;     // the dispatch holds several tensors (a flat buffer)
 
 const ADAMW: u32 = 1u;
 const YOGI: u32 = 2u;
 const MAX_GROUPS: u32 = 16u;
-const WHOLE_BLOCK: u32 = 0x80000000u;  // in a block hint: the block lies inside one segment
-const SEGMENT_INDEX: u32 = 0x7fffffffu;
+const WHOLE_BLOCK: u32 = 0x80000000u;  // block hint: inside one segment; low bits: its group
 
 // Mirrors src/uniforms.rs StepUniforms: one group's numbers for this step.
 struct StepUniforms {
@@ -46,6 +46,10 @@ struct Chunk {
     segments: u32,        // where this dispatch's segments start in `table`
     segment_count: u32,
     blocks: u32,          // where its per-workgroup first-segment hints start in `table`
+    group: u32,           // the group of an unsegmented dispatch
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> groups: array<StepUniforms, MAX_GROUPS>;
@@ -55,9 +59,9 @@ struct Chunk {
 @group(0) @binding(4) var<storage, read_write> exp_avg: array<Elem>;
 @group(0) @binding(5) var<storage, read_write> exp_avg_sq: array<Elem>;
 @group(0) @binding(6) var<storage, read_write> max_exp_avg_sq: array<Elem>;
-// Segments as (start, end, group, 0) in f32 elements, sorted and disjoint; and for each
-// workgroup the first segment that ends past its first element, with WHOLE_BLOCK set when the
-// workgroup's elements all lie inside that segment.
+// SEGMENTED only: segments as (start, end, group, 0) in f32 elements, sorted and disjoint; and
+// for each workgroup a hint: WHOLE_BLOCK | group when all its elements lie inside one segment,
+// else the first segment that ends past its first element.
 @group(0) @binding(7) var<storage, read> table: array<u32>;
 
 @compute @workgroup_size(WORKGROUP_SIZE)
@@ -73,25 +77,29 @@ fn step(
         return;
     }
 
-    // The segment (tensor) holding this Elem. The host marks blocks that lie wholly inside
-    // one segment: there every invocation agrees, with no search and no lane mask. Elsewhere,
-    // search from the block's first segment and skip gaps between tensors.
-    let hint = table[chunk.blocks + block];
-    var s = hint & SEGMENT_INDEX;
+    // An unsegmented dispatch is one tensor of one group. In a segmented one, find the tensor
+    // holding this Elem: the host marks workgroups that lie inside one tensor (no search, no
+    // lane mask); elsewhere search from the hint's segment and skip gaps between tensors.
+    var group = chunk.group;
     var end = 0xffffffffu;
     let e = chunk.first_element + i * LANES;
-    if (hint & WHOLE_BLOCK) == 0u {
-        while s + 1u < chunk.segment_count && table[chunk.segments + 4u * s + 1u] <= e {
-            s += 1u;
-        }
-        end = table[chunk.segments + 4u * s + 1u];
-        if e < table[chunk.segments + 4u * s] || e >= end {
-            return;
+    if SEGMENTED {
+        let hint = table[chunk.blocks + block];
+        if (hint & WHOLE_BLOCK) != 0u {
+            group = hint & ~WHOLE_BLOCK;
+        } else {
+            var s = hint;
+            while s + 1u < chunk.segment_count && table[chunk.segments + 4u * s + 1u] <= e {
+                s += 1u;
+            }
+            end = table[chunk.segments + 4u * s + 1u];
+            if e < table[chunk.segments + 4u * s] || e >= end {
+                return;
+            }
+            group = table[chunk.segments + 4u * s + 2u];
         }
     }
-    // Lanes past the tensor's end (vec4 only) keep their values.
-    let inside = Index(e) + LANE < Index(end);
-    let u = groups[table[chunk.segments + 4u * s + 2u]];
+    let u = groups[group];
 
     let k = chunk.state_base + i;
     let p_in = param[chunk.param_base + i];
@@ -131,5 +139,9 @@ fn step(
 
     // Bias correction and eps_mode are folded into step_size, eps and eps_root on the host.
     p = p - u.step_size * m / (sqrt(v + u.eps_root) + u.eps);
-    param[chunk.param_base + i] = select(p_in, p, inside);
+    if SEGMENTED {
+        // Lanes past the tensor's end (vec4 only) keep their values.
+        p = select(p_in, p, Index(e) + LANE < Index(end));
+    }
+    param[chunk.param_base + i] = p;
 }

@@ -86,12 +86,13 @@ impl Variant {
     }
 }
 
-/// The two pipelines (vec4 body, scalar tail) of one variant, sharing one bind group layout.
+/// The pipelines of one variant: vec4 body or scalar tail, one tensor per dispatch or several
+/// (`SEGMENTED`), all sharing one bind group layout.
 pub struct Kernels {
     pub variant: Variant,
     pub layout: wgpu::BindGroupLayout,
-    vec4: wgpu::ComputePipeline,
-    scalar: wgpu::ComputePipeline,
+    /// Indexed by [`Kernels::index`].
+    pipelines: [wgpu::ComputePipeline; 4],
 }
 
 impl Kernels {
@@ -134,16 +135,19 @@ impl Kernels {
             bind_group_layouts: &[Some(&layout)],
             immediate_size: 0,
         });
-        let constants = variant.constants();
-        let pipeline = |width| {
-            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        let modules = [Width::Vec4, Width::Scalar].map(|width| {
+            device.create_shader_module(wgpu::ShaderModuleDescriptor {
                 label: Some("wgpu-optim adam_family"),
                 source: wgpu::ShaderSource::Wgsl(wgsl_source(width).into()),
-            });
+            })
+        });
+        let pipeline = |width: Width, segmented: bool| {
+            let mut constants = variant.constants().to_vec();
+            constants.push(("SEGMENTED", if segmented { 1.0 } else { 0.0 }));
             device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some("wgpu-optim step"),
                 layout: Some(&pipeline_layout),
-                module: &module,
+                module: &modules[(width == Width::Scalar) as usize],
                 entry_point: Some("step"),
                 compilation_options: wgpu::PipelineCompilationOptions {
                     constants: &constants,
@@ -154,17 +158,22 @@ impl Kernels {
         };
         Kernels {
             variant,
-            vec4: pipeline(Width::Vec4),
-            scalar: pipeline(Width::Scalar),
+            pipelines: [
+                pipeline(Width::Vec4, false),
+                pipeline(Width::Scalar, false),
+                pipeline(Width::Vec4, true),
+                pipeline(Width::Scalar, true),
+            ],
             layout,
         }
     }
 
-    pub fn pipeline(&self, width: Width) -> &wgpu::ComputePipeline {
-        match width {
-            Width::Vec4 => &self.vec4,
-            Width::Scalar => &self.scalar,
-        }
+    fn index(width: Width, segmented: bool) -> usize {
+        (width == Width::Scalar) as usize + 2 * segmented as usize
+    }
+
+    pub fn pipeline(&self, width: Width, segmented: bool) -> &wgpu::ComputePipeline {
+        &self.pipelines[Self::index(width, segmented)]
     }
 }
 
@@ -247,11 +256,11 @@ pub fn record(
         label: Some("wgpu-optim step"),
         timestamp_writes,
     });
-    let mut width = None;
+    let mut current = None;
     for d in dispatches {
-        if width != Some(d.width) {
-            pass.set_pipeline(kernels.pipeline(d.width));
-            width = Some(d.width);
+        if current != Some((d.width, d.segmented)) {
+            pass.set_pipeline(kernels.pipeline(d.width, d.segmented));
+            current = Some((d.width, d.segmented));
         }
         pass.set_bind_group(0, &d.bind_group, &[step_offset]);
         pass.dispatch_workgroups(d.grid[0], d.grid[1], 1);
@@ -261,6 +270,7 @@ pub fn record(
 /// One recorded dispatch of a step.
 pub struct Dispatch {
     pub width: Width,
+    pub segmented: bool,
     pub bind_group: wgpu::BindGroup,
     pub grid: [u32; 2],
 }

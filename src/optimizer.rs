@@ -338,6 +338,7 @@ impl Optimizer {
                         chunk_index += 1;
                         Dispatch {
                             width: d.width,
+                            segmented: d.segmented,
                             bind_group: kernels::bind_group(device, &kernels, &bindings),
                             grid: kernels::workgroup_grid(
                                 d.chunk.count as u64,
@@ -616,12 +617,14 @@ impl Arena {
     }
 }
 
-/// In a workgroup's segment hint: all its elements lie inside that one segment.
+/// In a workgroup's segment hint: all its elements lie inside one segment, whose group the
+/// low bits hold.
 const WHOLE_BLOCK: u32 = 1 << 31;
 
 /// What one dispatch binds (byte offset and size of each range) and updates.
 struct Planned {
     width: Width,
+    segmented: bool,
     chunk: Chunk,
     param: (u64, u64),
     grad: (u64, u64),
@@ -673,22 +676,32 @@ fn plan(
                 return;
             }
             let lanes = width.lanes();
-            // For each workgroup, the first segment that ends past its first element, marked
-            // WHOLE_BLOCK when it holds all of the workgroup's elements (the shader's fast path).
+            // One tensor covering the whole dispatch: its group is in the Chunk, no table.
+            let single = local
+                .iter()
+                .find(|s| s[0] <= first && s[1] >= first + count);
             let blocks_at = table.len() as u32;
-            let per_block = workgroup_size as u64 * lanes;
-            let mut s = 0;
-            for b in 0..(count / lanes).div_ceil(workgroup_size as u64) {
-                let e = first + b * per_block;
-                let block_end = (e + per_block).min(first + count);
-                while s + 1 < local.len() && local[s][1] <= e {
-                    s += 1;
+            if single.is_none() {
+                // For each workgroup, WHOLE_BLOCK | group when one segment holds all of its
+                // elements (the shader's fast path), else the first segment ending past them.
+                let per_block = workgroup_size as u64 * lanes;
+                let mut s = 0;
+                for b in 0..(count / lanes).div_ceil(workgroup_size as u64) {
+                    let e = first + b * per_block;
+                    let block_end = (e + per_block).min(first + count);
+                    while s + 1 < local.len() && local[s][1] <= e {
+                        s += 1;
+                    }
+                    table.push(if local[s][0] <= e && local[s][1] >= block_end {
+                        WHOLE_BLOCK | local[s][2] as u32
+                    } else {
+                        s as u32
+                    });
                 }
-                let whole = local[s][0] <= e && local[s][1] >= block_end;
-                table.push(s as u32 | if whole { WHOLE_BLOCK } else { 0 });
             }
             out.push(Planned {
                 width,
+                segmented: single.is_none(),
                 chunk: Chunk {
                     count: (count / lanes) as u32,
                     param_base: ((param_base + first) / lanes) as u32,
@@ -698,6 +711,8 @@ fn plan(
                     segments: segments_at,
                     segment_count: local.len() as u32,
                     blocks: blocks_at,
+                    group: single.map_or(0, |s| s[2] as u32),
+                    ..Chunk::default()
                 },
                 param: (param_offset, param_base * 4 + len * 4),
                 grad: (grad_offset, grad_base * 4 + len * 4),

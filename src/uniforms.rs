@@ -84,4 +84,9 @@ pub struct Chunk {
     pub segment_count: u32,
     /// Index in the table of this dispatch's per-workgroup first-segment hints.
     pub blocks: u32,
+    /// The group of an unsegmented dispatch (one tensor).
+    pub group: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+    pub _pad2: u32,
 }

@@ -68,7 +68,11 @@ fn shared_structs_have_the_same_layout_in_rust_and_wgsl() {
                 first_element,
                 segments,
                 segment_count,
-                blocks
+                blocks,
+                group,
+                _pad0,
+                _pad1,
+                _pad2
             })
         );
         assert_eq!(
@@ -105,7 +109,7 @@ fn every_variant_validates_and_compiles_to_spirv() {
             .validate(&module)
             .unwrap_or_else(|e| panic!("{width:?}: {e:?}"));
         for algorithm in [Algorithm::Adam, Algorithm::AdamW, Algorithm::Yogi] {
-            for flags in 0..16u32 {
+            for flags in 0..32u32 {
                 for workgroup_size in [1, 64, 256] {
                     let variant = Variant {
                         algorithm,
@@ -119,6 +123,8 @@ fn every_variant_validates_and_compiles_to_spirv() {
                     for (name, value) in variant.constants() {
                         constants.insert(name.to_string(), value);
                     }
+                    let segmented = if flags & 16 != 0 { 1.0 } else { 0.0 };
+                    constants.insert("SEGMENTED".to_string(), segmented);
                     let (module, info) = naga::back::pipeline_constants::process_overrides(
                         &module,
                         &info,
@@ -136,5 +142,5 @@ fn every_variant_validates_and_compiles_to_spirv() {
             }
         }
     }
-    assert_eq!(compiled, 2 * 3 * 16 * 3);
+    assert_eq!(compiled, 2 * 3 * 32 * 3);
 }
