@@ -19,7 +19,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 use wgpu_optim::kernels::{read_f32_blocking, workgroup_grid};
-use wgpu_optim::{BufferView, Config, Optimizer, Parameter, TensorState, reference};
+use wgpu_optim::{
+    BufferView, Config, FlatParameters, FlatTensor, Optimizer, Parameter, TensorState, reference,
+};
 
 const COPY_WGSL: &str = include_str!("../shaders/copy.wgsl");
 const SEED: u64 = 0x5eed_0004;
@@ -436,13 +438,27 @@ impl Kernel for Step {
     }
 }
 
-/// `elements` split into `tensors` nearly equal consecutive ranges, (offset, len) each.
+/// `elements` split into `tensors` consecutive ranges, (offset, len) each, shaped like a
+/// transformer's: weight matrices alternating with biases 1/64 their size, every length a
+/// multiple of 4 but the last (which takes the remainder).
 fn split(elements: u64, tensors: u64) -> Vec<(u64, u64)> {
-    let (base, extra) = (elements / tensors, elements % tensors);
+    if tensors == 1 {
+        return vec![(0, elements)];
+    }
+    let pairs = tensors / 2;
+    let unit = (elements / (pairs * 65)).max(1);
+    let bias = (unit / 4 * 4).max(4);
+    let weight = (64 * unit / 4 * 4).max(4);
     let mut offset = 0;
     (0..tensors)
         .map(|i| {
-            let len = base + u64::from(i < extra);
+            let len = if i + 1 == tensors {
+                elements - offset
+            } else if i % 2 == 0 {
+                weight
+            } else {
+                bias
+            };
             offset += len;
             (offset - len, len)
         })
@@ -502,19 +518,37 @@ impl Step {
     ) -> Result<Self, String> {
         let param = gpu.storage_buffer(kernel.name, work.elements);
         let tensors = split(work.elements, work.tensors);
-        let parameters: Vec<Parameter> = tensors
-            .iter()
-            .enumerate()
-            .map(|(i, &(offset, len))| {
-                Parameter::new(
-                    format!("tensor{i}"),
-                    BufferView::new(&param, offset, len),
-                    BufferView::new(grad, offset, len),
-                )
-            })
-            .collect();
-        let optimizer = Optimizer::new(&gpu.device, kernel.config.clone(), &parameters)
-            .map_err(|e| format!("{}: {e}", kernel.name))?;
+        let optimizer = if work.tensors == 1 {
+            let (offset, len) = tensors[0];
+            let parameter = Parameter::new(
+                "tensor0",
+                BufferView::new(&param, offset, len),
+                BufferView::new(grad, offset, len),
+            );
+            Optimizer::new(&gpu.device, kernel.config.clone(), &[parameter])
+        } else {
+            // The multi-tensor path: one flat buffer, biases in a group without weight decay.
+            let flat = FlatParameters {
+                param: BufferView::whole(&param),
+                grad: BufferView::new(grad, 0, work.elements),
+                tensors: tensors
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(offset, len))| FlatTensor {
+                        name: format!("tensor{i}"),
+                        offset,
+                        len,
+                        group: i % 2,
+                    })
+                    .collect(),
+            };
+            let groups = [
+                kernel.config.clone(),
+                kernel.config.clone().weight_decay(0.0),
+            ];
+            Optimizer::with_groups(&gpu.device, &groups, &[], &[flat], Default::default())
+        }
+        .map_err(|e| format!("{}: {e}", kernel.name))?;
         Ok(Step {
             optimizer,
             param,
@@ -566,6 +600,11 @@ impl Step {
         };
         let mut errors = Vec::new();
         for (i, &(offset, len)) in self.tensors.iter().enumerate() {
+            let group = self
+                .optimizer
+                .parameter_group(i)
+                .map_err(|e| e.to_string())?;
+            let config = &self.optimizer.groups()[group];
             let range = offset as usize..(offset + len) as usize;
             let before = &inputs.param[range.clone()];
             let mut want = before.to_vec();
@@ -925,14 +964,10 @@ fn main() {
     println!();
     print_header();
 
-    // One tensor per row for now; rows that split the same elements over many tensors are
-    // more workloads here.
+    // Each size as one tensor, and as 1000 tensors in one flat buffer (one dispatch).
     let workloads: Vec<Workload> = sizes
         .iter()
-        .map(|&elements| Workload {
-            elements,
-            tensors: 1,
-        })
+        .flat_map(|&elements| [1, 1000].map(|tensors| Workload { elements, tensors }))
         .collect();
     let kernels = step_kernels();
     let mut rng = Rng(SEED);
