@@ -19,6 +19,7 @@ const ADAMW: u32 = 1u;
 const YOGI: u32 = 2u;
 const MAX_GROUPS: u32 = 16u;
 const WHOLE_BLOCK: u32 = 0x80000000u;  // block hint: inside one segment; low bits: its group
+const HINT_VEC4S: u32 = 4096u;         // 16,384 hints: 64 KiB, one per workgroup
 
 // Mirrors src/uniforms.rs StepUniforms: one group's numbers for this step.
 struct StepUniforms {
@@ -45,11 +46,11 @@ struct Chunk {
     first_element: u32,   // f32 element of the first Elem, relative to the segments' origin
     segments: u32,        // where this dispatch's segments start in `table`
     segment_count: u32,
-    blocks: u32,          // where its per-workgroup first-segment hints start in `table`
     group: u32,           // the group of an unsegmented dispatch
     _pad0: u32,
     _pad1: u32,
     _pad2: u32,
+    _pad3: u32,
 }
 
 @group(0) @binding(0) var<uniform> groups: array<StepUniforms, MAX_GROUPS>;
@@ -59,10 +60,12 @@ struct Chunk {
 @group(0) @binding(4) var<storage, read_write> exp_avg: array<Elem>;
 @group(0) @binding(5) var<storage, read_write> exp_avg_sq: array<Elem>;
 @group(0) @binding(6) var<storage, read_write> max_exp_avg_sq: array<Elem>;
-// SEGMENTED only: segments as (start, end, group, 0) in f32 elements, sorted and disjoint; and
-// for each workgroup a hint: WHOLE_BLOCK | group when all its elements lie inside one segment,
-// else the first segment that ends past its first element.
+// SEGMENTED only: segments as (start, end, group, 0) in f32 elements, sorted and disjoint.
 @group(0) @binding(7) var<storage, read> table: array<u32>;
+// SEGMENTED only: for each workgroup a hint, WHOLE_BLOCK | group when all its elements lie
+// inside one segment, else the first segment that ends past its first element. A uniform, not
+// storage, buffer: read at a workgroup-uniform address it costs one load, not one per lane.
+@group(0) @binding(8) var<uniform> hints: array<vec4<u32>, HINT_VEC4S>;
 
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn step(
@@ -84,7 +87,7 @@ fn step(
     var end = 0xffffffffu;
     let e = chunk.first_element + i * LANES;
     if SEGMENTED {
-        let hint = table[chunk.blocks + block];
+        let hint = hints[block / 4u][block % 4u];
         if (hint & WHOLE_BLOCK) != 0u {
             group = hint & ~WHOLE_BLOCK;
         } else {

@@ -4,7 +4,10 @@
 use std::num::NonZeroU64;
 
 use crate::config::{Algorithm, Config};
-use crate::uniforms::{Chunk, MAX_GROUPS, StepUniforms};
+use crate::uniforms::{Chunk, MAX_GROUPS, MAX_HINTS, StepUniforms};
+
+/// Bytes of one dispatch's window of workgroup hints.
+pub const HINTS_BYTES: u64 = MAX_HINTS * 4;
 
 /// Bytes of one step's uniforms: every group's `StepUniforms`.
 pub const GROUPS_BYTES: u64 = (MAX_GROUPS * size_of::<StepUniforms>()) as u64;
@@ -128,6 +131,7 @@ impl Kernels {
                 storage(5, false),
                 storage(6, false),
                 storage(7, true),
+                uniform(8, false, HINTS_BYTES as usize),
             ],
         });
         let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
@@ -205,6 +209,8 @@ pub struct Bindings<'a> {
     pub exp_avg_sq: Range<'a>,
     pub max_exp_avg_sq: Range<'a>,
     pub table: &'a wgpu::Buffer,
+    /// This dispatch's window of workgroup hints (HINTS_BYTES from `hints`).
+    pub hints: Range<'a>,
 }
 
 pub fn bind_group(device: &wgpu::Device, kernels: &Kernels, b: &Bindings) -> wgpu::BindGroup {
@@ -227,6 +233,7 @@ pub fn bind_group(device: &wgpu::Device, kernels: &Kernels, b: &Bindings) -> wgp
         &b.exp_avg_sq,
         &b.max_exp_avg_sq,
         &table,
+        &b.hints,
     ];
     let entries: Vec<wgpu::BindGroupEntry> = ranges
         .iter()

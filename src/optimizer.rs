@@ -7,11 +7,13 @@
 
 use crate::config::{self, Config};
 use crate::error::{Error, Result};
-use crate::kernels::{self, Bindings, Dispatch, GROUPS_BYTES, Kernels, Range, Variant, Width};
+use crate::kernels::{
+    self, Bindings, Dispatch, GROUPS_BYTES, HINTS_BYTES, Kernels, Range, Variant, Width,
+};
 use crate::reference::TensorState;
 use crate::schedule::Schedule;
 use crate::state::StateBuffers;
-use crate::uniforms::{Chunk, MAX_GROUPS, StepUniforms};
+use crate::uniforms::{Chunk, MAX_GROUPS, MAX_HINTS, StepUniforms};
 
 /// Steps that can be recorded before the queue is submitted. Each step writes its uniforms to
 /// its own slot of a ring with `Queue::write_buffer`, which lands at the next submit; more
@@ -251,10 +253,24 @@ impl Optimizer {
         // Plan every dispatch first, so that their Chunk entries share one uniform buffer and
         // their segment tables one storage buffer.
         let align = storage_alignment(&limits);
+        let granularity = Optimizer::chunk_granularity(&limits);
         let mut table: Vec<u32> = Vec::new();
         let planned: Vec<Vec<Planned>> = plans
             .iter()
             .map(|(param, grad, segments)| {
+                // A dispatch over several tensors has at most MAX_HINTS workgroups: one window of
+                // hints. Vec4 dispatches need a quarter of the workgroups of scalar ones.
+                let lanes = if vec4_aligned(param, grad, segments) {
+                    4
+                } else {
+                    1
+                };
+                let hinted = MAX_HINTS * options.workgroup_size as u64 * lanes;
+                let chunk_len = if segments.len() > 1 {
+                    chunk_len.min(hinted / granularity * granularity)
+                } else {
+                    chunk_len
+                };
                 plan(
                     param,
                     grad,
@@ -283,6 +299,25 @@ impl Optimizer {
             "wgpu-optim segments",
             wgpu::BufferUsages::STORAGE,
             bytemuck::cast_slice(&table),
+        );
+        // Each segmented dispatch's hints at its own aligned offset; every window of
+        // HINTS_BYTES fits in the buffer (windows may overlap: the shader reads only its own).
+        let mut hint_offsets = Vec::new();
+        let mut hint_bytes: Vec<u8> = Vec::new();
+        for d in planned.iter().flatten() {
+            hint_offsets.push(hint_bytes.len() as u64);
+            hint_bytes.extend(bytemuck::cast_slice(&d.hints));
+            hint_bytes.resize(
+                (hint_bytes.len() as u64).next_multiple_of(uniform_align) as usize,
+                0,
+            );
+        }
+        hint_bytes.resize(hint_bytes.len() + HINTS_BYTES as usize, 0);
+        let hints = kernels::buffer_init(
+            device,
+            "wgpu-optim workgroup hints",
+            wgpu::BufferUsages::UNIFORM,
+            &hint_bytes,
         );
         // amsgrad off: the max_exp_avg_sq binding is never read, but must be bound.
         let unused = kernels::state_buffer(device, "wgpu-optim unused max_exp_avg_sq", 4, 0.0);
@@ -334,6 +369,11 @@ impl Optimizer {
                                 },
                             },
                             table: &table,
+                            hints: Range {
+                                buffer: &hints,
+                                offset: hint_offsets[chunk_index as usize],
+                                size: HINTS_BYTES,
+                            },
                         };
                         chunk_index += 1;
                         Dispatch {
@@ -625,6 +665,8 @@ const WHOLE_BLOCK: u32 = 1 << 31;
 struct Planned {
     width: Width,
     segmented: bool,
+    /// Per-workgroup hints of a segmented dispatch.
+    hints: Vec<u32>,
     chunk: Chunk,
     param: (u64, u64),
     grad: (u64, u64),
@@ -680,7 +722,7 @@ fn plan(
             let single = local
                 .iter()
                 .find(|s| s[0] <= first && s[1] >= first + count);
-            let blocks_at = table.len() as u32;
+            let mut hints = Vec::new();
             if single.is_none() {
                 // For each workgroup, WHOLE_BLOCK | group when one segment holds all of its
                 // elements (the shader's fast path), else the first segment ending past them.
@@ -692,7 +734,7 @@ fn plan(
                     while s + 1 < local.len() && local[s][1] <= e {
                         s += 1;
                     }
-                    table.push(if local[s][0] <= e && local[s][1] >= block_end {
+                    hints.push(if local[s][0] <= e && local[s][1] >= block_end {
                         WHOLE_BLOCK | local[s][2] as u32
                     } else {
                         s as u32
@@ -710,13 +752,13 @@ fn plan(
                     first_element: first as u32,
                     segments: segments_at,
                     segment_count: local.len() as u32,
-                    blocks: blocks_at,
                     group: single.map_or(0, |s| s[2] as u32),
                     ..Chunk::default()
                 },
                 param: (param_offset, param_base * 4 + len * 4),
                 grad: (grad_offset, grad_base * 4 + len * 4),
                 state: (start * 4, len * 4),
+                hints,
             });
         };
         dispatch(Width::Vec4, 0, body);
@@ -724,6 +766,11 @@ fn plan(
         start = end;
     }
     out
+}
+
+/// Whether a span's chunks run the vec4 kernel: param, grad and every tensor 16-byte aligned.
+fn vec4_aligned(param: &BufferView, grad: &BufferView, segments: &[[u64; 3]]) -> bool {
+    param.offset % 4 == 0 && grad.offset % 4 == 0 && segments.iter().all(|s| s[0] % 4 == 0)
 }
 
 /// Binding offsets are multiples of this (and of 16, so that vec4 views stay aligned).
@@ -817,7 +864,12 @@ fn check_limits(limits: &wgpu::Limits, workgroup_size: u32) -> Result<()> {
     need(
         "max_uniform_buffers_per_shader_stage",
         limits.max_uniform_buffers_per_shader_stage as u64,
-        2,
+        3,
+    )?;
+    need(
+        "max_uniform_buffer_binding_size",
+        limits.max_uniform_buffer_binding_size,
+        HINTS_BYTES,
     )?;
     need(
         "max_dynamic_uniform_buffers_per_pipeline_layout",

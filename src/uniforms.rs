@@ -82,11 +82,14 @@ pub struct Chunk {
     /// Index in the table of this dispatch's first segment (4 u32 each).
     pub segments: u32,
     pub segment_count: u32,
-    /// Index in the table of this dispatch's per-workgroup first-segment hints.
-    pub blocks: u32,
     /// The group of an unsegmented dispatch (one tensor).
     pub group: u32,
     pub _pad0: u32,
     pub _pad1: u32,
     pub _pad2: u32,
+    pub _pad3: u32,
 }
+
+/// Per-workgroup hints one segmented dispatch can have: the shader's `hints` uniform array
+/// (64 KiB, wgpu's default `max_uniform_buffer_binding_size`).
+pub const MAX_HINTS: u64 = 16384;

@@ -68,11 +68,11 @@ fn shared_structs_have_the_same_layout_in_rust_and_wgsl() {
                 first_element,
                 segments,
                 segment_count,
-                blocks,
                 group,
                 _pad0,
                 _pad1,
-                _pad2
+                _pad2,
+                _pad3
             })
         );
         assert_eq!(
