@@ -170,6 +170,8 @@ struct Timing {
     queries: Option<wgpu::QuerySet>,
     host_ms: Vec<f64>,
     host_us: Vec<f64>,
+    /// Host time to record the step alone (no finish, no submit).
+    record_us: Vec<f64>,
 }
 
 impl Timing {
@@ -185,6 +187,7 @@ impl Timing {
             queries,
             host_ms: Vec::new(),
             host_us: Vec::new(),
+            record_us: Vec::new(),
         }
     }
 
@@ -201,6 +204,7 @@ impl Timing {
         let start = Instant::now();
         let mut encoder = gpu.device.create_command_encoder(&Default::default());
         kernel.record(gpu, &mut encoder, writes);
+        let recorded = start.elapsed();
         let commands = encoder.finish();
         let submitted = Instant::now();
         gpu.queue.submit([commands]);
@@ -209,6 +213,7 @@ impl Timing {
         let done = submitted.elapsed();
         if timed {
             self.host_us.push(host.as_secs_f64() * 1e6);
+            self.record_us.push(recorded.as_secs_f64() * 1e6);
             self.host_ms.push(done.as_secs_f64() * 1e3);
         }
     }
@@ -856,7 +861,11 @@ fn bench_workload(
                 gbps: t.bytes as f64 / (median_ms * 1e-3) / 1e9,
                 ceiling_ratio: None,
                 host_us: (!t.is_copy).then_some(host_us),
-                note: t.note.clone(),
+                note: if t.is_copy {
+                    t.note.clone()
+                } else {
+                    format!("record {:.1} us", median(t.timing.record_us.clone()))
+                },
             }
         })
         .collect();
