@@ -70,6 +70,12 @@ impl Variant {
         }
     }
 
+    /// Workgroups of a segmented dispatch are smaller (64 at most): fewer of them straddle a
+    /// tensor boundary and take the search path.
+    pub fn segmented_workgroup_size(&self) -> u32 {
+        self.workgroup_size.min(64)
+    }
+
     /// `(name, value)` pairs for `PipelineCompilationOptions::constants`.
     pub fn constants(&self) -> [(&'static str, f64); 6] {
         let algorithm = match self.algorithm {
@@ -148,6 +154,11 @@ impl Kernels {
         let pipeline = |width: Width, segmented: bool| {
             let mut constants = variant.constants().to_vec();
             constants.push(("SEGMENTED", if segmented { 1.0 } else { 0.0 }));
+            if segmented {
+                let size = variant.segmented_workgroup_size() as f64;
+                constants.retain(|c| c.0 != "WORKGROUP_SIZE");
+                constants.push(("WORKGROUP_SIZE", size));
+            }
             device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some("wgpu-optim step"),
                 layout: Some(&pipeline_layout),

@@ -241,7 +241,9 @@ impl Optimizer {
             plans.push((flat.param.clone(), flat.grad.clone(), segments));
         }
 
-        let kernels = Kernels::new(device, Variant::new(groups, options.workgroup_size));
+        let variant = Variant::new(groups, options.workgroup_size);
+        let segmented_workgroup_size = variant.segmented_workgroup_size();
+        let kernels = Kernels::new(device, variant);
         let uniform_align = limits.min_uniform_buffer_offset_alignment as u64;
         let slot_stride = GROUPS_BYTES.next_multiple_of(uniform_align);
         let step_uniforms = kernels::uniform_buffer(
@@ -265,7 +267,7 @@ impl Optimizer {
                 } else {
                     1
                 };
-                let hinted = MAX_HINTS * options.workgroup_size as u64 * lanes;
+                let hinted = MAX_HINTS * segmented_workgroup_size as u64 * lanes;
                 let chunk_len = if segments.len() > 1 {
                     chunk_len.min(hinted / granularity * granularity)
                 } else {
@@ -277,7 +279,7 @@ impl Optimizer {
                     segments,
                     chunk_len,
                     align,
-                    options.workgroup_size,
+                    [options.workgroup_size, segmented_workgroup_size],
                     &mut table,
                 )
             })
@@ -382,7 +384,7 @@ impl Optimizer {
                             bind_group: kernels::bind_group(device, &kernels, &bindings),
                             grid: kernels::workgroup_grid(
                                 d.chunk.count as u64,
-                                options.workgroup_size,
+                                d.workgroup_size,
                                 limits.max_compute_workgroups_per_dimension,
                             ),
                         }
@@ -665,6 +667,7 @@ const WHOLE_BLOCK: u32 = 1 << 31;
 struct Planned {
     width: Width,
     segmented: bool,
+    workgroup_size: u32,
     /// Per-workgroup hints of a segmented dispatch.
     hints: Vec<u32>,
     chunk: Chunk,
@@ -683,7 +686,8 @@ fn plan(
     segments: &[[u64; 3]],
     chunk_len: u64,
     align: u64,
-    workgroup_size: u32,
+    // for one-tensor and for segmented dispatches
+    [workgroup_size, segmented_workgroup_size]: [u32; 2],
     table: &mut Vec<u32>,
 ) -> Vec<Planned> {
     let mut out = Vec::new();
@@ -723,6 +727,10 @@ fn plan(
                 .iter()
                 .find(|s| s[0] <= first && s[1] >= first + count);
             let mut hints = Vec::new();
+            let workgroup_size = match single {
+                Some(_) => workgroup_size,
+                None => segmented_workgroup_size,
+            };
             if single.is_none() {
                 // For each workgroup, WHOLE_BLOCK | group when one segment holds all of its
                 // elements (the shader's fast path), else the first segment ending past them.
@@ -744,6 +752,7 @@ fn plan(
             out.push(Planned {
                 width,
                 segmented: single.is_none(),
+                workgroup_size,
                 chunk: Chunk {
                     count: (count / lanes) as u32,
                     param_base: ((param_base + first) / lanes) as u32,
