@@ -71,7 +71,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         queue.write_buffer(&grads, 0, bytemuck::cast_slice(&grad));
         optimizer.step_blocking(&device, &queue)?;
         reference::step(&config, t, config.lr, &mut w_cpu, &grad, &mut state_cpu);
-        w = wgpu_optim::kernels::read_f32_blocking(&device, &queue, &weights, 0, FEATURES as u64)?;
+        w = wgpu_optim::util::read_f32_blocking(&device, &queue, &weights, 0, FEATURES as u64)?;
         if t == 1 || t % 50 == 0 {
             println!("step {t:4}  loss {loss:.6e}");
         }
