@@ -1,5 +1,5 @@
 // A plain copy, `dst = src`, four f32 at a time: the memory-bandwidth ceiling that the
-// benchmark (benches/step.rs) holds the optimizer step against. It moves the bytes and does
+// benchmark (benches/step/ceilings.rs) holds the optimizer step against. It moves the bytes and does
 // nothing else, so no kernel that reads and writes as many bytes can be faster.
 //
 // Each invocation copies VEC4_PER_INVOCATION vec4s, WORKGROUP_SIZE apart, so that neighbouring

@@ -1,0 +1,319 @@
+//! The ceilings a step is held against, and every pipeline the benchmark builds itself.
+//!
+//! - `copy` (`shaders/copy.wgsl`): `dst = src` over as many bytes as the step moves: the
+//!   device's bandwidth.
+//! - `traffic` (`shaders/traffic.wgsl`): the step's own loads and stores over the step's own
+//!   buffers, with trivial arithmetic: the roofline of the step's access pattern. Its amsgrad
+//!   form is the same shader with the `AMSGRAD` override constant.
+//!
+//! Both try several workgroup shapes (`SHAPES`) and keep the fastest, picked in the same run.
+
+use std::num::NonZeroU64;
+
+use crate::gpu::Gpu;
+use crate::timing::{Kernel, Quartiles, Timer};
+
+const COPY_WGSL: &str = include_str!("../../shaders/copy.wgsl");
+const TRAFFIC_WGSL: &str = include_str!("../../shaders/traffic.wgsl");
+
+/// What the traffic kernel adds: `x + TRAFFIC_SCALE * g`. A power of two, so each result is
+/// rounded once and the CPU can check it bit for bit; small, so values barely drift.
+pub const TRAFFIC_SCALE: f32 = 1.0 / 1024.0;
+
+/// The shapes tried: (invocations per workgroup, vec4s each invocation moves). One vec4 per
+/// invocation (the step's own shape is (256, 1)) suits GPUs; lavapipe (one CPU thread per
+/// workgroup) may prefer large workgroups that move several.
+const SHAPES: [(u32, u32); 6] = [(64, 1), (256, 1), (1024, 1), (256, 4), (1024, 4), (1024, 8)];
+
+/// Workgroups for `units` invocations: x up to `max_per_dim`, the rest in y (as the library
+/// dispatches its step).
+pub fn workgroup_grid(units: u64, workgroup_size: u32, max_per_dim: u32) -> [u32; 2] {
+    let groups = units.div_ceil(workgroup_size as u64);
+    let x = groups.min(max_per_dim as u64).max(1);
+    [x as u32, groups.div_ceil(x) as u32]
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Which {
+    Copy,
+    Traffic,
+}
+
+impl Which {
+    pub fn name(self) -> &'static str {
+        match self {
+            Which::Copy => "copy",
+            Which::Traffic => "traffic",
+        }
+    }
+}
+
+/// The buffers of a one-tensor step, each from element 0 (the traffic kernel's bindings).
+pub struct StepBuffers<'a> {
+    pub param: &'a wgpu::Buffer,
+    pub grad: &'a wgpu::Buffer,
+    pub exp_avg: &'a wgpu::Buffer,
+    pub exp_avg_sq: &'a wgpu::Buffer,
+    pub max_exp_avg_sq: Option<&'a wgpu::Buffer>,
+}
+
+/// One ceiling kernel over fixed buffers, in chunks the device can bind.
+pub struct Ceiling {
+    pub which: Which,
+    /// Elements: f32 copied (copy), or step elements (traffic; a multiple of 4).
+    pub len: u64,
+    /// Bytes one run moves.
+    pub bytes: u64,
+    /// One pipeline per shape of `SHAPES` the device allows.
+    pipelines: Vec<((u32, u32), wgpu::ComputePipeline)>,
+    /// One bind group per chunk, and the vec4s it covers.
+    chunks: Vec<(wgpu::BindGroup, u64)>,
+    /// The index in `pipelines` of the shape `record` uses.
+    pub shape: usize,
+}
+
+impl Ceiling {
+    /// `dst = src` over `len` f32 (a multiple of 4).
+    pub fn copy(gpu: &Gpu, src: &wgpu::Buffer, dst: &wgpu::Buffer, len: u64) -> Self {
+        let (layout, pipelines) =
+            pipelines(gpu, "bench copy", COPY_WGSL, "copy", &[true, false], &[]);
+        let chunks = bind_chunks(gpu, "bench copy", &layout, &[Some(src), Some(dst)], len);
+        Ceiling {
+            which: Which::Copy,
+            len,
+            bytes: 8 * len,
+            pipelines,
+            chunks,
+            shape: 0,
+        }
+    }
+
+    /// The step's loads and stores over its first `len` elements (a multiple of 4).
+    pub fn traffic(gpu: &Gpu, b: &StepBuffers, len: u64) -> Self {
+        let amsgrad = b.max_exp_avg_sq.is_some();
+        let constants = [
+            ("AMSGRAD", if amsgrad { 1.0 } else { 0.0 }),
+            ("SCALE", TRAFFIC_SCALE as f64),
+        ];
+        let (layout, pipelines) = pipelines(
+            gpu,
+            "bench traffic",
+            TRAFFIC_WGSL,
+            "traffic",
+            &[false, true, false, false, false],
+            &constants,
+        );
+        // Without amsgrad, vmax is a placeholder the shader never touches.
+        let buffers = [
+            Some(b.param),
+            Some(b.grad),
+            Some(b.exp_avg),
+            Some(b.exp_avg_sq),
+            b.max_exp_avg_sq,
+        ];
+        let chunks = bind_chunks(gpu, "bench traffic", &layout, &buffers, len);
+        Ceiling {
+            which: Which::Traffic,
+            len,
+            bytes: len * if amsgrad { 36 } else { 28 },
+            pipelines,
+            chunks,
+            shape: 0,
+        }
+    }
+
+    /// How many shapes there are to try.
+    pub fn shapes(&self) -> usize {
+        self.pipelines.len()
+    }
+
+    pub fn shape_name(&self, shape: usize) -> String {
+        let (size, per_invocation) = self.pipelines[shape].0;
+        format!("workgroup {size}, {per_invocation} vec4/invocation")
+    }
+
+    /// Times each of `shapes` in turns, `per_shape` timed runs after one untimed, and keeps
+    /// the fastest (by median). `done` is called after each run.
+    pub fn pick_shape(
+        &mut self,
+        gpu: &Gpu,
+        shapes: &[usize],
+        per_shape: usize,
+        done: &mut dyn FnMut(),
+    ) -> Result<(), String> {
+        let mut timers: Vec<Timer> = shapes.iter().map(|_| Timer::new(gpu, per_shape)).collect();
+        for round in 0..=per_shape {
+            for (&shape, timer) in shapes.iter().zip(&mut timers) {
+                self.shape = shape;
+                timer.run(gpu, self, round > 0);
+                done();
+            }
+        }
+        let mut best = (f64::INFINITY, shapes[0]);
+        for (&shape, timer) in shapes.iter().zip(&timers) {
+            let ms = Quartiles::of(&timer.times_ms(gpu)?).median;
+            if ms < best.0 {
+                best = (ms, shape);
+            }
+        }
+        self.shape = best.1;
+        Ok(())
+    }
+}
+
+impl Kernel for Ceiling {
+    fn record(
+        &mut self,
+        gpu: &Gpu,
+        encoder: &mut wgpu::CommandEncoder,
+        timestamp_writes: Option<wgpu::ComputePassTimestampWrites>,
+    ) {
+        let ((size, per_invocation), pipeline) = &self.pipelines[self.shape];
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(self.which.name()),
+            timestamp_writes,
+        });
+        pass.set_pipeline(pipeline);
+        for (bind_group, vec4s) in &self.chunks {
+            let invocations = vec4s.div_ceil(*per_invocation as u64);
+            let [x, y] = workgroup_grid(
+                invocations,
+                *size,
+                gpu.limits.max_compute_workgroups_per_dimension,
+            );
+            pass.set_bind_group(0, bind_group, &[]);
+            pass.dispatch_workgroups(x, y, 1);
+        }
+    }
+}
+
+/// The benchmark's pipelines: one bind group layout of storage buffers (`read_only` for each
+/// binding in order) and a pipeline of `entry` for each shape of `SHAPES` the device allows,
+/// with `WORKGROUP_SIZE` and `VEC4_PER_INVOCATION` set, and `constants` besides.
+fn pipelines(
+    gpu: &Gpu,
+    label: &str,
+    source: &str,
+    entry: &str,
+    read_only: &[bool],
+    constants: &[(&str, f64)],
+) -> (
+    wgpu::BindGroupLayout,
+    Vec<((u32, u32), wgpu::ComputePipeline)>,
+) {
+    let device = &gpu.device;
+    let entries: Vec<wgpu::BindGroupLayoutEntry> = read_only
+        .iter()
+        .enumerate()
+        .map(|(binding, &read_only)| wgpu::BindGroupLayoutEntry {
+            binding: binding as u32,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Storage { read_only },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        })
+        .collect();
+    let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: Some(label),
+        entries: &entries,
+    });
+    let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+        label: Some(label),
+        bind_group_layouts: &[Some(&layout)],
+        immediate_size: 0,
+    });
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(label),
+        source: wgpu::ShaderSource::Wgsl(source.into()),
+    });
+    let limits = &gpu.limits;
+    let pipelines = SHAPES
+        .iter()
+        .filter(|(size, _)| {
+            *size <= limits.max_compute_workgroup_size_x
+                && *size <= limits.max_compute_invocations_per_workgroup
+        })
+        .map(|&(size, per_invocation)| {
+            let mut all = vec![
+                ("WORKGROUP_SIZE", size as f64),
+                ("VEC4_PER_INVOCATION", per_invocation as f64),
+            ];
+            all.extend_from_slice(constants);
+            let label = format!("{label} ({size} x {per_invocation})");
+            let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&label),
+                layout: Some(&pipeline_layout),
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &all,
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
+            ((size, per_invocation), pipeline)
+        })
+        .collect();
+    (layout, pipelines)
+}
+
+/// One bind group per chunk of the first `len` f32 (a multiple of 4) of `buffers`, in equal
+/// chunks at the device's binding alignment and within its binding size, with the vec4s each
+/// covers. A `None` binding gets a 16-byte placeholder, bound whole.
+fn bind_chunks(
+    gpu: &Gpu,
+    label: &str,
+    layout: &wgpu::BindGroupLayout,
+    buffers: &[Option<&wgpu::Buffer>],
+    len: u64,
+) -> Vec<(wgpu::BindGroup, u64)> {
+    let placeholder = gpu.storage_buffer(&format!("{label} placeholder"), 4);
+    let limits = &gpu.limits;
+    let align = (limits.min_storage_buffer_offset_alignment as u64).max(16);
+    let max_chunk = (limits.max_storage_buffer_binding_size as u64).min(1 << 32) / align * align;
+    let bytes = len * 4;
+    let chunk = bytes
+        .div_ceil(bytes.div_ceil(max_chunk).max(1))
+        .next_multiple_of(align);
+    (0..bytes)
+        .step_by(chunk as usize)
+        .map(|offset| {
+            let size = chunk.min(bytes - offset);
+            let entries: Vec<wgpu::BindGroupEntry> = buffers
+                .iter()
+                .enumerate()
+                .map(|(binding, buffer)| wgpu::BindGroupEntry {
+                    binding: binding as u32,
+                    resource: match buffer {
+                        Some(buffer) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer,
+                            offset,
+                            size: NonZeroU64::new(size),
+                        }),
+                        None => placeholder.as_entire_binding(),
+                    },
+                })
+                .collect();
+            let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(label),
+                layout,
+                entries: &entries,
+            });
+            (bind_group, size / 16)
+        })
+        .collect()
+}
+
+/// How many of `SHAPES` the device allows.
+pub fn shape_count(limits: &wgpu::Limits) -> usize {
+    SHAPES
+        .iter()
+        .filter(|(size, _)| {
+            *size <= limits.max_compute_workgroup_size_x
+                && *size <= limits.max_compute_invocations_per_workgroup
+        })
+        .count()
+}

@@ -1,0 +1,312 @@
+//! Verification: every kernel runs once on random inputs and is checked before it is timed;
+//! a wrong one is reported and not timed. Steps are checked against the CPU reference
+//! (`wgpu_optim::reference`), the ceilings bit for bit against what they must write.
+
+use wgpu_optim::{TensorState, reference};
+
+use crate::ceilings::{Ceiling, StepBuffers, TRAFFIC_SCALE};
+use crate::gpu::Gpu;
+use crate::steps::{Step, StepKernel};
+use crate::timing::Kernel;
+
+/// splitmix64.
+pub struct Rng(pub u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// `n` magnitudes uniform in [lo, hi), each with a random sign when `signed`.
+    pub fn values(&mut self, n: u64, lo: f32, hi: f32, signed: bool) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let bits = self.next();
+                let x = lo + (hi - lo) * ((bits >> 40) as f32 / (1u64 << 24) as f32);
+                if signed && bits & 1 == 1 { -x } else { x }
+            })
+            .collect()
+    }
+}
+
+/// The starting values of a size: random, never zero, the state in a trained-like range.
+pub struct Inputs {
+    pub param: Vec<f32>,
+    pub grad: Vec<f32>,
+    pub state: TensorState,
+}
+
+impl Inputs {
+    pub fn new(rng: &mut Rng, n: u64) -> Self {
+        Inputs {
+            param: rng.values(n, 0.01, 1.0, true),
+            grad: rng.values(n, 0.01, 1.0, true),
+            state: TensorState {
+                exp_avg: rng.values(n, 0.001, 0.1, true),
+                exp_avg_sq: rng.values(n, 0.005, 0.75, false),
+                max_exp_avg_sq: Some(rng.values(n, 0.005, 0.75, false)),
+            },
+        }
+    }
+
+    /// The state of elements `range`, with vmax only for `amsgrad`.
+    fn state(&self, range: std::ops::Range<usize>, amsgrad: bool) -> TensorState {
+        TensorState {
+            exp_avg: self.state.exp_avg[range.clone()].to_vec(),
+            exp_avg_sq: self.state.exp_avg_sq[range.clone()].to_vec(),
+            max_exp_avg_sq: self
+                .state
+                .max_exp_avg_sq
+                .as_ref()
+                .filter(|_| amsgrad)
+                .map(|v| v[range].to_vec()),
+        }
+    }
+}
+
+/// Records, submits and waits for one run of `kernel`.
+fn run_once(gpu: &Gpu, kernel: &mut dyn Kernel) {
+    let mut encoder = gpu.device.create_command_encoder(&Default::default());
+    kernel.record(gpu, &mut encoder, None);
+    gpu.queue.submit([encoder.finish()]);
+    gpu.wait();
+}
+
+/// Uploads `inputs` to the step's parameters and state (the gradient is already in place),
+/// runs one step and compares the parameters and every state buffer with the CPU reference.
+pub fn step(
+    gpu: &Gpu,
+    step: &mut Step,
+    kernel: &StepKernel,
+    inputs: &Inputs,
+) -> Result<(), String> {
+    let name = format!("{} x{}", kernel.name, step.tensors.len());
+    let fail = |e: &dyn std::fmt::Display| format!("{name}: {e}");
+    let amsgrad = kernel.config.amsgrad;
+    gpu.write(&step.param, 0, &inputs.param);
+    for (i, &(offset, len)) in step.tensors.iter().enumerate() {
+        let range = offset as usize..(offset + len) as usize;
+        let state = inputs.state(range, amsgrad);
+        let (buffers, at) = step.optimizer.state_buffers(i).map_err(|e| fail(&e))?;
+        gpu.write(&buffers.exp_avg, at, &state.exp_avg);
+        gpu.write(&buffers.exp_avg_sq, at, &state.exp_avg_sq);
+        if let (Some(buffer), Some(v)) = (&buffers.max_exp_avg_sq, &state.max_exp_avg_sq) {
+            gpu.write(buffer, at, v);
+        }
+    }
+    let t = step.optimizer.step_count() + 1;
+    run_once(gpu, step);
+    let got_param = gpu
+        .read(&step.param, 0, inputs.param.len() as u64)
+        .map_err(|e| fail(&e))?;
+
+    // Tolerances for one step from f32 rounding (u = 2^-24 per operation):
+    // - the moments: a few roundings of values the size of the largest one, and a missing
+    //   step would move them by (1 - b) of it: 1e-5 of the largest, 1e-5 relative;
+    // - param: p is rounded once or twice (4u of the largest |p|) and the update carries
+    //   the moments' ~1e-6 relative error: 1e-5 of the largest update. A missing step
+    //   would be off by a whole update.
+    // Yogi's sign(v - g^2) can resolve a near-tie differently in f32 and f64 (about once
+    // in 1e7 elements), flipping that v by 2 (1 - b2) g^2: it may miss on 1e-4 of them.
+    let allowed = |len: u64| {
+        if kernel.near_ties {
+            len as usize / 10_000
+        } else {
+            0
+        }
+    };
+    let mut errors = Vec::new();
+    for (i, &(offset, len)) in step.tensors.iter().enumerate() {
+        let config = &step.groups[step.group(i)];
+        let range = offset as usize..(offset + len) as usize;
+        let before = &inputs.param[range.clone()];
+        let mut want = before.to_vec();
+        let mut state = inputs.state(range.clone(), amsgrad);
+        reference::step(
+            config,
+            t,
+            config.lr,
+            &mut want,
+            &inputs.grad[range.clone()],
+            &mut state,
+        );
+        let got_state = step
+            .optimizer
+            .read_state_blocking(&gpu.device, &gpu.queue, i)
+            .map_err(|e| fail(&e))?;
+        let largest_update = want
+            .iter()
+            .zip(before)
+            .fold(0.0f32, |m, (w, b)| m.max((w - b).abs()));
+        let param_abs = 4.0 * f32::EPSILON / 2.0 * max_abs(before) + 1e-5 * largest_update;
+        let moment = |want: &[f32]| (1e-5 * max_abs(want), 1e-5);
+        let mut checks = vec![
+            ("param", &got_param[range], &want[..], (param_abs, 0.0)),
+            (
+                "exp_avg",
+                &got_state.exp_avg[..],
+                &state.exp_avg[..],
+                moment(&state.exp_avg),
+            ),
+            (
+                "exp_avg_sq",
+                &got_state.exp_avg_sq[..],
+                &state.exp_avg_sq[..],
+                moment(&state.exp_avg_sq),
+            ),
+        ];
+        if let (Some(got), Some(want)) = (&got_state.max_exp_avg_sq, &state.max_exp_avg_sq) {
+            checks.push(("max_exp_avg_sq", got, want, moment(want)));
+        }
+        for (what, got, want, (abs, rel)) in checks {
+            if let Err(e) = compare(got, want, abs, rel, allowed(len)) {
+                errors.push(format!("{name}, tensor {i}, {what}: {e}"));
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("\n"))
+    }
+}
+
+/// Runs the copy once in each of its shapes, `dst` cleared before each, and compares `dst`
+/// with `src` (= `want`) bit for bit. Returns the shapes that passed and the failures.
+pub fn copy_shapes(
+    gpu: &Gpu,
+    copy: &mut Ceiling,
+    dst: &wgpu::Buffer,
+    want: &[f32],
+) -> (Vec<usize>, Vec<String>) {
+    let mut passed = Vec::new();
+    let mut failures = Vec::new();
+    for shape in 0..copy.shapes() {
+        copy.shape = shape;
+        let mut encoder = gpu.device.create_command_encoder(&Default::default());
+        encoder.clear_buffer(dst, 0, None);
+        gpu.queue.submit([encoder.finish()]);
+        run_once(gpu, copy);
+        let checked = gpu.read(dst, 0, copy.len).and_then(|got| {
+            match got
+                .iter()
+                .zip(want)
+                .position(|(g, w)| g.to_bits() != w.to_bits())
+            {
+                None => Ok(()),
+                Some(i) => Err(format!("dst[{i}] = {:e}, src[{i}] = {:e}", got[i], want[i])),
+            }
+        });
+        match checked {
+            Ok(()) => passed.push(shape),
+            Err(e) => failures.push(format!("copy ({}): {e}", copy.shape_name(shape))),
+        }
+    }
+    (passed, failures)
+}
+
+/// Runs the traffic kernel once in each of its shapes over the step's buffers `b` and checks
+/// every buffer it writes bit for bit: `p + s g`, `m + s g`, `v + |s g|`, `max(vmax, v)` with
+/// `s = TRAFFIC_SCALE` (a power of two: one rounding, fused or not). Returns the shapes that
+/// passed and the failures.
+pub fn traffic_shapes(
+    gpu: &Gpu,
+    traffic: &mut Ceiling,
+    b: &StepBuffers,
+) -> (Vec<usize>, Vec<String>) {
+    let len = traffic.len;
+    let read_all = || -> Result<[Vec<f32>; 4], String> {
+        let vmax = match b.max_exp_avg_sq {
+            Some(buffer) => gpu.read(buffer, 0, len)?,
+            None => Vec::new(),
+        };
+        Ok([
+            gpu.read(b.param, 0, len)?,
+            gpu.read(b.exp_avg, 0, len)?,
+            gpu.read(b.exp_avg_sq, 0, len)?,
+            vmax,
+        ])
+    };
+    let (before, grad) = match read_all().and_then(|s| Ok((s, gpu.read(b.grad, 0, len)?))) {
+        Ok(x) => x,
+        Err(e) => return (Vec::new(), vec![format!("traffic: {e}")]),
+    };
+    let mut before = before;
+    let mut passed = Vec::new();
+    let mut failures = Vec::new();
+    for shape in 0..traffic.shapes() {
+        traffic.shape = shape;
+        let [p, m, v, vmax] = &before;
+        let mut want = [p.clone(), m.clone(), v.clone(), vmax.clone()];
+        for i in 0..len as usize {
+            let d = TRAFFIC_SCALE * grad[i];
+            want[0][i] = p[i] + d;
+            want[1][i] = m[i] + d;
+            want[2][i] = v[i] + d.abs();
+            if !vmax.is_empty() {
+                want[3][i] = vmax[i].max(want[2][i]);
+            }
+        }
+        run_once(gpu, traffic);
+        let got = match read_all() {
+            Ok(got) => got,
+            Err(e) => {
+                failures.push(format!("traffic: {e}"));
+                break;
+            }
+        };
+        let names = ["param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"];
+        let wrong = (0..4).find_map(|k| {
+            let i = got[k]
+                .iter()
+                .zip(&want[k])
+                .position(|(g, w)| g.to_bits() != w.to_bits())?;
+            Some(format!(
+                "{}[{i}] = {:e}, want {:e}",
+                names[k], got[k][i], want[k][i]
+            ))
+        });
+        match wrong {
+            None => passed.push(shape),
+            Some(e) => failures.push(format!("traffic ({}): {e}", traffic.shape_name(shape))),
+        }
+        before = got;
+    }
+    (passed, failures)
+}
+
+fn max_abs(x: &[f32]) -> f32 {
+    x.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+}
+
+/// Passes when at most `allowed` elements are off by more than `abs + rel * |want|` (a NaN
+/// or an infinity is always off).
+fn compare(got: &[f32], want: &[f32], abs: f32, rel: f32, allowed: usize) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!("{} elements, want {}", got.len(), want.len()));
+    }
+    let bad: Vec<usize> = (0..got.len())
+        .filter(|&i| {
+            let (g, w) = (got[i], want[i]);
+            !(g.is_finite() && (g - w).abs() <= abs + rel * w.abs())
+        })
+        .collect();
+    if bad.len() <= allowed {
+        return Ok(());
+    }
+    let shown: Vec<String> = bad
+        .iter()
+        .take(3)
+        .map(|&i| format!("[{i}] got {:e} want {:e}", got[i], want[i]))
+        .collect();
+    Err(format!(
+        "{} of {} elements beyond {abs:e} + {rel:e}|want|: {}",
+        bad.len(),
+        got.len(),
+        shown.join(", ")
+    ))
+}
