@@ -31,7 +31,7 @@ use ceilings::Ceiling;
 use gpu::Gpu;
 use output::{Adapter, Progress, Report, Row};
 use steps::{MULTI_TENSORS, Step, StepKernel, bytes_per_element, step_kernels};
-use timing::{Kernel, Quartiles, Timer, paired_rounds};
+use timing::{Kernel, Quartiles, Slot, Timer, paired_rounds};
 use verify::{Inputs, Rng};
 
 const SEED: u64 = 0x5eed_0004;
@@ -175,7 +175,8 @@ fn planned_bytes(
                 .filter(|k| bytes_per_element(&k.config) == class)
                 .count() as u64;
             let per_ceiling = shapes * (2 + runs.per_shape as u64);
-            let rounds = (2 + 2 * k) * (runs.warm_up + runs.timed) as u64;
+            // A block per kernel: copy, traffic, one tensor, many.
+            let rounds = 4 * k * (runs.warm_up + runs.timed) as u64;
             bytes += (2 * k + 2 * per_ceiling + rounds) * class * n;
         }
     }
@@ -273,7 +274,8 @@ fn bench_class(
         }
     }
 
-    // Paired rounds: copy, traffic and every step, in turns.
+    // Paired rounds: a block per step kernel, [copy, traffic, one tensor, 1000 tensors], its
+    // members back to back.
     progress.message(format!(
         "{n} elements: timing {}",
         class
@@ -283,32 +285,76 @@ fn bench_class(
             .collect::<Vec<_>>()
             .join(", ")
     ));
-    let mut timers: Vec<Timer> = (0..2 + steps.len())
-        .map(|_| Timer::new(gpu, runs.timed))
+    const COPY: usize = 0;
+    const TRAFFIC: usize = 1;
+    let step_id = |i: usize| 2 + i;
+    let mut blocks: Vec<Vec<Slot>> = class
+        .kernels
+        .iter()
+        .map(|kernel| {
+            let ceilings = [(COPY, copy.is_some()), (TRAFFIC, traffic.is_some())]
+                .into_iter()
+                .filter(|&(_, present)| present)
+                .map(|(id, _)| id);
+            let own = steps
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.kernel.name == kernel.name)
+                .map(|(i, _)| step_id(i));
+            ceilings
+                .chain(own)
+                .map(|kernel| Slot {
+                    kernel,
+                    timer: Timer::new(gpu, runs.timed),
+                })
+                .collect()
+        })
         .collect();
+    let (mut no_copy, mut no_traffic) = (Idle, Idle);
     {
-        let mut members: Vec<(&mut dyn Kernel, &mut Timer)> = Vec::new();
-        let mut timer_iter = timers.iter_mut();
-        let (copy_timer, traffic_timer) = (timer_iter.next().unwrap(), timer_iter.next().unwrap());
-        if let Some(c) = copy.as_mut() {
-            members.push((c, copy_timer));
-        }
-        if let Some(t) = traffic.as_mut() {
-            members.push((t, traffic_timer));
-        }
-        for (s, timer) in steps.iter_mut().zip(timer_iter) {
-            members.push((&mut s.step, timer));
-        }
-        paired_rounds(gpu, &mut members, runs.warm_up, runs.timed, &mut |_| {
-            progress.inc(run_bytes)
-        });
+        let mut kernels: Vec<&mut dyn Kernel> = vec![
+            match copy.as_mut() {
+                Some(c) => c,
+                None => &mut no_copy,
+            },
+            match traffic.as_mut() {
+                Some(t) => t,
+                None => &mut no_traffic,
+            },
+        ];
+        kernels.extend(steps.iter_mut().map(|s| &mut s.step as &mut dyn Kernel));
+        paired_rounds(
+            gpu,
+            &mut kernels,
+            &mut blocks,
+            runs.warm_up,
+            runs.timed,
+            &mut |_| progress.inc(run_bytes),
+        );
     }
-    let times: Vec<Vec<f64>> = match timers.iter().map(|t| t.times_ms(gpu)).collect() {
-        Ok(times) => times,
-        Err(e) => {
-            failures.push(format!("reading the timestamps: {e}"));
-            return (Vec::new(), failures);
+
+    // Every slot's times, by block; a kernel's row takes the median of all its runs.
+    let mut times: Vec<Vec<(usize, Vec<f64>, &Timer)>> = Vec::new();
+    for block in &blocks {
+        let mut block_times = Vec::new();
+        for slot in block {
+            match slot.timer.times_ms(gpu) {
+                Ok(t) => block_times.push((slot.kernel, t, &slot.timer)),
+                Err(e) => {
+                    failures.push(format!("reading the timestamps: {e}"));
+                    return (Vec::new(), failures);
+                }
+            }
         }
+        times.push(block_times);
+    }
+    let all_runs = |id: usize| -> Vec<f64> {
+        times
+            .iter()
+            .flatten()
+            .filter(|(k, _, _)| *k == id)
+            .flat_map(|(_, t, _)| t.iter().copied())
+            .collect()
     };
     let median = |t: &[f64]| Quartiles::of(t).median;
 
@@ -319,20 +365,27 @@ fn bench_class(
         row
     };
     if let Some(c) = &copy {
-        rows.push(ceiling_row(c, &times[0]));
+        rows.push(ceiling_row(c, &all_runs(COPY)));
     }
     if let Some(t) = &traffic {
-        let mut row = ceiling_row(t, &times[1]);
+        let mut row = ceiling_row(t, &all_runs(TRAFFIC));
         if let Some(c) = &copy {
-            let q = Quartiles::paired(&times[1], &times[0], |t_ms, c_ms| {
+            let traffic_ms = all_runs(TRAFFIC);
+            let q = Quartiles::paired(&traffic_ms, &all_runs(COPY), |t_ms, c_ms| {
                 (t.bytes as f64 / t_ms) / (c.bytes as f64 / c_ms)
             });
             row.note = format!("{:.3} of copy; {}", q.median, row.note);
         }
         rows.push(row);
     }
+    // The steps in the order they were made: every kernel on one tensor, then on many.
     for (i, s) in steps.iter().enumerate() {
-        let t = &times[2 + i];
+        let block = times
+            .iter()
+            .find(|b| b.iter().any(|(k, _, _)| *k == step_id(i)))
+            .expect("every step is in a block");
+        let in_block = |id: usize| block.iter().find(|(k, _, _)| *k == id);
+        let (_, t, timer) = in_block(step_id(i)).expect("the step is in its block");
         let bytes = run_bytes;
         let mut row = Row::f32(s.kernel.name, n, s.tensors, bytes, median(t));
         let gbps_over = |other_bytes: u64, other: &[f64]| {
@@ -340,27 +393,40 @@ fn bench_class(
                 (bytes as f64 / s_ms) / (other_bytes as f64 / o_ms)
             })
         };
-        if let Some(c) = &copy {
-            (row.ceiling_ratio, row.ratio_iqr) = output::split(gbps_over(c.bytes, &times[0]));
+        if let (Some(c), Some((_, c_ms, _))) = (&copy, in_block(COPY)) {
+            (row.ceiling_ratio, row.ratio_iqr) = output::split(gbps_over(c.bytes, c_ms));
         }
-        if let Some(tr) = &traffic {
-            (row.traffic_ratio, row.traffic_iqr) = output::split(gbps_over(tr.bytes, &times[1]));
+        if let (Some(tr), Some((_, tr_ms, _))) = (&traffic, in_block(TRAFFIC)) {
+            (row.traffic_ratio, row.traffic_iqr) = output::split(gbps_over(tr.bytes, tr_ms));
         }
         if s.tensors > 1 {
             let twin = steps
                 .iter()
                 .position(|o| o.tensors == 1 && o.kernel.name == s.kernel.name);
-            if let Some(j) = twin {
-                let q = Quartiles::paired(t, &times[2 + j], |a, b| a / b);
+            if let Some((_, one_ms, _)) = twin.and_then(|j| in_block(step_id(j))) {
+                let q = Quartiles::paired(t, one_ms, |a, b| a / b);
                 (row.vs_one_tensor, row.vs_one_iqr) = output::split(q);
             }
         }
-        let (host_us, record_us) = timers[2 + i].host_us();
+        let (host_us, record_us) = timer.host_us();
         row.host_us = Some(host_us);
         row.record_us = Some(record_us);
         rows.push(row);
     }
     (rows, failures)
+}
+
+/// Stands in for a ceiling that failed its check: never in a block, never run.
+struct Idle;
+
+impl Kernel for Idle {
+    fn record(
+        &mut self,
+        _: &Gpu,
+        _: &mut wgpu::CommandEncoder,
+        _: Option<wgpu::ComputePassTimestampWrites>,
+    ) {
+    }
 }
 
 /// The ceiling in the fastest of the `passed` shapes, or `None` when none passed its check.

@@ -1,8 +1,9 @@
 //! Timing: one run of a kernel, a kernel's timed runs, and paired rounds.
 //!
 //! A shared machine slows the runs of one moment all alike, so the kernels that are compared
-//! (a step with its ceilings, a 1000-tensor step with its one-tensor twin) take turns run by
-//! run, and each ratio is the median of the per-round ratios, with its interquartile range.
+//! (a step with its ceilings, a 1000-tensor step with its one-tensor twin) run back to back,
+//! in turns, round after round, and each ratio is the median of the per-round ratios, with its
+//! interquartile range.
 
 use std::time::Instant;
 
@@ -116,23 +117,35 @@ impl Timer {
     }
 }
 
-/// Runs `kernels` in turns: `warm_up` untimed rounds, then `timed` timed ones, the order
-/// rotating by one each round so that no kernel always follows the same one. `done(i)` is
-/// called after each run of kernel `i`.
+/// One member of a block of [`paired_rounds`]: which kernel, and the timer of its runs in
+/// this block.
+pub struct Slot {
+    pub kernel: usize,
+    pub timer: Timer,
+}
+
+/// Runs the blocks one after the other, round after round: `warm_up` untimed rounds, then
+/// `timed` timed ones. A block is the kernels compared with each other (a step, its ceilings,
+/// its 1000-tensor twin); they run back to back, the order rotating by one each round so that
+/// no kernel always follows the same one. Run `r` of every slot of a block is from round `r`.
+/// `done(k)` is called after each run of `kernels[k]`.
 pub fn paired_rounds(
     gpu: &Gpu,
-    kernels: &mut [(&mut dyn Kernel, &mut Timer)],
+    kernels: &mut [&mut dyn Kernel],
+    blocks: &mut [Vec<Slot>],
     warm_up: usize,
     timed: usize,
     done: &mut dyn FnMut(usize),
 ) {
-    let n = kernels.len();
     for round in 0..warm_up + timed {
-        for k in 0..n {
-            let i = (round + k) % n;
-            let (kernel, timer) = &mut kernels[i];
-            timer.run(gpu, &mut **kernel, round >= warm_up);
-            done(i);
+        for block in blocks.iter_mut() {
+            let n = block.len();
+            for k in 0..n {
+                let slot = &mut block[(round + k) % n];
+                slot.timer
+                    .run(gpu, &mut *kernels[slot.kernel], round >= warm_up);
+                done(slot.kernel);
+            }
         }
     }
 }
