@@ -91,7 +91,7 @@ impl Args {
         } else {
             Runs {
                 warm_up: 3,
-                timed: 20,
+                timed: 30,
                 per_shape: 3,
             }
         };

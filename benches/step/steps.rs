@@ -41,24 +41,25 @@ pub fn bytes_per_element(config: &Config) -> u64 {
 
 /// `elements` split into `tensors` consecutive ranges, (offset, len) each, shaped like a
 /// transformer's: weight matrices alternating with biases 1/64 their size, every length a
-/// multiple of 4 but the last (which takes the remainder).
+/// multiple of 4 but the last (which takes the remainder). Too few elements for that: equal
+/// lengths (a multiple of 4, maybe 0) and the remainder last.
 pub fn split(elements: u64, tensors: u64) -> Vec<(u64, u64)> {
-    if tensors == 1 {
-        return vec![(0, elements)];
-    }
     let pairs = tensors / 2;
-    let unit = (elements / (pairs * 65)).max(1);
+    let unit = elements / (pairs * 65).max(1);
     let bias = (unit / 4 * 4).max(4);
     let weight = (64 * unit / 4 * 4).max(4);
+    let patterned = |i: u64| if i % 2 == 0 { weight } else { bias };
+    let fits = (0..tensors.saturating_sub(1)).map(patterned).sum::<u64>() <= elements;
+    let equal = elements / tensors / 4 * 4;
     let mut offset = 0;
     (0..tensors)
         .map(|i| {
             let len = if i + 1 == tensors {
-                elements.saturating_sub(offset)
-            } else if i % 2 == 0 {
-                weight
+                elements - offset
+            } else if fits {
+                patterned(i)
             } else {
-                bias
+                equal
             };
             offset += len;
             (offset - len, len)
