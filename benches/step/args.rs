@@ -86,13 +86,13 @@ impl Args {
             Runs {
                 warm_up: 2,
                 timed: 10,
-                per_shape: 2,
+                per_shape: 3,
             }
         } else {
             Runs {
                 warm_up: 3,
                 timed: 30,
-                per_shape: 3,
+                per_shape: 5,
             }
         };
         if let Some(n) = self.runs {

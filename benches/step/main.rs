@@ -36,6 +36,10 @@ use verify::{Inputs, Rng};
 
 const SEED: u64 = 0x5eed_0004;
 
+/// For the progress bar: checking a step against the CPU reference takes about as long as
+/// this many runs of it.
+const CHECK_RUNS: u64 = 10;
+
 fn main() {
     let args = match Args::parse(std::env::args().skip(1)) {
         Ok(args) => args,
@@ -177,7 +181,7 @@ fn planned_bytes(
             let per_ceiling = shapes * (2 + runs.per_shape as u64);
             // A block per kernel: copy, traffic, one tensor, many.
             let rounds = 4 * k * (runs.warm_up + runs.timed) as u64;
-            bytes += (2 * k + 2 * per_ceiling + rounds) * class * n;
+            bytes += (2 * k * CHECK_RUNS + 2 * per_ceiling + rounds) * class * n;
         }
     }
     bytes
@@ -228,7 +232,7 @@ fn bench_class(
                 }),
                 Err(e) => failures.push(e),
             }
-            progress.inc(run_bytes);
+            progress.inc(CHECK_RUNS * run_bytes);
         }
     }
     if steps.is_empty() {
