@@ -9,10 +9,12 @@
 //! For every size, each kind of step (the 28-byte steps, and amsgrad's 36) is timed with its
 //! two ceilings: `copy`, a plain copy of as many bytes, and `traffic`, the step's own loads and
 //! stores with trivial arithmetic (`ceilings.rs`). Every kernel is checked before it is timed
-//! (`verify.rs`); a wrong one is reported, not timed, and the benchmark exits 1. The steps, the
-//! ceilings and the 1000-tensor twins take turns run by run, and each ratio is the median of
-//! the per-round ratios (`timing.rs`), so that a noisy machine slows both sides of a ratio
-//! alike. `output.rs` prints the table and writes the JSON.
+//! (`verify.rs`); a wrong one is reported, not timed, and the benchmark exits 1. Then the
+//! timing: a block per step kernel and size (its copy, its traffic kernel, the step on one
+//! tensor and on 1000) runs back to back, and every block runs once a round, the rounds
+//! spreading each ratio's runs over the whole benchmark. Each ratio is the median of the
+//! per-round ratios (`timing.rs`), so that a noisy machine slows both sides of a ratio alike.
+//! `output.rs` prints the table and writes the JSON.
 //!
 //! Modules: `args` (command line), `gpu` (device and buffers), `ceilings` (copy and traffic
 //! kernels, the benchmark's own pipelines), `steps` (the optimizers timed, through the
@@ -97,9 +99,11 @@ fn main() {
     let planned = planned_bytes(&sizes, &classes, &kernels, &runs, &gpu.limits);
     let progress = Progress::new(planned);
 
+    // Check every kernel and pick the ceilings' shapes, size by size; then time everything in
+    // rounds, so that each ratio's runs spread over the whole benchmark.
     let mut rng = Rng(SEED);
-    let mut rows = Vec::new();
     let mut failures = Vec::new();
+    let mut prepared = Vec::new();
     for &n in &sizes {
         progress.message(format!("{n} elements: inputs"));
         let inputs = Inputs::new(&mut rng, n);
@@ -110,30 +114,63 @@ fn main() {
                 .iter()
                 .filter(|k| bytes_per_element(&k.config) == class)
                 .collect();
-            let (new_rows, new_failures) = bench_class(
-                &gpu,
-                &mut rng,
-                &Class {
-                    elements: n,
-                    bytes_per_element: class,
-                    kernels: &class_kernels,
-                },
-                &inputs,
-                &grad,
-                &runs,
-                &progress,
-            );
-            for r in &new_rows {
-                progress.println(&output::line(r));
-            }
+            let class = Class {
+                elements: n,
+                bytes_per_element: class,
+                kernels: class_kernels,
+            };
+            let (ready, new_failures) =
+                prepare(&gpu, &mut rng, class, &inputs, &grad, &runs, &progress);
             for f in &new_failures {
                 progress.println(&format!("FAILED CHECK, not timed: {f}"));
             }
-            rows.extend(new_rows);
             failures.extend(new_failures);
+            prepared.extend(ready);
+        }
+    }
+
+    progress.message("timing".into());
+    let mut blocks = Vec::new();
+    let mut bytes = Vec::new();
+    {
+        let mut members: Vec<&mut dyn Kernel> = Vec::new();
+        for p in &mut prepared {
+            let base = members.len();
+            p.first_block = blocks.len();
+            p.first_kernel = base;
+            blocks.extend(p.blocks(&gpu, runs.timed));
+            let run_bytes = p.class.bytes_per_element * p.class.elements;
+            for k in p.kernels() {
+                members.push(k);
+                bytes.push(run_bytes);
+            }
+        }
+        paired_rounds(
+            &gpu,
+            &mut members,
+            &mut blocks,
+            runs.warm_up,
+            runs.timed,
+            &mut |k| progress.inc(bytes[k]),
+        );
+    }
+    let mut rows = Vec::new();
+    for p in &prepared {
+        match p.rows(
+            &gpu,
+            &blocks[p.first_block..p.first_block + p.class.kernels.len()],
+        ) {
+            Ok(new_rows) => rows.extend(new_rows),
+            Err(e) => failures.push(e),
         }
     }
     progress.finish();
+    for r in &rows {
+        println!("{}", output::line(r));
+    }
+    for f in &failures {
+        println!("FAILED CHECK, not timed: {f}");
+    }
 
     if let Some(path) = &args.json {
         let report = Report {
@@ -192,7 +229,7 @@ fn planned_bytes(
 struct Class<'a> {
     elements: u64,
     bytes_per_element: u64,
-    kernels: &'a [&'a StepKernel],
+    kernels: Vec<&'a StepKernel>,
 }
 
 /// A step of the class that passed its check: which kernel, on how many tensors.
@@ -202,18 +239,31 @@ struct Checked<'a> {
     step: Step,
 }
 
+/// A class whose kernels passed their checks, ready to be timed: the ceilings in their
+/// picked shapes and the steps.
+struct Prepared<'a> {
+    class: Class<'a>,
+    copy: Option<Ceiling>,
+    traffic: Option<Ceiling>,
+    steps: Vec<Checked<'a>>,
+    /// Where this class's blocks (one per kernel of the class) and kernels start in
+    /// `paired_rounds`'s.
+    first_block: usize,
+    first_kernel: usize,
+}
+
 /// Checks the class's steps (each on one tensor and on `MULTI_TENSORS`) and its two ceilings,
-/// picks each ceiling's shape, then times them all in paired rounds. Returns the rows (copy,
-/// traffic, then the steps) and the failed checks.
-fn bench_class(
+/// and picks each ceiling's shape. Returns the class ready to time (`None` if no step passed)
+/// and the failed checks.
+fn prepare<'a>(
     gpu: &Gpu,
     rng: &mut Rng,
-    class: &Class,
+    class: Class<'a>,
     inputs: &Inputs,
     grad: &wgpu::Buffer,
     runs: &Runs,
     progress: &Progress,
-) -> (Vec<Row>, Vec<String>) {
+) -> (Option<Prepared<'a>>, Vec<String>) {
     let n = class.elements;
     let run_bytes = class.bytes_per_element * n;
     let mut failures = Vec::new();
@@ -221,7 +271,7 @@ fn bench_class(
     progress.message(format!("{n} elements: checking the steps"));
     let mut steps: Vec<Checked> = Vec::new();
     for tensors in [1, MULTI_TENSORS] {
-        for &kernel in class.kernels {
+        for &kernel in &class.kernels {
             let checked = Step::new(gpu, kernel, n, tensors, grad)
                 .and_then(|mut step| verify::step(gpu, &mut step, kernel, inputs).map(|()| step));
             match checked {
@@ -236,7 +286,7 @@ fn bench_class(
         }
     }
     if steps.is_empty() {
-        return (Vec::new(), failures);
+        return (None, failures);
     }
 
     // The copy of as many bytes.
@@ -251,7 +301,7 @@ fn bench_class(
     drop(src_values);
     progress.inc(copy.shapes() as u64 * run_bytes);
     failures.extend(copy_failures);
-    let mut copy = pick(gpu, copy, &passed, runs, progress, run_bytes, &mut failures);
+    let copy = pick(gpu, copy, &passed, runs, progress, run_bytes, &mut failures);
 
     // The traffic kernel over the first one-tensor step's buffers.
     progress.message(format!("{n} elements: traffic shapes"));
@@ -277,159 +327,147 @@ fn bench_class(
             Err(e) => failures.push(format!("traffic: {e}")),
         }
     }
-
-    // Paired rounds: a block per step kernel, [copy, traffic, one tensor, 1000 tensors], its
-    // members back to back.
-    progress.message(format!(
-        "{n} elements: timing {}",
-        class
-            .kernels
-            .iter()
-            .map(|k| k.name)
-            .collect::<Vec<_>>()
-            .join(", ")
-    ));
-    const COPY: usize = 0;
-    const TRAFFIC: usize = 1;
-    let step_id = |i: usize| 2 + i;
-    let mut blocks: Vec<Vec<Slot>> = class
-        .kernels
-        .iter()
-        .map(|kernel| {
-            let ceilings = [(COPY, copy.is_some()), (TRAFFIC, traffic.is_some())]
-                .into_iter()
-                .filter(|&(_, present)| present)
-                .map(|(id, _)| id);
-            let own = steps
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.kernel.name == kernel.name)
-                .map(|(i, _)| step_id(i));
-            ceilings
-                .chain(own)
-                .map(|kernel| Slot {
-                    kernel,
-                    timer: Timer::new(gpu, runs.timed),
-                })
-                .collect()
-        })
-        .collect();
-    let (mut no_copy, mut no_traffic) = (Idle, Idle);
-    {
-        let mut kernels: Vec<&mut dyn Kernel> = vec![
-            match copy.as_mut() {
-                Some(c) => c,
-                None => &mut no_copy,
-            },
-            match traffic.as_mut() {
-                Some(t) => t,
-                None => &mut no_traffic,
-            },
-        ];
-        kernels.extend(steps.iter_mut().map(|s| &mut s.step as &mut dyn Kernel));
-        paired_rounds(
-            gpu,
-            &mut kernels,
-            &mut blocks,
-            runs.warm_up,
-            runs.timed,
-            &mut |_| progress.inc(run_bytes),
-        );
-    }
-
-    // Every slot's times, by block; a kernel's row takes the median of all its runs.
-    let mut times: Vec<Vec<(usize, Vec<f64>, &Timer)>> = Vec::new();
-    for block in &blocks {
-        let mut block_times = Vec::new();
-        for slot in block {
-            match slot.timer.times_ms(gpu) {
-                Ok(t) => block_times.push((slot.kernel, t, &slot.timer)),
-                Err(e) => {
-                    failures.push(format!("reading the timestamps: {e}"));
-                    return (Vec::new(), failures);
-                }
-            }
-        }
-        times.push(block_times);
-    }
-    let all_runs = |id: usize| -> Vec<f64> {
-        times
-            .iter()
-            .flatten()
-            .filter(|(k, _, _)| *k == id)
-            .flat_map(|(_, t, _)| t.iter().copied())
-            .collect()
+    let prepared = Prepared {
+        class,
+        copy,
+        traffic,
+        steps,
+        first_block: 0,
+        first_kernel: 0,
     };
-    let median = |t: &[f64]| Quartiles::of(t).median;
-
-    let mut rows = Vec::new();
-    let ceiling_row = |c: &Ceiling, t: &[f64]| {
-        let mut row = Row::f32(c.which.name(), n, 1, c.bytes, median(t));
-        row.note = c.shape_name(c.shape);
-        row
-    };
-    if let Some(c) = &copy {
-        rows.push(ceiling_row(c, &all_runs(COPY)));
-    }
-    if let Some(t) = &traffic {
-        let mut row = ceiling_row(t, &all_runs(TRAFFIC));
-        if let Some(c) = &copy {
-            let traffic_ms = all_runs(TRAFFIC);
-            let q = Quartiles::paired(&traffic_ms, &all_runs(COPY), |t_ms, c_ms| {
-                (t.bytes as f64 / t_ms) / (c.bytes as f64 / c_ms)
-            });
-            row.note = format!("{:.3} of copy; {}", q.median, row.note);
-        }
-        rows.push(row);
-    }
-    // The steps in the order they were made: every kernel on one tensor, then on many.
-    for (i, s) in steps.iter().enumerate() {
-        let block = times
-            .iter()
-            .find(|b| b.iter().any(|(k, _, _)| *k == step_id(i)))
-            .expect("every step is in a block");
-        let in_block = |id: usize| block.iter().find(|(k, _, _)| *k == id);
-        let (_, t, timer) = in_block(step_id(i)).expect("the step is in its block");
-        let bytes = run_bytes;
-        let mut row = Row::f32(s.kernel.name, n, s.tensors, bytes, median(t));
-        let gbps_over = |other_bytes: u64, other: &[f64]| {
-            Quartiles::paired(t, other, |s_ms, o_ms| {
-                (bytes as f64 / s_ms) / (other_bytes as f64 / o_ms)
-            })
-        };
-        if let (Some(c), Some((_, c_ms, _))) = (&copy, in_block(COPY)) {
-            (row.ceiling_ratio, row.ratio_iqr) = output::split(gbps_over(c.bytes, c_ms));
-        }
-        if let (Some(tr), Some((_, tr_ms, _))) = (&traffic, in_block(TRAFFIC)) {
-            (row.traffic_ratio, row.traffic_iqr) = output::split(gbps_over(tr.bytes, tr_ms));
-        }
-        if s.tensors > 1 {
-            let twin = steps
-                .iter()
-                .position(|o| o.tensors == 1 && o.kernel.name == s.kernel.name);
-            if let Some((_, one_ms, _)) = twin.and_then(|j| in_block(step_id(j))) {
-                let q = Quartiles::paired(t, one_ms, |a, b| a / b);
-                (row.vs_one_tensor, row.vs_one_iqr) = output::split(q);
-            }
-        }
-        let (host_us, record_us) = timer.host_us();
-        row.host_us = Some(host_us);
-        row.record_us = Some(record_us);
-        rows.push(row);
-    }
-    (rows, failures)
+    (Some(prepared), failures)
 }
 
-/// Stands in for a ceiling that failed its check: never in a block, never run.
-struct Idle;
+impl Prepared<'_> {
+    /// The kernels to time, in the order `blocks` numbers them: copy and traffic where they
+    /// passed their checks, then the steps.
+    fn kernels(&mut self) -> impl Iterator<Item = &mut dyn Kernel> {
+        let copy = self.copy.iter_mut().map(|c| c as &mut dyn Kernel);
+        let traffic = self.traffic.iter_mut().map(|t| t as &mut dyn Kernel);
+        let steps = self
+            .steps
+            .iter_mut()
+            .map(|s| &mut s.step as &mut dyn Kernel);
+        copy.chain(traffic).chain(steps)
+    }
 
-impl Kernel for Idle {
-    fn record(
-        &mut self,
-        _: &Gpu,
-        _: &mut wgpu::CommandEncoder,
-        _: Option<wgpu::ComputePassTimestampWrites>,
-    ) {
+    /// The number `kernels` gives the copy, the traffic kernel and step `i`, from `base`.
+    fn ids(&self, base: usize) -> (Option<usize>, Option<usize>, impl Fn(usize) -> usize) {
+        let copy = self.copy.as_ref().map(|_| base);
+        let ceilings = self.copy.iter().count() + self.traffic.iter().count();
+        let traffic = self.traffic.as_ref().map(|_| base + ceilings - 1);
+        (copy, traffic, move |i| base + ceilings + i)
+    }
+
+    /// A block per step kernel of the class: copy, traffic, one tensor, 1000 tensors (those
+    /// that passed their checks), numbered from `first_kernel`.
+    fn blocks(&self, gpu: &Gpu, timed: usize) -> Vec<Vec<Slot>> {
+        let (copy, traffic, step) = self.ids(self.first_kernel);
+        self.class
+            .kernels
+            .iter()
+            .map(|kernel| {
+                let own = self
+                    .steps
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.kernel.name == kernel.name)
+                    .map(|(i, _)| step(i));
+                copy.into_iter()
+                    .chain(traffic)
+                    .chain(own)
+                    .map(|kernel| Slot {
+                        kernel,
+                        timer: Timer::new(gpu, timed),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The rows of the class from its timed `blocks`: copy, traffic, then the steps, every
+    /// kernel on one tensor and then on many.
+    fn rows(&self, gpu: &Gpu, blocks: &[Vec<Slot>]) -> Result<Vec<Row>, String> {
+        let (copy_id, traffic_id, step_id) = self.ids(self.first_kernel);
+        let n = self.class.elements;
+        let run_bytes = self.class.bytes_per_element * n;
+        let mut times: Vec<Vec<(usize, Vec<f64>, &Timer)>> = Vec::new();
+        for block in blocks {
+            let mut block_times = Vec::new();
+            for slot in block {
+                let t = slot
+                    .timer
+                    .times_ms(gpu)
+                    .map_err(|e| format!("reading the timestamps: {e}"))?;
+                block_times.push((slot.kernel, t, &slot.timer));
+            }
+            times.push(block_times);
+        }
+        let all_runs = |id: Option<usize>| -> Vec<f64> {
+            times
+                .iter()
+                .flatten()
+                .filter(|(k, _, _)| Some(*k) == id)
+                .flat_map(|(_, t, _)| t.iter().copied())
+                .collect()
+        };
+        let median = |t: &[f64]| Quartiles::of(t).median;
+
+        let mut rows = Vec::new();
+        let ceiling_row = |c: &Ceiling, t: &[f64]| {
+            let mut row = Row::f32(c.which.name(), n, 1, c.bytes, median(t));
+            row.note = c.shape_name(c.shape);
+            row
+        };
+        if let Some(c) = &self.copy {
+            rows.push(ceiling_row(c, &all_runs(copy_id)));
+        }
+        if let Some(t) = &self.traffic {
+            let traffic_ms = all_runs(traffic_id);
+            let mut row = ceiling_row(t, &traffic_ms);
+            if let Some(c) = &self.copy {
+                let q = Quartiles::paired(&traffic_ms, &all_runs(copy_id), |t_ms, c_ms| {
+                    (t.bytes as f64 / t_ms) / (c.bytes as f64 / c_ms)
+                });
+                row.note = format!("{:.3} of copy; {}", q.median, row.note);
+            }
+            rows.push(row);
+        }
+        for (i, s) in self.steps.iter().enumerate() {
+            let block = times
+                .iter()
+                .find(|b| b.iter().any(|(k, _, _)| *k == step_id(i)))
+                .ok_or("a step was not timed")?;
+            let in_block = |id: Option<usize>| block.iter().find(|(k, _, _)| Some(*k) == id);
+            let (_, t, timer) = in_block(Some(step_id(i))).ok_or("a step was not timed")?;
+            let mut row = Row::f32(s.kernel.name, n, s.tensors, run_bytes, median(t));
+            let gbps_over = |other_bytes: u64, other: &[f64]| {
+                Quartiles::paired(t, other, |s_ms, o_ms| {
+                    (run_bytes as f64 / s_ms) / (other_bytes as f64 / o_ms)
+                })
+            };
+            if let (Some(c), Some((_, c_ms, _))) = (&self.copy, in_block(copy_id)) {
+                (row.ceiling_ratio, row.ratio_iqr) = output::split(gbps_over(c.bytes, c_ms));
+            }
+            if let (Some(tr), Some((_, tr_ms, _))) = (&self.traffic, in_block(traffic_id)) {
+                (row.traffic_ratio, row.traffic_iqr) = output::split(gbps_over(tr.bytes, tr_ms));
+            }
+            if s.tensors > 1 {
+                let twin = self
+                    .steps
+                    .iter()
+                    .position(|o| o.tensors == 1 && o.kernel.name == s.kernel.name);
+                if let Some((_, one_ms, _)) = twin.and_then(|j| in_block(Some(step_id(j)))) {
+                    let q = Quartiles::paired(t, one_ms, |a, b| a / b);
+                    (row.vs_one_tensor, row.vs_one_iqr) = output::split(q);
+                }
+            }
+            let (host_us, record_us) = timer.host_us();
+            row.host_us = Some(host_us);
+            row.record_us = Some(record_us);
+            rows.push(row);
+        }
+        Ok(rows)
     }
 }
 
