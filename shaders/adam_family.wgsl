@@ -10,7 +10,7 @@
 override ALGORITHM: u32 = 0u;          // 0 adam (coupled L2), 1 adamw (decoupled), 2 yogi
 override AMSGRAD: bool = false;
 override MAXIMIZE: bool = false;
-override CLIP: bool = false;          // some group clips
+override CLIP: bool = false;          // some group clips (each checks its own `clips`)
 override WEIGHT_DECAY: bool = false;  // some group has weight_decay != 0
 override WORKGROUP_SIZE: u32 = 256u;
 override SEGMENTED: bool = false;     // the dispatch holds several tensors (a flat buffer)
@@ -31,10 +31,10 @@ struct StepUniforms {
     beta2: f32,
     one_minus_beta2: f32,
     weight_decay: f32,
-    decay_factor: f32,
+    lr_weight_decay: f32,
     rescale_grad: f32,
     clip_gradient: f32,
-    _pad: f32,
+    clips: u32,
 }
 
 // Mirrors src/uniforms.rs Chunk: what one dispatch covers; fixed when the step is planned.
@@ -109,7 +109,9 @@ fn step(
     var p = p_in;
 
     var g = grad[chunk.grad_base + i] * u.rescale_grad;
-    if CLIP {
+    // CLIP and WEIGHT_DECAY say that some group uses the option; each group checks its own
+    // value, so that no group's result depends on the options of another.
+    if CLIP && u.clips != 0u {
         g = clamp(g, Elem(-u.clip_gradient), Elem(u.clip_gradient));
     }
     if MAXIMIZE {
@@ -117,8 +119,10 @@ fn step(
     }
     if WEIGHT_DECAY {
         if ALGORITHM == ADAMW {
-            p = p * u.decay_factor;
-        } else {
+            if u.lr_weight_decay != 0.0 {
+                p = p - u.lr_weight_decay * p;
+            }
+        } else if u.weight_decay != 0.0 {
             g = g + u.weight_decay * p;
         }
     }

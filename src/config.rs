@@ -200,73 +200,58 @@ impl Config {
 
     /// Checks every field against its domain; the error names the first bad key.
     pub fn validate(&self) -> Result<()> {
-        check_lr("lr", self.lr)?;
-        check("betas", self.betas[0], "b1 in [0, 1)", |b| {
-            (0.0..1.0).contains(&b)
-        })?;
-        check("betas", self.betas[1], "b2 in [0, 1)", |b| {
-            (0.0..1.0).contains(&b)
-        })?;
-        check_non_negative("eps", self.eps)?;
-        check_non_negative("eps_root", self.eps_root)?;
-        check_non_negative("weight_decay", self.weight_decay)?;
-        check(
-            "rescale_grad",
-            self.rescale_grad,
-            "a finite number > 0",
-            |r| r.is_finite() && r > 0.0,
-        )?;
-        if let Some(c) = self.clip_gradient {
-            check("clip_gradient", c, "null or a finite number > 0", |c| {
-                c.is_finite() && c > 0.0
-            })?;
+        let non_negative = |x: f64| x.is_finite() && x >= 0.0;
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        check_lr(self.lr)?;
+        for b in self.betas {
+            check("betas", b, |b| (0.0..1.0).contains(&b))?;
         }
-        check_non_negative("initial_accumulator", self.initial_accumulator)
+        check("eps", self.eps, non_negative)?;
+        check("eps_root", self.eps_root, non_negative)?;
+        check("weight_decay", self.weight_decay, non_negative)?;
+        check("rescale_grad", self.rescale_grad, positive)?;
+        if let Some(c) = self.clip_gradient {
+            check("clip_gradient", c, positive)?;
+        }
+        check("initial_accumulator", self.initial_accumulator, non_negative)
     }
 
     /// Parses the JSON form (an object with the spec's keys; missing keys take the defaults of
-    /// the algorithm) and validates it.
+    /// the algorithm) and validates it. A value that is not valid JSON, or a number too large
+    /// for f64 (`1e999`), is refused naming its key, as is a key given twice.
     pub fn from_json(text: &str) -> Result<Self> {
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| Error::ConfigJson(e.to_string()))?;
-        match value {
-            Value::Object(map) => Self::from_json_map(&map),
-            other => Err(Error::ConfigJson(format!("got {other}"))),
-        }
+        Self::from_json_map(&parse_object(text)?)
     }
 
     /// As [`Config::from_json`], from an already parsed object.
     pub fn from_json_map(map: &Map<String, Value>) -> Result<Self> {
         if let Some(key) = map.keys().find(|k| !CONFIG_KEYS.contains(&k.as_str())) {
-            return Err(Error::UnknownConfigKey {
-                key: key.clone(),
-                known: CONFIG_KEYS.join(", "),
-            });
+            return Err(unknown_key(key));
         }
         let algorithm = match map.get("algorithm") {
             None => return Err(Error::MissingAlgorithm),
-            Some(v) => parse::<Algorithm>("algorithm", v, "one of \"adam\", \"adamw\", \"yogi\"")?,
+            Some(v) => parse::<Algorithm>("algorithm", v)?,
         };
         let mut c = Config::new(algorithm);
         for (key, v) in map {
             match key.as_str() {
-                "lr" => c.lr = parse("lr", v, "a finite number > 0")?,
-                "betas" => c.betas = parse("betas", v, "[b1, b2], each in [0, 1)")?,
-                "eps" => c.eps = parse("eps", v, "a number >= 0")?,
-                "eps_root" => c.eps_root = parse("eps_root", v, "a number >= 0")?,
-                "eps_mode" => c.eps_mode = parse("eps_mode", v, "\"torch\" or \"folded\"")?,
-                "weight_decay" => c.weight_decay = parse("weight_decay", v, "a number >= 0")?,
-                "amsgrad" => c.amsgrad = parse("amsgrad", v, "true or false")?,
-                "maximize" => c.maximize = parse("maximize", v, "true or false")?,
+                "lr" => c.lr = parse("lr", v)?,
+                "betas" => c.betas = parse("betas", v)?,
+                "eps" => c.eps = parse("eps", v)?,
+                "eps_root" => c.eps_root = parse("eps_root", v)?,
+                "eps_mode" => c.eps_mode = parse("eps_mode", v)?,
+                "weight_decay" => c.weight_decay = parse("weight_decay", v)?,
+                "amsgrad" => c.amsgrad = parse("amsgrad", v)?,
+                "maximize" => c.maximize = parse("maximize", v)?,
                 "bias_correction" => {
-                    c.bias_correction = parse("bias_correction", v, "true or false")?
+                    c.bias_correction = parse("bias_correction", v)?
                 }
-                "rescale_grad" => c.rescale_grad = parse("rescale_grad", v, "a number > 0")?,
+                "rescale_grad" => c.rescale_grad = parse("rescale_grad", v)?,
                 "clip_gradient" => {
-                    c.clip_gradient = parse("clip_gradient", v, "null or a number > 0")?
+                    c.clip_gradient = parse("clip_gradient", v)?
                 }
                 "initial_accumulator" => {
-                    c.initial_accumulator = parse("initial_accumulator", v, "a number >= 0")?
+                    c.initial_accumulator = parse("initial_accumulator", v)?
                 }
                 _ => {} // "algorithm", read above
             }
@@ -288,48 +273,117 @@ impl<'de> Deserialize<'de> for Config {
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(
-    key: &'static str,
-    v: &Value,
-    expected: &'static str,
-) -> Result<T> {
+/// A JSON object as a map, with every failure after the opening brace pinned to its key: the
+/// values are first taken as raw text (so a syntax error is caught while the key is known),
+/// then parsed one by one (so `1e999`, out of f64's range, is refused naming its key).
+fn parse_object(text: &str) -> Result<Map<String, Value>> {
+    let current = std::cell::RefCell::new(None);
+    let mut de = serde_json::Deserializer::from_str(text);
+    let entries = serde::de::DeserializeSeed::deserialize(RawEntries(&current), &mut de)
+        .and_then(|entries| de.end().map(|()| entries));
+    let entries = entries.map_err(|e| match current.take() {
+        Some(key) => invalid_value(&key, format!("malformed JSON ({e})")),
+        None => Error::ConfigJson(e.to_string()),
+    })?;
+    let mut map = Map::new();
+    for (key, raw) in entries {
+        let value = serde_json::from_str(raw.get())
+            .map_err(|e| invalid_value(&key, format!("{} ({e})", raw.get())))?;
+        if map.insert(key.clone(), value).is_some() {
+            return Err(invalid_value(&key, "a second value for the same key".into()));
+        }
+    }
+    Ok(map)
+}
+
+/// The error for a value of `key` that does not parse: an unknown key is reported as such.
+fn invalid_value(key: &str, value: String) -> Error {
+    match CONFIG_KEYS.iter().find(|&&k| k == key) {
+        Some(&key) => Error::InvalidConfig {
+            key,
+            value,
+            expected: expected(key),
+        },
+        None => unknown_key(key),
+    }
+}
+
+fn unknown_key(key: &str) -> Error {
+    Error::UnknownConfigKey {
+        key: key.to_string(),
+        known: CONFIG_KEYS.join(", "),
+    }
+}
+
+/// Deserializes a JSON object into its entries with raw values, recording in `.0` the key
+/// whose value is being read, so that an error can name it.
+struct RawEntries<'a>(&'a std::cell::RefCell<Option<String>>);
+
+type Entries = Vec<(String, Box<serde_json::value::RawValue>)>;
+
+impl<'de> serde::de::DeserializeSeed<'de> for RawEntries<'_> {
+    type Value = Entries;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Entries, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for RawEntries<'_> {
+    type Value = Entries;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Entries, A::Error> {
+        let mut entries = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            *self.0.borrow_mut() = Some(key.clone());
+            let value = map.next_value()?;
+            *self.0.borrow_mut() = None;
+            entries.push((key, value));
+        }
+        Ok(entries)
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(key: &'static str, v: &Value) -> Result<T> {
     serde_json::from_value(v.clone()).map_err(|_| Error::InvalidConfig {
         key,
         value: v.to_string(),
-        expected,
+        expected: expected(key),
     })
 }
 
-fn check(
-    key: &'static str,
-    x: f64,
-    expected: &'static str,
-    ok: impl Fn(f64) -> bool,
-) -> Result<()> {
+/// Each key's domain, in words: the `expected` of every error about it.
+fn expected(key: &str) -> &'static str {
+    match key {
+        "algorithm" => "one of \"adam\", \"adamw\", \"yogi\"",
+        "lr" => LR_DOMAIN,
+        "betas" => "[b1, b2], each in [0, 1)",
+        "eps_mode" => "\"torch\" or \"folded\"",
+        "amsgrad" | "maximize" | "bias_correction" => "true or false",
+        "rescale_grad" => "a finite number > 0",
+        "clip_gradient" => "null or a finite number > 0",
+        _ => "a finite number >= 0", // eps, eps_root, weight_decay, initial_accumulator
+    }
+}
+
+fn check(key: &'static str, x: f64, ok: impl Fn(f64) -> bool) -> Result<()> {
     if ok(x) {
         Ok(())
     } else {
         Err(Error::InvalidConfig {
             key,
             value: x.to_string(),
-            expected,
+            expected: expected(key),
         })
     }
 }
 
-fn check_non_negative(key: &'static str, x: f64) -> Result<()> {
-    check(key, x, "a finite number >= 0", |x| {
-        x.is_finite() && x >= 0.0
-    })
+/// The one domain of a learning rate, in the config and per step: finite and >= 0 (torch
+/// allows 0, and schedules end there).
+pub(crate) fn check_lr(lr: f64) -> Result<()> {
+    check("lr", lr, |x| x.is_finite() && x >= 0.0)
 }
 
-/// A learning rate given per step may be 0 (schedules end there; torch allows it).
-pub(crate) fn check_step_lr(lr: f64) -> Result<()> {
-    check("lr", lr, "a finite number >= 0", |x| {
-        x.is_finite() && x >= 0.0
-    })
-}
-
-pub(crate) fn check_lr(key: &'static str, lr: f64) -> Result<()> {
-    check(key, lr, "a finite number > 0", |x| x.is_finite() && x > 0.0)
-}
+/// What [`check_lr`] accepts, in words, for every message about a learning rate.
+pub(crate) const LR_DOMAIN: &str = "a finite number >= 0";

@@ -153,6 +153,14 @@ pub enum Error {
         checkpoint: Vec<String>,
         optimizer: Vec<String>,
     },
+    /// A check of the library's own work failed (a bug in wgpu-optim, not in the input): please
+    /// report it with the message.
+    #[error("internal error in wgpu-optim (please report): {0}")]
+    Internal(String),
+    /// The device refused to create a buffer, pipeline or bind group (out of memory, or a
+    /// validation error such as a destroyed user buffer); `what` names the object.
+    #[error("creating {what} failed: {reason}")]
+    Creation { what: String, reason: String },
     /// Two parameters share a name, which a file keyed by name cannot hold.
     #[error("parameter name `{0}` appears more than once (names must be unique)")]
     DuplicateName(String),

@@ -179,30 +179,25 @@ pub(crate) fn serialize(
     })
 }
 
-/// [`Config::from_json`], also naming the key when the text holds Python's non-finite floats
-/// (`json.dumps` writes `NaN`, `Infinity` and `-Infinity`, which JSON does not have).
+/// [`Config::from_json`], also showing the value when the text holds Python's non-finite floats
+/// (`json.dumps` writes `NaN`, `Infinity` and `-Infinity`, which JSON does not have): they are
+/// read as strings, so the error names the key and shows the token as the file had it.
 pub(crate) fn config_from_json(text: &str) -> Result<Config> {
-    let first = match Config::from_json(text) {
-        Err(Error::ConfigJson(e)) => e,
-        other => return other,
-    };
     let Some(quoted) = quote_non_finite(text) else {
-        return Err(Error::ConfigJson(first));
+        return Config::from_json(text);
     };
-    match Config::from_json(&quoted) {
-        // The quoted token is what the key got: show it as the file had it.
-        Err(Error::InvalidConfig {
+    Config::from_json(&quoted).map_err(|e| match e {
+        Error::InvalidConfig {
             key,
             value,
             expected,
-        }) => Err(Error::InvalidConfig {
+        } => Error::InvalidConfig {
             key,
             value: value.replace('"', ""),
             expected,
-        }),
-        Err(e @ (Error::UnknownConfigKey { .. } | Error::MissingAlgorithm)) => Err(e),
-        _ => Err(Error::ConfigJson(first)),
-    }
+        },
+        e => e,
+    })
 }
 
 /// `text` with every bare `NaN`, `Infinity` and `-Infinity` outside strings put in quotes, or
@@ -264,7 +259,10 @@ mod tests {
             ),
             "{e}"
         );
+        // Any malformed value names its key (issue 8); only text that is no object at all does not.
         let e = config_from_json(r#"{"algorithm": "adam", "lr": }"#).unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig { key: "lr", .. }), "{e}");
+        let e = config_from_json(r#"[1, 2]"#).unwrap_err();
         assert!(matches!(e, Error::ConfigJson(_)), "{e}");
     }
 }

@@ -4,6 +4,8 @@
 use std::num::NonZeroU64;
 
 use crate::config::{Algorithm, Config};
+use crate::error::{Error, Result};
+pub use crate::plan::Width;
 use crate::uniforms::{Chunk, MAX_GROUPS, MAX_HINTS, StepUniforms};
 
 /// Bytes of one dispatch's window of workgroup hints.
@@ -14,23 +16,6 @@ pub const GROUPS_BYTES: u64 = (MAX_GROUPS * size_of::<StepUniforms>()) as u64;
 
 /// The WGSL family every variant is built from.
 pub const ADAM_FAMILY_WGSL: &str = include_str!("../shaders/adam_family.wgsl");
-
-/// The element type one pipeline loads: four lanes at a time, or one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Width {
-    Vec4,
-    Scalar,
-}
-
-impl Width {
-    /// f32 lanes per element.
-    pub fn lanes(self) -> u64 {
-        match self {
-            Width::Vec4 => 4,
-            Width::Scalar => 1,
-        }
-    }
-}
 
 /// The complete WGSL source for one element width: the generated prelude, then the family.
 pub fn wgsl_source(width: Width) -> String {
@@ -129,7 +114,7 @@ impl Kernels {
         let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
             label: Some("wgpu-optim step"),
             entries: &[
-                uniform(0, true, GROUPS_BYTES as usize),
+                uniform(0, false, GROUPS_BYTES as usize),
                 uniform(1, false, size_of::<Chunk>()),
                 storage(2, false),
                 storage(3, true),
@@ -189,6 +174,29 @@ impl Kernels {
 
     pub fn pipeline(&self, width: Width, segmented: bool) -> &wgpu::ComputePipeline {
         &self.pipelines[Self::index(width, segmented)]
+    }
+}
+
+/// Runs `create` inside validation and out-of-memory error scopes: whatever the device refuses
+/// comes back as [`Error::Creation`] naming `what`, rather than reaching the device's
+/// uncaptured-error handler (which panics by default). On native backends the scopes' answers
+/// are ready at once: nothing waits on the GPU.
+pub fn create_scoped<T>(
+    device: &wgpu::Device,
+    what: &str,
+    create: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let memory = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let created = create();
+    let memory = pollster::block_on(memory.pop());
+    let validation = pollster::block_on(validation.pop());
+    match memory.or(validation) {
+        Some(e) => Err(Error::Creation {
+            what: what.to_string(),
+            reason: e.to_string(),
+        }),
+        None => created,
     }
 }
 
@@ -261,12 +269,11 @@ pub fn bind_group(device: &wgpu::Device, kernels: &Kernels, b: &Bindings) -> wgp
     })
 }
 
-/// Records `dispatches` into one compute pass; `step_offset` is the dynamic offset of this
-/// step's uniforms. `timestamp_writes`, if any, time the pass (the benchmark uses it).
+/// Records `dispatches` into one compute pass. `timestamp_writes`, if any, time the pass (the
+/// benchmark uses it).
 pub fn record(
     encoder: &mut wgpu::CommandEncoder,
     kernels: &Kernels,
-    step_offset: u32,
     dispatches: &mut dyn Iterator<Item = &Dispatch>,
     timestamp_writes: Option<wgpu::ComputePassTimestampWrites>,
 ) {
@@ -280,7 +287,7 @@ pub fn record(
             pass.set_pipeline(kernels.pipeline(d.width, d.segmented));
             current = Some((d.width, d.segmented));
         }
-        pass.set_bind_group(0, &d.bind_group, &[step_offset]);
+        pass.set_bind_group(0, &d.bind_group, &[]);
         pass.dispatch_workgroups(d.grid[0], d.grid[1], 1);
     }
 }
@@ -316,19 +323,33 @@ pub fn state_buffer(device: &wgpu::Device, label: &str, len: u64, fill: f32) -> 
         // New buffers are zeroed; only a non-zero fill needs writing, a block at a time.
         const BLOCK: usize = 1 << 16;
         let block = vec![fill; BLOCK];
-        let mut view = buffer
-            .get_mapped_range_mut(..)
-            .expect("a buffer mapped at creation maps");
-        let bytes = view.len();
-        for start in (0..bytes).step_by(BLOCK * 4) {
-            let end = (start + BLOCK * 4).min(bytes);
-            view.slice(start..end)
-                .copy_from_slice(&bytemuck::cast_slice(&block)[..end - start]);
+        // A buffer the device could not create does not map: its error scope reports it.
+        if let Ok(mut view) = buffer.get_mapped_range_mut(..) {
+            let bytes = view.len();
+            for start in (0..bytes).step_by(BLOCK * 4) {
+                let end = (start + BLOCK * 4).min(bytes);
+                view.slice(start..end)
+                    .copy_from_slice(&bytemuck::cast_slice(&block)[..end - start]);
+            }
         }
-        drop(view);
         buffer.unmap();
     }
     buffer
+}
+
+/// Records into `encoder` a copy of `data` into the start of `target`, through a fresh buffer
+/// mapped at creation: the copy runs in encoder order, so each recorded step reads its own
+/// numbers however many are recorded before a submit (a `Queue::write_buffer` would land
+/// before the whole submit, and a reused upload buffer would need the host to know when the
+/// caller submits). `data.len()` is a multiple of 4.
+pub fn upload(
+    device: &wgpu::Device,
+    encoder: &mut wgpu::CommandEncoder,
+    target: &wgpu::Buffer,
+    data: &[u8],
+) {
+    let upload = buffer_init(device, "wgpu-optim step upload", wgpu::BufferUsages::COPY_SRC, data);
+    encoder.copy_buffer_to_buffer(&upload, 0, target, 0, data.len() as u64);
 }
 
 /// A uniform buffer of `size` bytes written later with `Queue::write_buffer`.
@@ -354,10 +375,12 @@ pub fn buffer_init(
         usage,
         mapped_at_creation: true,
     });
-    buffer
-        .get_mapped_range_mut(..data.len() as u64)
-        .expect("a buffer mapped at creation maps")
-        .copy_from_slice(data);
+    // A buffer the device could not create does not map: its error scope reports it.
+    if !data.is_empty()
+        && let Ok(mut view) = buffer.get_mapped_range_mut(..data.len() as u64)
+    {
+        view.copy_from_slice(data);
+    }
     buffer.unmap();
     buffer
 }

@@ -31,9 +31,12 @@ mod file;
 pub mod groups;
 pub mod kernels;
 mod optimizer;
+mod plan;
 pub mod reference;
 pub mod replay;
 pub mod schedule;
+#[doc(hidden)]
+pub mod testing;
 mod state;
 mod uniforms;
 pub mod util;
@@ -41,7 +44,7 @@ pub mod util;
 pub use config::{Algorithm, CONFIG_KEYS, Config, EpsMode};
 pub use error::{Error, Result};
 pub use optimizer::{
-    Arena, BufferView, FlatParameters, FlatTensor, MAX_STEPS_PER_SUBMIT, Optimizer,
+    Arena, BufferView, FlatParameters, FlatTensor, Optimizer,
     OptimizerOptions, Parameter,
 };
 pub use reference::TensorState;

@@ -7,18 +7,12 @@
 
 use crate::config::{self, Config};
 use crate::error::{Error, Result};
-use crate::kernels::{
-    self, Bindings, Dispatch, GROUPS_BYTES, HINTS_BYTES, Kernels, Range, Variant, Width,
-};
+use crate::kernels::{self, Bindings, Dispatch, GROUPS_BYTES, HINTS_BYTES, Kernels, Range, Variant};
+use crate::plan::{self, PlanLimits, Planned, Segment, SpanLayout};
 use crate::reference::TensorState;
 use crate::schedule::Schedule;
 use crate::state::StateBuffers;
 use crate::uniforms::{Chunk, MAX_GROUPS, MAX_HINTS, StepUniforms};
-
-/// Steps that can be recorded before the queue is submitted. Each step writes its uniforms to
-/// its own slot of a ring with `Queue::write_buffer`, which lands at the next submit; more
-/// unsubmitted steps than this would overwrite a slot still waiting to be read.
-pub const MAX_STEPS_PER_SUBMIT: u64 = 64;
 
 /// A range of f32 elements in a user's buffer: `len` elements starting `offset` elements in.
 #[derive(Clone, Debug)]
@@ -138,8 +132,9 @@ pub struct Optimizer {
     schedules: Vec<Option<Schedule>>,
     step: u64,
     kernels: Kernels,
+    /// For the small upload buffer each step records (see [`Optimizer::step`]).
+    device: wgpu::Device,
     step_uniforms: wgpu::Buffer,
-    slot_stride: u64,
     tensors: Vec<Tensor>,
     spans: Vec<Span>,
 }
@@ -180,8 +175,8 @@ impl Optimizer {
         check_limits(&limits, options.workgroup_size)?;
         let chunk_len = chunk_len(&limits, options)?;
 
-        // Every span with its segments (start, end, group), sorted, relative to the span.
-        let mut plans: Vec<(BufferView, BufferView, Vec<[u64; 3]>)> = Vec::new();
+        // Every span with its segments, sorted, relative to the span.
+        let mut plans: Vec<(BufferView, BufferView, Vec<Segment>)> = Vec::new();
         let mut tensors = Vec::new();
         for p in parameters {
             check_views(&p.name, &p.param, &p.grad)?;
@@ -196,7 +191,14 @@ impl Optimizer {
             plans.push((
                 p.param.clone(),
                 p.grad.clone(),
-                vec![[0, p.param.len, p.group as u64]],
+                vec![Segment {
+                    start: 0,
+                    end: p.param.len,
+                    group: p.group as u32,
+                }]
+                .into_iter()
+                .filter(|s| s.end > 0)
+                .collect(),
             ));
         }
         for (k, flat) in flats.iter().enumerate() {
@@ -224,13 +226,17 @@ impl Optimizer {
                     len: t.len,
                 });
                 if t.len > 0 {
-                    segments.push([t.offset, t.offset + t.len, t.group as u64]);
+                    segments.push(Segment {
+                        start: t.offset,
+                        end: t.offset + t.len,
+                        group: t.group as u32,
+                    });
                 }
             }
             segments.sort();
-            if let Some(w) = segments.windows(2).find(|w| w[0][1] > w[1][0]) {
-                let name = |s: [u64; 3]| {
-                    let t = flat.tensors.iter().find(|t| t.offset == s[0] && t.len > 0);
+            if let Some(w) = segments.windows(2).find(|w| w[0].end > w[1].start) {
+                let name = |s: Segment| {
+                    let t = flat.tensors.iter().find(|t| t.offset == s.start && t.len > 0);
                     t.map_or(String::new(), |t| t.name.clone())
                 };
                 return Err(Error::OverlappingTensors {
@@ -243,47 +249,41 @@ impl Optimizer {
 
         let variant = Variant::new(groups, options.workgroup_size);
         let segmented_workgroup_size = variant.segmented_workgroup_size();
-        let kernels = Kernels::new(device, variant);
-        let uniform_align = limits.min_uniform_buffer_offset_alignment as u64;
-        let slot_stride = GROUPS_BYTES.next_multiple_of(uniform_align);
-        let step_uniforms = kernels::uniform_buffer(
-            device,
-            "wgpu-optim step uniforms",
-            slot_stride * MAX_STEPS_PER_SUBMIT,
-        );
-
         // Plan every dispatch first, so that their Chunk entries share one uniform buffer and
         // their segment tables one storage buffer.
-        let align = storage_alignment(&limits);
-        let granularity = Optimizer::chunk_granularity(&limits);
+        let plan_limits = PlanLimits {
+            chunk_len,
+            align: storage_alignment(&limits),
+            workgroup_size: options.workgroup_size,
+            segmented_workgroup_size,
+            max_hints: MAX_HINTS,
+        };
         let mut table: Vec<u32> = Vec::new();
-        let planned: Vec<Vec<Planned>> = plans
-            .iter()
-            .map(|(param, grad, segments)| {
-                // A dispatch over several tensors has at most MAX_HINTS workgroups: one window of
-                // hints. Vec4 dispatches need a quarter of the workgroups of scalar ones.
-                let lanes = if vec4_aligned(param, grad, segments) {
-                    4
-                } else {
-                    1
-                };
-                let hinted = MAX_HINTS * segmented_workgroup_size as u64 * lanes;
-                let chunk_len = if segments.len() > 1 {
-                    chunk_len.min(hinted / granularity * granularity)
-                } else {
-                    chunk_len
-                };
-                plan(
-                    param,
-                    grad,
-                    segments,
-                    chunk_len,
-                    align,
-                    [options.workgroup_size, segmented_workgroup_size],
-                    &mut table,
-                )
-            })
-            .collect();
+        let mut planned: Vec<Vec<Planned>> = Vec::new();
+        for (param, grad, segments) in &plans {
+            let span = SpanLayout {
+                param_offset: param.offset,
+                grad_offset: grad.offset,
+                len: param.len,
+                segments,
+            };
+            let mut dispatches = plan::plan_span(&span, &plan_limits);
+            // Cheap (no walk over elements): a planner bug becomes an error, not a wrong step.
+            plan::check(&span, &plan_limits, &dispatches).map_err(Error::Internal)?;
+            for d in &mut dispatches {
+                d.chunk.segments = table.len() as u32;
+                table.extend(d.rows.iter().flatten());
+            }
+            planned.push(dispatches);
+        }
+        // Everything the device creates, in error scopes: out of memory, or a user buffer that
+        // fails validation (destroyed, say), comes back as an error instead of reaching wgpu's
+        // uncaptured-error handler (which panics by default) after an `Ok`.
+        kernels::create_scoped(device, "the optimizer's state, pipelines and bind groups", || {
+        let kernels = Kernels::new(device, variant);
+        let uniform_align = limits.min_uniform_buffer_offset_alignment as u64;
+        let step_uniforms = kernels::uniform_buffer(device, "wgpu-optim step uniforms", GROUPS_BYTES);
+
         let chunk_stride = (size_of::<Chunk>() as u64).next_multiple_of(uniform_align);
         let mut chunk_bytes = vec![0u8; chunk_stride as usize * planned.iter().flatten().count()];
         for (i, d) in planned.iter().flatten().enumerate() {
@@ -400,17 +400,20 @@ impl Optimizer {
             groups: groups.to_vec(),
             step: 0,
             kernels,
+            device: device.clone(),
             step_uniforms,
-            slot_stride,
             tensors,
             spans,
+        })
         })
     }
 
     /// Records one step over every parameter into `encoder`, in one compute pass, and
-    /// advances the step counter. The step's uniforms are written with `queue` and take
-    /// effect at the next submit: up to [`MAX_STEPS_PER_SUBMIT`] steps may be recorded before
-    /// it. The gradients must be written before the encoder's work runs.
+    /// advances the step counter. The step's numbers (learning rates, bias corrections) travel
+    /// in a small buffer copied in `encoder` just before the pass, so any number of steps may
+    /// be recorded before a submit, in one encoder or several, each reading its own. The
+    /// gradients must be written before the encoder's work runs. (`queue` is unused since the
+    /// numbers moved into the encoder; it stays for the signature's stability.)
     pub fn step(&mut self, queue: &wgpu::Queue, encoder: &mut wgpu::CommandEncoder) {
         self.step_with_timestamps(queue, encoder, None);
     }
@@ -423,25 +426,19 @@ impl Optimizer {
         encoder: &mut wgpu::CommandEncoder,
         timestamp_writes: Option<wgpu::ComputePassTimestampWrites>,
     ) {
+        let _ = queue;
         self.step += 1;
-        let slot = (self.step - 1) % MAX_STEPS_PER_SUBMIT;
-        let mut uniforms = [StepUniforms::default(); MAX_GROUPS];
-        for (g, u) in uniforms.iter_mut().enumerate().take(self.groups.len()) {
-            *u = StepUniforms::new(&self.groups[g], self.step, self.lr_at(g, self.step));
-        }
-        queue.write_buffer(
+        let uniforms: Vec<StepUniforms> = (0..self.groups.len())
+            .map(|g| StepUniforms::new(&self.groups[g], self.step, self.lr_at(g, self.step)))
+            .collect();
+        kernels::upload(
+            &self.device,
+            encoder,
             &self.step_uniforms,
-            slot * self.slot_stride,
-            bytemuck::cast_slice(&uniforms[..self.groups.len()]),
+            bytemuck::cast_slice(&uniforms),
         );
         let mut dispatches = self.spans.iter().flat_map(|s| &s.dispatches);
-        kernels::record(
-            encoder,
-            &self.kernels,
-            (slot * self.slot_stride) as u32,
-            &mut dispatches,
-            timestamp_writes,
-        );
+        kernels::record(encoder, &self.kernels, &mut dispatches, timestamp_writes);
     }
 
     /// Records one step, submits it and blocks until the device has finished it.
@@ -458,7 +455,7 @@ impl Optimizer {
     /// Sets the base learning rate of every group for the following steps (finite, >= 0; a
     /// schedule scales it).
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
-        config::check_step_lr(lr)?;
+        config::check_lr(lr)?;
         self.lrs.fill(lr);
         Ok(())
     }
@@ -466,7 +463,7 @@ impl Optimizer {
     /// Sets the base learning rate of group `group` for the following steps (finite, >= 0).
     /// Only the per-step uniforms change; nothing is re-recorded.
     pub fn set_group_lr(&mut self, group: usize, lr: f64) -> Result<()> {
-        config::check_step_lr(lr)?;
+        config::check_lr(lr)?;
         check_group("set_group_lr", group, self.groups.len())?;
         self.lrs[group] = lr;
         Ok(())
@@ -563,7 +560,7 @@ impl Optimizer {
     /// The smallest unit of [`OptimizerOptions::chunk_elements`] on this device, and the
     /// alignment (in elements) at which an [`Arena`] places its tensors.
     pub fn chunk_granularity(limits: &wgpu::Limits) -> u64 {
-        (storage_alignment(limits) / 4).max(4)
+        plan::granularity(storage_alignment(limits))
     }
 
     /// Dispatches one step records.
@@ -625,10 +622,12 @@ impl Arena {
                 mapped_at_creation: false,
             })
         };
-        Ok(Arena {
-            param: buffer("wgpu-optim arena params"),
-            grad: buffer("wgpu-optim arena grads"),
-            tensors,
+        kernels::create_scoped(device, "the arena's buffers", || {
+            Ok(Arena {
+                param: buffer("wgpu-optim arena params"),
+                grad: buffer("wgpu-optim arena grads"),
+                tensors,
+            })
         })
     }
 
@@ -657,129 +656,6 @@ impl Arena {
             tensors: self.tensors.clone(),
         }
     }
-}
-
-/// In a workgroup's segment hint: all its elements lie inside one segment, whose group the
-/// low bits hold.
-const WHOLE_BLOCK: u32 = 1 << 31;
-
-/// What one dispatch binds (byte offset and size of each range) and updates.
-struct Planned {
-    width: Width,
-    segmented: bool,
-    workgroup_size: u32,
-    /// Per-workgroup hints of a segmented dispatch.
-    hints: Vec<u32>,
-    chunk: Chunk,
-    param: (u64, u64),
-    grad: (u64, u64),
-    state: (u64, u64),
-}
-
-/// Splits a span into chunks of at most `chunk_len` elements; each chunk becomes a vec4
-/// dispatch over its body (when param and grad start 16-byte aligned and every segment starts
-/// at a multiple of 4) and a scalar one over the rest. Views are bound from the aligned offset
-/// below their start. Segment tables and workgroup hints are appended to `table`.
-fn plan(
-    param: &BufferView,
-    grad: &BufferView,
-    segments: &[[u64; 3]],
-    chunk_len: u64,
-    align: u64,
-    // for one-tensor and for segmented dispatches
-    [workgroup_size, segmented_workgroup_size]: [u32; 2],
-    table: &mut Vec<u32>,
-) -> Vec<Planned> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    while start < param.len {
-        let len = chunk_len.min(param.len - start);
-        let end = start + len;
-        // This chunk's segments, relative to its start.
-        let local: Vec<[u64; 3]> = segments
-            .iter()
-            .filter(|s| s[0] < end && s[1] > start)
-            .map(|s| [s[0].max(start) - start, s[1].min(end) - start, s[2]])
-            .collect();
-        // (binding offset in bytes, first element within the binding)
-        let bind = |view: &BufferView| {
-            let byte = (view.offset + start) * 4;
-            let offset = byte / align * align;
-            (offset, (byte - offset) / 4)
-        };
-        let (param_offset, param_base) = bind(param);
-        let (grad_offset, grad_base) = bind(grad);
-        let aligned =
-            param_base % 4 == 0 && grad_base % 4 == 0 && local.iter().all(|s| s[0] % 4 == 0);
-        let body = if aligned { len / 4 * 4 } else { 0 };
-        let segments_at = table.len() as u32;
-        for s in &local {
-            table.extend([s[0] as u32, s[1] as u32, s[2] as u32, 0]);
-        }
-        let mut dispatch = |width: Width, first: u64, count: u64| {
-            // Nothing to do where no segment overlaps [first, first + count).
-            if count == 0 || !local.iter().any(|s| s[0] < first + count && s[1] > first) {
-                return;
-            }
-            let lanes = width.lanes();
-            // One tensor covering the whole dispatch: its group is in the Chunk, no table.
-            let single = local
-                .iter()
-                .find(|s| s[0] <= first && s[1] >= first + count);
-            let mut hints = Vec::new();
-            let workgroup_size = match single {
-                Some(_) => workgroup_size,
-                None => segmented_workgroup_size,
-            };
-            if single.is_none() {
-                // For each workgroup, WHOLE_BLOCK | group when one segment holds all of its
-                // elements (the shader's fast path), else the first segment ending past them.
-                let per_block = workgroup_size as u64 * lanes;
-                let mut s = 0;
-                for b in 0..(count / lanes).div_ceil(workgroup_size as u64) {
-                    let e = first + b * per_block;
-                    let block_end = (e + per_block).min(first + count);
-                    while s + 1 < local.len() && local[s][1] <= e {
-                        s += 1;
-                    }
-                    hints.push(if local[s][0] <= e && local[s][1] >= block_end {
-                        WHOLE_BLOCK | local[s][2] as u32
-                    } else {
-                        s as u32
-                    });
-                }
-            }
-            out.push(Planned {
-                width,
-                segmented: single.is_none(),
-                workgroup_size,
-                chunk: Chunk {
-                    count: (count / lanes) as u32,
-                    param_base: ((param_base + first) / lanes) as u32,
-                    grad_base: ((grad_base + first) / lanes) as u32,
-                    state_base: (first / lanes) as u32,
-                    first_element: first as u32,
-                    segments: segments_at,
-                    segment_count: local.len() as u32,
-                    group: single.map_or(0, |s| s[2] as u32),
-                    ..Chunk::default()
-                },
-                param: (param_offset, param_base * 4 + len * 4),
-                grad: (grad_offset, grad_base * 4 + len * 4),
-                state: (start * 4, len * 4),
-                hints,
-            });
-        };
-        dispatch(Width::Vec4, 0, body);
-        dispatch(Width::Scalar, body, len - body);
-        start = end;
-    }
-    out
-}
-
-/// Whether a span's chunks run the vec4 kernel: param, grad and every tensor 16-byte aligned.
-fn vec4_aligned(param: &BufferView, grad: &BufferView, segments: &[[u64; 3]]) -> bool {
-    param.offset % 4 == 0 && grad.offset % 4 == 0 && segments.iter().all(|s| s[0] % 4 == 0)
 }
 
 /// Binding offsets are multiples of this (and of 16, so that vec4 views stay aligned).
@@ -879,11 +755,6 @@ fn check_limits(limits: &wgpu::Limits, workgroup_size: u32) -> Result<()> {
         "max_uniform_buffer_binding_size",
         limits.max_uniform_buffer_binding_size,
         HINTS_BYTES,
-    )?;
-    need(
-        "max_dynamic_uniform_buffers_per_pipeline_layout",
-        limits.max_dynamic_uniform_buffers_per_pipeline_layout as u64,
-        1,
     )?;
     if workgroup_size == 0 {
         return Err(Error::InvalidOption {

@@ -28,7 +28,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use crate::config::Config;
+use crate::config::{self, Config};
 use crate::error::{Error, Result};
 use crate::file::{self, F32Tensor, Safetensors};
 use crate::kernels;
@@ -166,12 +166,12 @@ impl Trace {
                         expected: format!("[{steps}], one learning rate per step"),
                     });
                 }
-                if let Some(index) = data.iter().position(|x| !(x.is_finite() && *x > 0.0)) {
+                if let Some(index) = data.iter().position(|&x| config::check_lr(x as f64).is_err()) {
                     return Err(Error::TensorValue {
                         tensor: tensor.to_string(),
                         index,
                         value: data[index],
-                        expected: "a finite learning rate > 0".into(),
+                        expected: format!("a learning rate: {}", config::LR_DOMAIN),
                     });
                 }
                 Some(data)

@@ -74,8 +74,8 @@ use crate::error::{Error, Result};
 /// panics, but gives meaningless values (NaN where a formula divides by zero) for a schedule
 /// that does not validate.
 ///
-/// Note that [`crate::Optimizer::set_lr`] takes only learning rates > 0, while schedules can
-/// reach 0 (`eta_min = 0`, `end_lr = 0`, a factor 0).
+/// Schedules can reach 0 (`eta_min = 0`, `end_lr = 0`, a factor 0), which is a valid
+/// learning rate everywhere (`Config::lr`, [`crate::Optimizer::set_lr`], traces, checkpoints).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Schedule {
     /// `base * factor` for the first `total_iters` steps, then `base`.

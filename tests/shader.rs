@@ -52,10 +52,10 @@ fn shared_structs_have_the_same_layout_in_rust_and_wgsl() {
                 beta2,
                 one_minus_beta2,
                 weight_decay,
-                decay_factor,
+                lr_weight_decay,
                 rescale_grad,
                 clip_gradient,
-                _pad
+                clips
             })
         );
         assert_eq!(
