@@ -1,4 +1,4 @@
-// The fused Adam / AdamW / Yogi step (shared/spec/semantics.md): one pass reads param, grad
+// The fused Adam / AdamW / Yogi step (docs/semantics.md): one pass reads param, grad
 // and the state once and writes param and the state once.
 //
 // A dispatch walks a range of `Elem`s that may hold many parameter tensors (segments), each in

@@ -1,5 +1,5 @@
 //! The optimizer's configuration: types, defaults, validation and the JSON form of
-//! `shared/spec/semantics.md`.
+//! `docs/semantics.md`.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -213,7 +213,11 @@ impl Config {
         if let Some(c) = self.clip_gradient {
             check("clip_gradient", c, positive)?;
         }
-        check("initial_accumulator", self.initial_accumulator, non_negative)
+        check(
+            "initial_accumulator",
+            self.initial_accumulator,
+            non_negative,
+        )
     }
 
     /// Parses the JSON form (an object with the spec's keys; missing keys take the defaults of
@@ -243,16 +247,10 @@ impl Config {
                 "weight_decay" => c.weight_decay = parse("weight_decay", v)?,
                 "amsgrad" => c.amsgrad = parse("amsgrad", v)?,
                 "maximize" => c.maximize = parse("maximize", v)?,
-                "bias_correction" => {
-                    c.bias_correction = parse("bias_correction", v)?
-                }
+                "bias_correction" => c.bias_correction = parse("bias_correction", v)?,
                 "rescale_grad" => c.rescale_grad = parse("rescale_grad", v)?,
-                "clip_gradient" => {
-                    c.clip_gradient = parse("clip_gradient", v)?
-                }
-                "initial_accumulator" => {
-                    c.initial_accumulator = parse("initial_accumulator", v)?
-                }
+                "clip_gradient" => c.clip_gradient = parse("clip_gradient", v)?,
+                "initial_accumulator" => c.initial_accumulator = parse("initial_accumulator", v)?,
                 _ => {} // "algorithm", read above
             }
         }
@@ -290,7 +288,10 @@ fn parse_object(text: &str) -> Result<Map<String, Value>> {
         let value = serde_json::from_str(raw.get())
             .map_err(|e| invalid_value(&key, format!("{} ({e})", raw.get())))?;
         if map.insert(key.clone(), value).is_some() {
-            return Err(invalid_value(&key, "a second value for the same key".into()));
+            return Err(invalid_value(
+                &key,
+                "a second value for the same key".into(),
+            ));
         }
     }
     Ok(map)
@@ -335,12 +336,14 @@ impl<'de> serde::de::Visitor<'de> for RawEntries<'_> {
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Entries, A::Error> {
         let mut entries = Vec::new();
+        // The key stays recorded until the next one: an error just after a value (`0.1.2`, a
+        // missing comma) is still about that value.
         while let Some(key) = map.next_key::<String>()? {
             *self.0.borrow_mut() = Some(key.clone());
             let value = map.next_value()?;
-            *self.0.borrow_mut() = None;
             entries.push((key, value));
         }
+        *self.0.borrow_mut() = None;
         Ok(entries)
     }
 }

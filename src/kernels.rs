@@ -348,7 +348,12 @@ pub fn upload(
     target: &wgpu::Buffer,
     data: &[u8],
 ) {
-    let upload = buffer_init(device, "wgpu-optim step upload", wgpu::BufferUsages::COPY_SRC, data);
+    let upload = buffer_init(
+        device,
+        "wgpu-optim step upload",
+        wgpu::BufferUsages::COPY_SRC,
+        data,
+    );
     encoder.copy_buffer_to_buffer(&upload, 0, target, 0, data.len() as u64);
 }
 

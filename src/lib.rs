@@ -1,6 +1,6 @@
 //! Fused GPU optimizer steps (Adam, AdamW, Yogi and their variants) in WGSL, run through wgpu.
 //!
-//! The semantics are those of `shared/spec/semantics.md` (PyTorch's to the letter where PyTorch
+//! The semantics are those of `docs/semantics.md` (PyTorch's to the letter where PyTorch
 //! has the variant); see [`Config`] for the algorithm with every option.
 //!
 //! ```no_run
@@ -35,17 +35,16 @@ mod plan;
 pub mod reference;
 pub mod replay;
 pub mod schedule;
+mod state;
 #[doc(hidden)]
 pub mod testing;
-mod state;
 mod uniforms;
 pub mod util;
 
 pub use config::{Algorithm, CONFIG_KEYS, Config, EpsMode};
 pub use error::{Error, Result};
 pub use optimizer::{
-    Arena, BufferView, FlatParameters, FlatTensor, Optimizer,
-    OptimizerOptions, Parameter,
+    Arena, BufferView, FlatParameters, FlatTensor, Optimizer, OptimizerOptions, Parameter,
 };
 pub use reference::TensorState;
 pub use schedule::Schedule;

@@ -7,7 +7,9 @@
 
 use crate::config::{self, Config};
 use crate::error::{Error, Result};
-use crate::kernels::{self, Bindings, Dispatch, GROUPS_BYTES, HINTS_BYTES, Kernels, Range, Variant};
+use crate::kernels::{
+    self, Bindings, Dispatch, GROUPS_BYTES, HINTS_BYTES, Kernels, Range, Variant,
+};
 use crate::plan::{self, PlanLimits, Planned, Segment, SpanLayout};
 use crate::reference::TensorState;
 use crate::schedule::Schedule;
@@ -236,7 +238,10 @@ impl Optimizer {
             segments.sort();
             if let Some(w) = segments.windows(2).find(|w| w[0].end > w[1].start) {
                 let name = |s: Segment| {
-                    let t = flat.tensors.iter().find(|t| t.offset == s.start && t.len > 0);
+                    let t = flat
+                        .tensors
+                        .iter()
+                        .find(|t| t.offset == s.start && t.len > 0);
                     t.map_or(String::new(), |t| t.name.clone())
                 };
                 return Err(Error::OverlappingTensors {
@@ -279,133 +284,141 @@ impl Optimizer {
         // Everything the device creates, in error scopes: out of memory, or a user buffer that
         // fails validation (destroyed, say), comes back as an error instead of reaching wgpu's
         // uncaptured-error handler (which panics by default) after an `Ok`.
-        kernels::create_scoped(device, "the optimizer's state, pipelines and bind groups", || {
-        let kernels = Kernels::new(device, variant);
-        let uniform_align = limits.min_uniform_buffer_offset_alignment as u64;
-        let step_uniforms = kernels::uniform_buffer(device, "wgpu-optim step uniforms", GROUPS_BYTES);
+        kernels::create_scoped(
+            device,
+            "the optimizer's state, pipelines and bind groups",
+            || {
+                let kernels = Kernels::new(device, variant);
+                let uniform_align = limits.min_uniform_buffer_offset_alignment as u64;
+                let step_uniforms =
+                    kernels::uniform_buffer(device, "wgpu-optim step uniforms", GROUPS_BYTES);
 
-        let chunk_stride = (size_of::<Chunk>() as u64).next_multiple_of(uniform_align);
-        let mut chunk_bytes = vec![0u8; chunk_stride as usize * planned.iter().flatten().count()];
-        for (i, d) in planned.iter().flatten().enumerate() {
-            let at = i * chunk_stride as usize;
-            chunk_bytes[at..at + size_of::<Chunk>()].copy_from_slice(bytemuck::bytes_of(&d.chunk));
-        }
-        let chunk_uniforms = kernels::buffer_init(
-            device,
-            "wgpu-optim chunks",
-            wgpu::BufferUsages::UNIFORM,
-            &chunk_bytes,
-        );
-        let table = kernels::buffer_init(
-            device,
-            "wgpu-optim segments",
-            wgpu::BufferUsages::STORAGE,
-            bytemuck::cast_slice(&table),
-        );
-        // Each segmented dispatch's hints at its own aligned offset; every window of
-        // HINTS_BYTES fits in the buffer (windows may overlap: the shader reads only its own).
-        let mut hint_offsets = Vec::new();
-        let mut hint_bytes: Vec<u8> = Vec::new();
-        for d in planned.iter().flatten() {
-            hint_offsets.push(hint_bytes.len() as u64);
-            hint_bytes.extend(bytemuck::cast_slice(&d.hints));
-            hint_bytes.resize(
-                (hint_bytes.len() as u64).next_multiple_of(uniform_align) as usize,
-                0,
-            );
-        }
-        hint_bytes.resize(hint_bytes.len() + HINTS_BYTES as usize, 0);
-        let hints = kernels::buffer_init(
-            device,
-            "wgpu-optim workgroup hints",
-            wgpu::BufferUsages::UNIFORM,
-            &hint_bytes,
-        );
-        // amsgrad off: the max_exp_avg_sq binding is never read, but must be bound.
-        let unused = kernels::state_buffer(device, "wgpu-optim unused max_exp_avg_sq", 4, 0.0);
+                let chunk_stride = (size_of::<Chunk>() as u64).next_multiple_of(uniform_align);
+                let mut chunk_bytes =
+                    vec![0u8; chunk_stride as usize * planned.iter().flatten().count()];
+                for (i, d) in planned.iter().flatten().enumerate() {
+                    let at = i * chunk_stride as usize;
+                    chunk_bytes[at..at + size_of::<Chunk>()]
+                        .copy_from_slice(bytemuck::bytes_of(&d.chunk));
+                }
+                let chunk_uniforms = kernels::buffer_init(
+                    device,
+                    "wgpu-optim chunks",
+                    wgpu::BufferUsages::UNIFORM,
+                    &chunk_bytes,
+                );
+                let table = kernels::buffer_init(
+                    device,
+                    "wgpu-optim segments",
+                    wgpu::BufferUsages::STORAGE,
+                    bytemuck::cast_slice(&table),
+                );
+                // Each segmented dispatch's hints at its own aligned offset; every window of
+                // HINTS_BYTES fits in the buffer (windows may overlap: the shader reads only its own).
+                let mut hint_offsets = Vec::new();
+                let mut hint_bytes: Vec<u8> = Vec::new();
+                for d in planned.iter().flatten() {
+                    hint_offsets.push(hint_bytes.len() as u64);
+                    hint_bytes.extend(bytemuck::cast_slice(&d.hints));
+                    hint_bytes.resize(
+                        (hint_bytes.len() as u64).next_multiple_of(uniform_align) as usize,
+                        0,
+                    );
+                }
+                hint_bytes.resize(hint_bytes.len() + HINTS_BYTES as usize, 0);
+                let hints = kernels::buffer_init(
+                    device,
+                    "wgpu-optim workgroup hints",
+                    wgpu::BufferUsages::UNIFORM,
+                    &hint_bytes,
+                );
+                // amsgrad off: the max_exp_avg_sq binding is never read, but must be bound.
+                let unused =
+                    kernels::state_buffer(device, "wgpu-optim unused max_exp_avg_sq", 4, 0.0);
 
-        let mut chunk_index = 0u64;
-        let spans = plans
-            .iter()
-            .zip(&planned)
-            .enumerate()
-            .map(|(i, ((param, grad, _), planned))| {
-                let name = match parameters.get(i) {
-                    Some(p) => p.name.clone(),
-                    None => format!("flat{}", i - parameters.len()),
-                };
-                let state = StateBuffers::new(device, &groups[0], &name, param.len);
-                let dispatches = planned
+                let mut chunk_index = 0u64;
+                let spans = plans
                     .iter()
-                    .map(|d| {
-                        let state_range = |buffer| Range {
-                            buffer,
-                            offset: d.state.0,
-                            size: d.state.1,
+                    .zip(&planned)
+                    .enumerate()
+                    .map(|(i, ((param, grad, _), planned))| {
+                        let name = match parameters.get(i) {
+                            Some(p) => p.name.clone(),
+                            None => format!("flat{}", i - parameters.len()),
                         };
-                        let bindings = Bindings {
-                            step_uniforms: &step_uniforms,
-                            chunk: Range {
-                                buffer: &chunk_uniforms,
-                                offset: chunk_index * chunk_stride,
-                                size: size_of::<Chunk>() as u64,
-                            },
-                            param: Range {
-                                buffer: &param.buffer,
-                                offset: d.param.0,
-                                size: d.param.1,
-                            },
-                            grad: Range {
-                                buffer: &grad.buffer,
-                                offset: d.grad.0,
-                                size: d.grad.1,
-                            },
-                            exp_avg: state_range(&state.exp_avg),
-                            exp_avg_sq: state_range(&state.exp_avg_sq),
-                            max_exp_avg_sq: match &state.max_exp_avg_sq {
-                                Some(b) => state_range(b),
-                                None => Range {
-                                    buffer: &unused,
-                                    offset: 0,
-                                    size: 16,
-                                },
-                            },
-                            table: &table,
-                            hints: Range {
-                                buffer: &hints,
-                                offset: hint_offsets[chunk_index as usize],
-                                size: HINTS_BYTES,
-                            },
-                        };
-                        chunk_index += 1;
-                        Dispatch {
-                            width: d.width,
-                            segmented: d.segmented,
-                            bind_group: kernels::bind_group(device, &kernels, &bindings),
-                            grid: kernels::workgroup_grid(
-                                d.chunk.count as u64,
-                                d.workgroup_size,
-                                limits.max_compute_workgroups_per_dimension,
-                            ),
-                        }
+                        let state = StateBuffers::new(device, &groups[0], &name, param.len);
+                        let dispatches = planned
+                            .iter()
+                            .map(|d| {
+                                let state_range = |buffer| Range {
+                                    buffer,
+                                    offset: d.state.0,
+                                    size: d.state.1,
+                                };
+                                let bindings = Bindings {
+                                    step_uniforms: &step_uniforms,
+                                    chunk: Range {
+                                        buffer: &chunk_uniforms,
+                                        offset: chunk_index * chunk_stride,
+                                        size: size_of::<Chunk>() as u64,
+                                    },
+                                    param: Range {
+                                        buffer: &param.buffer,
+                                        offset: d.param.0,
+                                        size: d.param.1,
+                                    },
+                                    grad: Range {
+                                        buffer: &grad.buffer,
+                                        offset: d.grad.0,
+                                        size: d.grad.1,
+                                    },
+                                    exp_avg: state_range(&state.exp_avg),
+                                    exp_avg_sq: state_range(&state.exp_avg_sq),
+                                    max_exp_avg_sq: match &state.max_exp_avg_sq {
+                                        Some(b) => state_range(b),
+                                        None => Range {
+                                            buffer: &unused,
+                                            offset: 0,
+                                            size: 16,
+                                        },
+                                    },
+                                    table: &table,
+                                    hints: Range {
+                                        buffer: &hints,
+                                        offset: hint_offsets[chunk_index as usize],
+                                        size: HINTS_BYTES,
+                                    },
+                                };
+                                chunk_index += 1;
+                                Dispatch {
+                                    width: d.width,
+                                    segmented: d.segmented,
+                                    bind_group: kernels::bind_group(device, &kernels, &bindings),
+                                    grid: kernels::workgroup_grid(
+                                        d.chunk.count as u64,
+                                        d.workgroup_size,
+                                        limits.max_compute_workgroups_per_dimension,
+                                    ),
+                                }
+                            })
+                            .collect();
+                        Span { state, dispatches }
                     })
                     .collect();
-                Span { state, dispatches }
-            })
-            .collect();
 
-        Ok(Optimizer {
-            lrs: groups.iter().map(|g| g.lr).collect(),
-            schedules: vec![None; groups.len()],
-            groups: groups.to_vec(),
-            step: 0,
-            kernels,
-            device: device.clone(),
-            step_uniforms,
-            tensors,
-            spans,
-        })
-        })
+                Ok(Optimizer {
+                    lrs: groups.iter().map(|g| g.lr).collect(),
+                    schedules: vec![None; groups.len()],
+                    groups: groups.to_vec(),
+                    step: 0,
+                    kernels,
+                    device: device.clone(),
+                    step_uniforms,
+                    tensors,
+                    spans,
+                })
+            },
+        )
     }
 
     /// Records one step over every parameter into `encoder`, in one compute pass, and

@@ -159,7 +159,11 @@ pub(crate) fn plan_span(span: &SpanLayout, limits: &PlanLimits) -> Vec<Planned> 
             .collect();
         for (width, first, count) in [(Width::Vec4, 0, body), (Width::Scalar, body, len - body)] {
             // Nothing to do where no segment overlaps [first, first + count).
-            if count == 0 || !local.iter().any(|s| s.start < first + count && s.end > first) {
+            if count == 0
+                || !local
+                    .iter()
+                    .any(|s| s.start < first + count && s.end > first)
+            {
                 continue;
             }
             let lanes = width.lanes();
@@ -226,7 +230,11 @@ fn hints(local: &[Segment], first: u64, count: u64, lanes: u64, workgroup_size: 
 /// Checks a plan's invariants that need no element-by-element walk (see the module docs):
 /// windows, alignment, widths, index ranges, and that the dispatches' ranges are disjoint and
 /// cover every tensor. `Err` names the first broken one; a planner bug, never the user's.
-pub(crate) fn check(span: &SpanLayout, limits: &PlanLimits, plans: &[Planned]) -> Result<(), String> {
+pub(crate) fn check(
+    span: &SpanLayout,
+    limits: &PlanLimits,
+    plans: &[Planned],
+) -> Result<(), String> {
     let mut covered: Vec<(u64, u64)> = Vec::new();
     for (k, d) in plans.iter().enumerate() {
         let fail = |what: &str| Err(format!("dispatch {k}: {what} ({d:?})"));
@@ -271,9 +279,11 @@ pub(crate) fn check(span: &SpanLayout, limits: &PlanLimits, plans: &[Planned]) -
             if d.hints.len() as u64 != blocks || blocks > limits.max_hints {
                 return fail("hints do not fit the window");
             }
-        } else if !d.rows.iter().any(|r| {
-            r[0] as u64 <= first && r[1] as u64 >= first + count && r[2] == c.group
-        }) {
+        } else if !d
+            .rows
+            .iter()
+            .any(|r| r[0] as u64 <= first && r[1] as u64 >= first + count && r[2] == c.group)
+        {
             return fail("one-tensor dispatch not inside its tensor");
         }
         if d.rows.len() != c.segment_count as usize {
@@ -354,7 +364,9 @@ mod tests {
                     let g = at(d.grad, c.grad_base, span.grad_offset);
                     let s = Some(chunk_start + (c.state_base as u64 + i) * lanes + lane);
                     if p != g || p != s {
-                        return Err(format!("dispatch {k}: param {p:?}, grad {g:?}, state {s:?}"));
+                        return Err(format!(
+                            "dispatch {k}: param {p:?}, grad {g:?}, state {s:?}"
+                        ));
                     }
                     let p = p.unwrap();
                     if p >= span.len {
@@ -388,7 +400,11 @@ mod tests {
         let got = emulate(span, limits, &plans)?;
         match got.iter().zip(expected(span)).position(|(g, w)| *g != w) {
             None => Ok(()),
-            Some(i) => Err(format!("element {i}: got {:?}, want {:?}", got[i], expected(span)[i])),
+            Some(i) => Err(format!(
+                "element {i}: got {:?}, want {:?}",
+                got[i],
+                expected(span)[i]
+            )),
         }
     }
 
@@ -461,9 +477,8 @@ mod tests {
                 len,
                 segments: &segments,
             };
-            verify(&span, &limits).unwrap_or_else(|e| {
-                panic!("case {case}: {e}\nspan {span:?}\nlimits {limits:?}")
-            });
+            verify(&span, &limits)
+                .unwrap_or_else(|e| panic!("case {case}: {e}\nspan {span:?}\nlimits {limits:?}"));
         }
     }
 
@@ -501,8 +516,7 @@ mod tests {
         // Many tensors, some larger than a window.
         let mut rng = Rng::new(7);
         for _ in 0..20 {
-            let (param_offset, grad_offset, len, segments) =
-                random_span(&mut rng, 40, 3 << 20);
+            let (param_offset, grad_offset, len, segments) = random_span(&mut rng, 40, 3 << 20);
             let span = SpanLayout {
                 param_offset,
                 grad_offset,
@@ -518,10 +532,23 @@ mod tests {
     fn check_catches_a_broken_plan() {
         // The checker itself must be able to fail: break good plans one way at a time.
         let segments = [
-            Segment { start: 0, end: 1000, group: 0 },
-            Segment { start: 1000, end: 1500, group: 1 },
+            Segment {
+                start: 0,
+                end: 1000,
+                group: 0,
+            },
+            Segment {
+                start: 1000,
+                end: 1500,
+                group: 1,
+            },
         ];
-        let span = SpanLayout { param_offset: 0, grad_offset: 0, len: 1600, segments: &segments };
+        let span = SpanLayout {
+            param_offset: 0,
+            grad_offset: 0,
+            len: 1600,
+            segments: &segments,
+        };
         let limits = PlanLimits {
             chunk_len: 1024,
             align: 16,
@@ -531,21 +558,25 @@ mod tests {
         };
         let good = plan_span(&span, &limits);
         fn segmented(p: &mut [Planned]) -> &mut Planned {
-            p.iter_mut().find(|d| d.segmented).expect("a segmented dispatch")
+            p.iter_mut()
+                .find(|d| d.segmented)
+                .expect("a segmented dispatch")
         }
         check(&span, &limits, &good).unwrap();
         let breaks: [fn(&mut Vec<Planned>); 5] = [
-            |p| drop(p.pop()),                          // a chunk missing
-            |p| p[0].chunk.count -= 1,                  // a dispatch too short
-            |p| p[0].param.0 += 16,                     // binding moved
-            |p| segmented(p).hints.extend([0; 40]),     // window overflow
-            |p| p[0].chunk.state_base += 1,             // state off by one
+            |p| drop(p.pop()),                      // a chunk missing
+            |p| p[0].chunk.count -= 1,              // a dispatch too short
+            |p| p[0].param.0 += 16,                 // binding moved
+            |p| segmented(p).hints.extend([0; 40]), // window overflow
+            |p| p[0].chunk.state_base += 1,         // state off by one
         ];
         for (k, b) in breaks.iter().enumerate() {
             let mut plans = good.clone();
             b(&mut plans);
             let caught = check(&span, &limits, &plans).is_err()
-                || emulate(&span, &limits, &plans).map(|u| u != expected(&span)).unwrap_or(true);
+                || emulate(&span, &limits, &plans)
+                    .map(|u| u != expected(&span))
+                    .unwrap_or(true);
             assert!(caught, "break {k} went unnoticed");
         }
     }

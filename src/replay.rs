@@ -1,4 +1,4 @@
-//! Replay: run a recorded gradient trace through the GPU optimizer, as `shared/spec/replay-format.md`
+//! Replay: run a recorded gradient trace through the GPU optimizer, as `docs/replay-format.md`
 //! defines it.
 //!
 //! A **trace** is a safetensors file with metadata `config` (the JSON of [`Config::from_json`]),
@@ -166,7 +166,10 @@ impl Trace {
                         expected: format!("[{steps}], one learning rate per step"),
                     });
                 }
-                if let Some(index) = data.iter().position(|&x| config::check_lr(x as f64).is_err()) {
+                if let Some(index) = data
+                    .iter()
+                    .position(|&x| config::check_lr(x as f64).is_err())
+                {
                     return Err(Error::TensorValue {
                         tensor: tensor.to_string(),
                         index,

@@ -802,3 +802,25 @@ fn several_groups_resume_bit_exact_with_their_own_lrs() {
     );
     assert_eq!(other.step_count(), 0);
 }
+
+#[test]
+fn a_checkpoint_saved_at_lr_zero_loads() {
+    // A schedule that decays to 0 ends there; the checkpoint of that run must load (lr >= 0 is
+    // the one learning-rate domain of the library and of torch).
+    let (device, queue) = gpu();
+    let config = Config::adamw();
+    let sizes = [5, 17, 1];
+    let mut model = Model::new(&config, &NAMES, &init(&sizes, 3));
+    model.step(&grads, 1e-3);
+    model.step(&grads, 0.0);
+    let path = scratch("lr-zero").join("optimizer.safetensors");
+    checkpoint::save(&model.optimizer, device, queue, &path).unwrap();
+    let mut fresh = Model::new(&config, &NAMES, &init(&sizes, 3));
+    fresh.optimizer.set_lr(1.0).unwrap();
+    checkpoint::load(&mut fresh.optimizer, queue, &path).unwrap();
+    assert_eq!(fresh.optimizer.lr(), 0.0);
+    assert_eq!(fresh.optimizer.step_count(), 2);
+    for (a, b) in fresh.states().iter().zip(model.states()) {
+        assert!(same_bits(a, &b));
+    }
+}

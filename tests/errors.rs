@@ -16,7 +16,7 @@ fn new(config: Config, parameters: &[Parameter]) -> Result<Optimizer, Error> {
 #[test]
 fn invalid_config_values_name_the_key() {
     let bad: Vec<(Config, &str)> = vec![
-        (Config::adam().lr(0.0), "lr"),
+        (Config::adam().lr(-1e-3), "lr"),
         (Config::adam().lr(f64::NAN), "lr"),
         (Config::adam().lr(f64::INFINITY), "lr"),
         (Config::adam().betas(1.0, 0.999), "betas"),
@@ -112,6 +112,111 @@ fn json_config_parses_fills_defaults_and_rejects_bad_keys() {
         Err(Error::ConfigJson(_))
     ));
     assert!(matches!(Config::from_json("{"), Err(Error::ConfigJson(_))));
+}
+
+#[test]
+fn a_learning_rate_of_zero_is_valid_everywhere() {
+    // torch accepts lr = 0 (`0.0 <= lr`), and linear decay to 0 is HuggingFace's default.
+    Config::adam().lr(0.0).validate().unwrap();
+    let c = Config::from_json(r#"{"algorithm": "adamw", "lr": 0}"#).unwrap();
+    assert_eq!(c.lr, 0.0);
+    let (p, g) = param(8);
+    let parameters = [Parameter::new(
+        "w",
+        BufferView::whole(&p),
+        BufferView::whole(&g),
+    )];
+    let mut optimizer = new(Config::adamw().lr(0.0), &parameters).unwrap();
+    optimizer.set_group_lr(0, 0.0).unwrap();
+    let (device, queue) = gpu();
+    common::write(&p, 0, &[1.0; 8]);
+    common::write(&g, 0, &[0.5; 8]);
+    optimizer.step_blocking(device, queue).unwrap();
+    // lr 0: the parameters stay, the moments move.
+    assert_eq!(common::read(&p, 0, 8), vec![1.0; 8]);
+    let state = optimizer.read_state_blocking(device, queue, 0).unwrap();
+    assert!(state.exp_avg.iter().all(|&m| m > 0.0));
+}
+
+#[test]
+fn malformed_json_values_name_their_key() {
+    // Numbers too large for f64, syntax errors inside a value, and a key given twice: each
+    // error names the key (serde_json alone would say "number out of range at line 1").
+    for (text, key) in [
+        (r#"{"algorithm": "adam", "lr": 1e999}"#, "lr"),
+        (r#"{"algorithm": "adam", "lr": -1e999}"#, "lr"),
+        (r#"{"algorithm": "adam", "eps": 1e400}"#, "eps"),
+        (r#"{"algorithm": "adam", "betas": [0.9, 1e999]}"#, "betas"),
+        (
+            r#"{"algorithm": "adam", "weight_decay": 1e999, "lr": 0.1}"#,
+            "weight_decay",
+        ),
+        (
+            r#"{"algorithm": "adam", "clip_gradient": 1e999}"#,
+            "clip_gradient",
+        ),
+        (r#"{"algorithm": "adam", "lr": }"#, "lr"),
+        (r#"{"algorithm": "adam", "lr": 0.1.2}"#, "lr"),
+        (r#"{"algorithm": "adam", "lr": 0.1, "lr": 0.2}"#, "lr"),
+        (r#"{"lr": 1e999, "algorithm": "adam"}"#, "lr"),
+    ] {
+        match Config::from_json(text) {
+            Err(e @ Error::InvalidConfig { key: k, .. }) => {
+                assert_eq!(k, key, "{text}");
+                assert!(e.to_string().contains(&format!("`{key}`")), "{e}");
+            }
+            other => panic!("{text}: expected InvalidConfig for {key}, got {other:?}"),
+        }
+    }
+    // An unknown key is reported as unknown, even when its value is malformed too.
+    assert!(matches!(
+        Config::from_json(r#"{"algorithm": "adam", "learning_rate": 1e999}"#),
+        Err(Error::UnknownConfigKey { key, .. }) if key == "learning_rate"
+    ));
+    // The config embedded in a replay trace or a checkpoint goes through the same parser.
+    let e = wgpu_optim::replay::Trace::from_bytes(
+        &trace_with_config(r#"{"algorithm": "adam", "lr": 1e999}"#),
+        "trace",
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig { key: "lr", .. }), "{e}");
+}
+
+/// A minimal valid trace file whose metadata `config` is `config`.
+fn trace_with_config(config: &str) -> Vec<u8> {
+    let data = [0u8; 4];
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &data).unwrap();
+    let metadata = std::collections::HashMap::from([("config".to_string(), config.to_string())]);
+    safetensors::serialize(
+        [("param.w", view.clone()), ("grad.1.w", view)],
+        Some(metadata),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_buffer_the_device_refuses_is_an_error_not_a_panic() {
+    // A destroyed buffer passes every host check (usage, size) but fails the device's
+    // validation when bound: the optimizer must return that as an error, not return Ok and
+    // leave the failure to wgpu's uncaptured-error handler (a panic by default).
+    let (p, g) = param(64);
+    p.destroy();
+    let parameters = [Parameter::new(
+        "w",
+        BufferView::whole(&p),
+        BufferView::whole(&g),
+    )];
+    match new(Config::adam(), &parameters) {
+        Err(Error::Creation { what, reason }) => {
+            assert!(what.contains("optimizer"), "{what}");
+            assert!(!reason.is_empty());
+        }
+        other => panic!(
+            "expected Error::Creation, got {:?}",
+            other.map(|_| "an optimizer")
+        ),
+    }
 }
 
 #[test]

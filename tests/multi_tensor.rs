@@ -478,3 +478,192 @@ fn schedules_drive_each_groups_lr() {
     assert_eq!(scheduled.lr_at(0, 1), groups[0].lr / 3.0);
     assert_eq!(scheduled.lr_at(1, 3), groups[1].lr * 0.5);
 }
+
+/// Bits of a result, with every NaN the same (payloads are not part of the contract).
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter()
+        .map(|v| {
+            if v.is_nan() {
+                f32::NAN.to_bits()
+            } else {
+                v.to_bits()
+            }
+        })
+        .collect()
+}
+
+/// Tensor `which` of a run over two tensors, A (37 elements, with infinities, NaN and huge
+/// values) and B (50 elements), after 3 steps: (param, exp_avg, exp_avg_sq) as bits. `layout`
+/// 0: A alone, one group; 1: separate parameters, A in group 0 and B in group 1; 2: the same
+/// in one flat buffer.
+fn isolation_run(groups: &[Config], layout: usize, which: usize) -> [Vec<u32>; 3] {
+    let (device, queue) = gpu();
+    let specials = [
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        1e30,
+        -1e30,
+        0.0,
+        -0.0,
+        f32::MAX,
+    ];
+    let mut rng = Rng::new(5);
+    let mut a_param = rng.normals(37, 1.0);
+    let mut a_grad = rng.normals(37, 1.0);
+    a_grad[..specials.len()].copy_from_slice(&specials);
+    a_param[10..10 + specials.len()].copy_from_slice(&specials);
+    let (b_param, b_grad) = (rng.normals(50, 1.0), rng.normals(50, 2.0));
+    let data = [(a_param, a_grad), (b_param, b_grad)];
+    let (pb, gb) = (buffer(96, STORAGE), buffer(96, STORAGE));
+    let offsets = [0u64, 40];
+    for (k, (p, g)) in data.iter().enumerate() {
+        write(&pb, offsets[k], p);
+        write(&gb, offsets[k], g);
+    }
+    let view = |b: &wgpu::Buffer, k: usize| BufferView::new(b, offsets[k], data[k].0.len() as u64);
+    let options = OptimizerOptions::default();
+    let mut optimizer = match layout {
+        0 => Optimizer::with_groups(
+            device,
+            &groups[..1],
+            &[Parameter::new("a", view(&pb, 0), view(&gb, 0))],
+            &[],
+            options,
+        ),
+        1 => Optimizer::with_groups(
+            device,
+            groups,
+            &[
+                Parameter::new("a", view(&pb, 0), view(&gb, 0)),
+                Parameter::new("b", view(&pb, 1), view(&gb, 1)).in_group(1),
+            ],
+            &[],
+            options,
+        ),
+        _ => {
+            let tensor = |k: usize, name: &str| FlatTensor {
+                name: name.into(),
+                offset: offsets[k],
+                len: data[k].0.len() as u64,
+                group: k,
+            };
+            let flat = FlatParameters {
+                param: BufferView::new(&pb, 0, 96),
+                grad: BufferView::new(&gb, 0, 96),
+                tensors: vec![tensor(0, "a"), tensor(1, "b")],
+            };
+            Optimizer::with_groups(device, groups, &[], &[flat], options)
+        }
+    }
+    .unwrap();
+    for _ in 0..3 {
+        optimizer.step_blocking(device, queue).unwrap();
+    }
+    let state = optimizer
+        .read_state_blocking(device, queue, which.min(layout))
+        .unwrap();
+    let len = data[which].0.len() as u64;
+    [
+        bits(&read(&pb, offsets[which], len)),
+        bits(&state.exp_avg),
+        bits(&state.exp_avg_sq),
+    ]
+}
+
+#[test]
+fn a_groups_result_does_not_depend_on_the_options_of_other_groups() {
+    // One kernel runs every group; CLIP and WEIGHT_DECAY are on when any group uses them.
+    // A group that does not clip must not clamp (an infinite gradient stays infinite), and one
+    // without weight decay must not add 0 * p (an infinite parameter would give NaN): tensor A,
+    // full of such values, gets the same bits whatever group B turns on, in separate buffers
+    // and in a flat buffer; and B gets the bits it gets alone.
+    for base in [
+        Config::adam(),
+        Config::adamw().weight_decay(0.0),
+        Config::yogi(),
+    ] {
+        let others = [
+            ("clip_gradient", base.clone().clip_gradient(Some(0.5))),
+            ("weight_decay", base.clone().weight_decay(0.1)),
+            ("eps_root", base.clone().eps_root(1e-3)),
+            ("rescale_grad", base.clone().rescale_grad(0.5)),
+            ("bias_correction", base.clone().bias_correction(false)),
+            (
+                "eps_mode",
+                base.clone().eps_mode(wgpu_optim::EpsMode::Folded),
+            ),
+            ("lr and betas", base.clone().lr(0.1).betas(0.5, 0.9)),
+        ];
+        let alone = isolation_run(&[base.clone()], 0, 0);
+        for (option, other) in others {
+            let groups = [base.clone(), other.clone()];
+            let b_alone = isolation_run(&[other.clone(), other.clone()], 1, 1);
+            for layout in [1, 2] {
+                let what = format!(
+                    "{:?} with {option} in the other group, layout {layout}",
+                    base.algorithm
+                );
+                assert_eq!(isolation_run(&groups, layout, 0), alone, "A: {what}");
+                assert_eq!(isolation_run(&groups, layout, 1), b_alone, "B: {what}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_single_padded_tensor_past_the_hint_window() {
+    // One tensor in a flat view with trailing padding is dispatched segmented; past 4M
+    // elements (vec4) its workgroups outnumber the 16,384-entry hint window unless the chunk
+    // is capped. (On lavapipe an out-of-window read happens to return the right bytes, so the
+    // planner's property tests, src/plan.rs, are what catch the bug; this checks the result.)
+    let (device, queue) = gpu();
+    let n = (4 << 20) + (1 << 19) + 3;
+    let pad = 9u64;
+    let total = n + pad;
+    let config = Config::adamw().lr(1e-2);
+    let mut rng = Rng::new(21);
+    let mut param = rng.normals(n as usize, 1.0);
+    let grad = rng.normals(n as usize, 1.0);
+    let sentinel = -1234.5f32;
+    let (pb, gb) = (buffer(total, STORAGE), buffer(total, STORAGE));
+    write(&pb, 0, &param);
+    write(&pb, n, &vec![sentinel; pad as usize]);
+    write(&gb, 0, &grad);
+    let flat = FlatParameters {
+        param: BufferView::new(&pb, 0, total),
+        grad: BufferView::new(&gb, 0, total),
+        tensors: vec![FlatTensor {
+            name: "w".into(),
+            offset: 0,
+            len: n,
+            group: 0,
+        }],
+    };
+    let mut optimizer = Optimizer::with_groups(
+        device,
+        &[config.clone()],
+        &[],
+        &[flat],
+        OptimizerOptions::default(),
+    )
+    .unwrap();
+    assert!(
+        optimizer.dispatch_count() >= 2,
+        "the chunk is capped at the hint window"
+    );
+    optimizer.step_blocking(device, queue).unwrap();
+    let mut state = TensorState::new(&config, n as usize);
+    reference::step(&config, 1, config.lr, &mut param, &grad, &mut state);
+    let got = read(&pb, 0, total);
+    assert_eq!(
+        got[n as usize..],
+        vec![sentinel; pad as usize][..],
+        "padding untouched"
+    );
+    let tol = Tolerance {
+        abs: 2.0 * (f32::EPSILON * max_abs(&param) + 1e-4 * 1e-2),
+        rel: 0.0,
+    };
+    compare("param", &got[..n as usize], &param, tol, 0).unwrap();
+}

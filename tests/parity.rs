@@ -434,3 +434,66 @@ fn several_steps_recorded_before_one_submit() {
     };
     compare("param", &got, &param, tol, 0).unwrap();
 }
+
+#[test]
+fn any_number_of_steps_recorded_before_one_submit() {
+    // Each step's numbers are copied in the encoder just before its pass, so 150 steps (more
+    // than the 64 uniform slots of the old ring, which wrapped silently) recorded into one
+    // encoder give the same bits as 150 steps submitted one by one.
+    let (device, queue) = gpu();
+    let config = Config::adamw().lr(1e-2).weight_decay(0.1);
+    let steps = 150u64;
+    let mut rng = Rng::new(8);
+    let n = 257;
+    let init = rng.normals(n, 1.0);
+    let grad = rng.normals(n, 1.0);
+    let build = || {
+        let (pb, gb) = (buffer(n as u64, STORAGE), buffer(n as u64, STORAGE));
+        write(&pb, 0, &init);
+        write(&gb, 0, &grad);
+        let parameters = [Parameter::new(
+            "p",
+            BufferView::whole(&pb),
+            BufferView::whole(&gb),
+        )];
+        (
+            Optimizer::new(device, config.clone(), &parameters).unwrap(),
+            pb,
+        )
+    };
+    let lr = |t: u64| 1e-2 * (1.0 + (t as f64).sin()) / 2.0;
+    let (mut batched, batched_param) = build();
+    let mut encoder = device.create_command_encoder(&Default::default());
+    for t in 1..=steps {
+        batched.set_lr(lr(t)).unwrap();
+        batched.step(queue, &mut encoder);
+    }
+    queue.submit([encoder.finish()]);
+    let (mut single, single_param) = build();
+    for t in 1..=steps {
+        single.set_lr(lr(t)).unwrap();
+        single.step_blocking(device, queue).unwrap();
+    }
+    let bits = |x: Vec<f32>| x.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    assert_eq!(
+        bits(read(&batched_param, 0, n as u64)),
+        bits(read(&single_param, 0, n as u64))
+    );
+    let (a, b) = (
+        batched.read_state_blocking(device, queue, 0).unwrap(),
+        single.read_state_blocking(device, queue, 0).unwrap(),
+    );
+    assert_eq!(bits(a.exp_avg), bits(b.exp_avg));
+    assert_eq!(bits(a.exp_avg_sq), bits(b.exp_avg_sq));
+    // And both are the reference's trajectory.
+    let mut param = init.clone();
+    let mut state = TensorState::new(&config, n);
+    for t in 1..=steps {
+        reference::step(&config, t, lr(t), &mut param, &grad, &mut state);
+    }
+    let tol = Tolerance {
+        abs: steps as f32 * (f32::EPSILON * max_abs(&param) + 1e-4 * 1e-2),
+        rel: 0.0,
+    };
+    compare("param", &read(&single_param, 0, n as u64), &param, tol, 0).unwrap();
+}

@@ -1,4 +1,4 @@
-//! Replay (`shared/spec/replay-format.md`): the committed PyTorch traces reproduced on the GPU,
+//! Replay (`docs/replay-format.md`): the committed PyTorch traces reproduced on the GPU,
 //! traces made here from the CPU reference for the options torch lacks, and every bad input
 //! refused with a typed error (through the library) or a message and exit status (through
 //! `examples/replay.rs`, run as a subprocess).
@@ -265,6 +265,35 @@ fn options_torch_lacks_match_the_reference() {
 }
 
 #[test]
+fn an_lr_tensor_that_decays_to_zero_replays() {
+    // HuggingFace's default schedule ends at exactly 0: such a trace must replay, and the last
+    // step (lr 0) must move the moments but not the parameters.
+    let (device, queue) = gpu();
+    let steps = 6;
+    let lr: Vec<f32> = (0..steps)
+        .map(|k| 1e-2 * (steps - 1 - k) as f32 / (steps - 1) as f32)
+        .collect();
+    assert_eq!(lr.last(), Some(&0.0));
+    let trace = generated(Config::adamw().weight_decay(0.1), Some(lr), 77);
+    let parsed = Trace::from_bytes(&trace.to_bytes().unwrap(), "decay to zero").unwrap();
+    let result = parsed.run(device, queue).unwrap();
+    let got = Raw::parse(&result.to_bytes().unwrap());
+    let want = Raw::parse(&parsed.run_reference().to_bytes().unwrap());
+    let mut errors = Vec::new();
+    check_result("decay to zero", &parsed, &got, &want, &mut errors);
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+    // One step fewer, then the lr-0 step by hand on the reference: parameters unchanged.
+    let mut shorter = parsed.clone();
+    shorter.grads.pop();
+    shorter.lr.as_mut().unwrap().pop();
+    let before = Raw::parse(&shorter.run_reference().to_bytes().unwrap());
+    for p in &parsed.params {
+        let key = format!("param.{}", p.name);
+        assert_eq!(before.f32(&key).1, want.f32(&key).1, "{key} moved at lr 0");
+    }
+}
+
+#[test]
 fn result_file_layout() {
     let (device, queue) = gpu();
     let trace = generated(Config::adamw().amsgrad(true), None, 5);
@@ -452,8 +481,9 @@ fn bad_cases() -> Vec<BadCase> {
             |e| matches!(e, Error::Shape { tensor, .. } if tensor == "lr"),
         ),
         (
-            "zero lr",
-            Box::new(|raw: &mut Raw| raw.set_f32("lr", &[3], &[1e-2, 0.0, 1e-3])),
+            // lr 0 is valid (torch allows it; schedules end there): a negative one is not.
+            "negative lr",
+            Box::new(|raw: &mut Raw| raw.set_f32("lr", &[3], &[1e-2, -1e-3, 1e-3])),
             |e| matches!(e, Error::TensorValue { tensor, index: 1, .. } if tensor == "lr"),
         ),
         (
