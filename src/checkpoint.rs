@@ -94,8 +94,8 @@ impl Checkpoint {
         for (i, name) in names.into_iter().enumerate() {
             tensors.push(Saved {
                 name,
-                group: optimizer.parameter_group(i)?,
-                shape: vec![optimizer.parameter_len(i)? as usize],
+                group: optimizer.tensors()[i].group,
+                shape: vec![optimizer.tensors()[i].len as usize],
                 state: optimizer.read_state_blocking(device, queue, i)?,
             });
         }
@@ -345,8 +345,7 @@ impl Checkpoint {
         let mut order = Vec::with_capacity(names.len());
         for (i, name) in names.iter().enumerate() {
             let t = saved[name.as_str()];
-            let len = optimizer.parameter_len(i)?;
-            let group = optimizer.parameter_group(i)?;
+            let (len, group) = (optimizer.tensors()[i].len, optimizer.tensors()[i].group);
             if t.group != group {
                 return Err(Error::ConfigMismatch {
                     key: "param_groups",

@@ -24,32 +24,34 @@
 //! # Ok(()) }
 //! ```
 
+mod arena;
 pub mod checkpoint;
 mod config;
 mod error;
 mod file;
+mod gpu;
 pub mod groups;
-pub mod kernels;
 mod optimizer;
+mod params;
 mod plan;
+mod protocol;
 pub mod reference;
 pub mod replay;
 pub mod schedule;
 mod state;
 #[doc(hidden)]
 pub mod testing;
-mod uniforms;
 pub mod util;
 
+pub use arena::Arena;
 pub use config::{Algorithm, CONFIG_KEYS, Config, EpsMode};
 pub use error::{Error, Result};
-pub use optimizer::{
-    Arena, BufferView, FlatParameters, FlatTensor, Optimizer, OptimizerOptions, Parameter,
-};
+pub use optimizer::Optimizer;
+pub use params::{BufferView, FlatParameters, FlatTensor, OptimizerOptions, Parameter, TensorInfo};
+pub use protocol::MAX_GROUPS;
 pub use reference::TensorState;
 pub use schedule::Schedule;
 pub use state::StateBuffers;
-pub use uniforms::{Chunk, MAX_GROUPS, StepUniforms};
 
 /// The README's Rust snippets compile as doc-tests.
 #[cfg(doctest)]

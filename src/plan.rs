@@ -16,11 +16,7 @@
 //! - binding offsets are multiples of the alignment; vec4 only where param, grad and every
 //!   tensor start 16-byte aligned; every index fits in u32.
 
-use crate::uniforms::Chunk;
-
-/// In a workgroup's hint: all its elements lie inside one segment, whose group the low bits
-/// hold. Otherwise the hint is the index of the first segment that ends past its first element.
-pub(crate) const WHOLE_BLOCK: u32 = 1 << 31;
+use crate::protocol::{Chunk, SEGMENT_ROW, WHOLE_BLOCK, Width};
 
 /// One tensor of a span: elements `start..end` (relative to the span's views), in `group`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -56,23 +52,6 @@ pub(crate) struct PlanLimits {
     pub max_hints: u64,
 }
 
-/// The element width a dispatch loads and stores.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Width {
-    Vec4,
-    Scalar,
-}
-
-impl Width {
-    /// f32 lanes per element.
-    pub fn lanes(self) -> u64 {
-        match self {
-            Width::Vec4 => 4,
-            Width::Scalar => 1,
-        }
-    }
-}
-
 /// What one dispatch binds and updates.
 #[derive(Clone, Debug)]
 pub(crate) struct Planned {
@@ -84,7 +63,7 @@ pub(crate) struct Planned {
     /// shared table.
     pub chunk: Chunk,
     /// The chunk's segments as (start, end, group, 0), relative to the chunk's first element.
-    pub rows: Vec<[u32; 4]>,
+    pub rows: Vec<[u32; SEGMENT_ROW]>,
     /// One per workgroup of a segmented dispatch.
     pub hints: Vec<u32>,
     /// (byte offset, byte size) of the param, grad and state bindings.
@@ -153,7 +132,7 @@ pub(crate) fn plan_span(span: &SpanLayout, limits: &PlanLimits) -> Vec<Planned> 
         let aligned =
             param_base % 4 == 0 && grad_base % 4 == 0 && local.iter().all(|s| s.start % 4 == 0);
         let body = if aligned { len / 4 * 4 } else { 0 };
-        let rows: Vec<[u32; 4]> = local
+        let rows: Vec<[u32; SEGMENT_ROW]> = local
             .iter()
             .map(|s| [s.start as u32, s.end as u32, s.group, 0])
             .collect();
@@ -492,7 +471,7 @@ mod tests {
             align: 256,
             workgroup_size: 256,
             segmented_workgroup_size: 64,
-            max_hints: crate::uniforms::MAX_HINTS,
+            max_hints: crate::protocol::MAX_HINTS,
         };
         let n = 5 << 20;
         for (offset, len, pad) in [(0, n, 4), (64, n, 0), (0, n + 3, 1), (0, n, 0)] {

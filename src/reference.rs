@@ -5,7 +5,7 @@
 //! The GPU path is tested against this function.
 
 use crate::config::{Algorithm, Config, EpsMode};
-use crate::uniforms::decoupled_decay;
+use crate::protocol::decoupled_decay;
 
 /// The optimizer state of one parameter tensor, with PyTorch's names.
 #[derive(Clone, Debug, PartialEq)]

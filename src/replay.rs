@@ -31,8 +31,9 @@ use std::path::Path;
 use crate::config::{self, Config};
 use crate::error::{Error, Result};
 use crate::file::{self, F32Tensor, Safetensors};
-use crate::kernels;
-use crate::optimizer::{BufferView, Optimizer, Parameter};
+use crate::gpu;
+use crate::optimizer::Optimizer;
+use crate::params::{BufferView, Parameter};
 use crate::reference::{self, TensorState};
 
 /// A named f32 tensor with its shape (`[]` for 0-d, which has one element).
@@ -242,7 +243,7 @@ impl Trace {
         }
         let buffer = |kind: &str, p: &NamedTensor| {
             let label = format!("wgpu-optim replay {kind}.{}", p.name);
-            kernels::state_buffer(device, &label, p.data.len() as u64, 0.0)
+            gpu::state_buffer(device, &label, p.data.len() as u64, 0.0)
         };
         let param_buffers: Vec<_> = self.params.iter().map(|p| buffer("param", p)).collect();
         let grad_buffers: Vec<_> = self.params.iter().map(|p| buffer("grad", p)).collect();
@@ -280,7 +281,7 @@ impl Trace {
         let mut params = Vec::with_capacity(self.params.len());
         let mut state = Vec::with_capacity(self.params.len());
         for (i, (p, b)) in self.params.iter().zip(&param_buffers).enumerate() {
-            let data = kernels::read_f32_blocking(device, queue, b, 0, p.data.len() as u64)
+            let data = gpu::read_f32_blocking(device, queue, b, 0, p.data.len() as u64)
                 .map_err(Error::Readback)?;
             params.push(NamedTensor::new(p.name.clone(), &p.shape, data));
             state.push(optimizer.read_state_blocking(device, queue, i)?);

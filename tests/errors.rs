@@ -315,10 +315,7 @@ fn bad_options_are_typed_errors() {
     )];
     let granularity = Optimizer::chunk_granularity(&device.limits());
     for chunk in [0, granularity + 1, granularity / 2, u64::MAX] {
-        let options = OptimizerOptions {
-            chunk_elements: Some(chunk),
-            ..Default::default()
-        };
+        let options = OptimizerOptions::default().chunk_elements(Some(chunk));
         let err = Optimizer::with_options(device, Config::adam(), &parameters, options)
             .err()
             .unwrap();
@@ -333,10 +330,7 @@ fn bad_options_are_typed_errors() {
             "{chunk}: {err}"
         );
     }
-    let options = OptimizerOptions {
-        workgroup_size: 0,
-        ..Default::default()
-    };
+    let options = OptimizerOptions::default().workgroup_size(0);
     let err = Optimizer::with_options(device, Config::adam(), &parameters, options)
         .err()
         .unwrap();
@@ -351,10 +345,7 @@ fn bad_options_are_typed_errors() {
         "{err}"
     );
     let too_big = device.limits().max_compute_invocations_per_workgroup * 2;
-    let options = OptimizerOptions {
-        workgroup_size: too_big,
-        ..Default::default()
-    };
+    let options = OptimizerOptions::default().workgroup_size(too_big);
     let err = Optimizer::with_options(device, Config::adam(), &parameters, options)
         .err()
         .unwrap();
@@ -450,5 +441,30 @@ fn a_device_without_the_needed_limits_is_refused() {
             }
         ),
         "{err}"
+    );
+}
+
+#[test]
+fn the_public_types_are_send_sync_and_debug() {
+    // An engine keeps the optimizer in its own structs, across threads.
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Optimizer>();
+    send_sync::<wgpu_optim::Arena>();
+    send_sync::<wgpu_optim::StateBuffers>();
+    send_sync::<Error>();
+    let (p, g) = param(8);
+    let optimizer = new(
+        Config::adam(),
+        &[Parameter::new(
+            "w",
+            BufferView::whole(&p),
+            BufferView::whole(&g),
+        )],
+    )
+    .unwrap();
+    let debug = format!("{optimizer:?}");
+    assert!(
+        debug.contains("Optimizer") && debug.contains("\"w\""),
+        "{debug}"
     );
 }

@@ -65,10 +65,10 @@ fn check_result(case: &str, trace: &Trace, got: &Raw, want: &Raw, errors: &mut V
         ));
     }
     let config = &trace.config;
-    let steps = trace.steps() as f32;
+    let steps = trace.steps() as u64;
     let lr_max = (1..=trace.steps())
         .map(|t| trace.lr_at(t))
-        .fold(config.lr, f64::max) as f32;
+        .fold(config.lr, f64::max);
     let mut worst = 0f64;
     for (i, p) in trace.params.iter().enumerate() {
         let p_max = max_abs(&p.data).max(max_abs(&want.f32(&format!("param.{}", p.name)).1));
@@ -95,18 +95,9 @@ fn check_result(case: &str, trace: &Trace, got: &Raw, want: &Raw, errors: &mut V
                 continue;
             }
             let tol = match kind {
-                "param" => Tolerance {
-                    abs: steps * (f32::EPSILON * max_abs(&w) + 1e-4 * lr_max),
-                    rel: 0.0,
-                },
-                "exp_avg" => Tolerance {
-                    abs: 1e-5 * max_abs(&w).max(g_max),
-                    rel: 1e-5,
-                },
-                _ => Tolerance {
-                    abs: 1e-5 * max_abs(&w).max(g_max * g_max),
-                    rel: 1e-5,
-                },
+                "param" => Tolerance::param(steps, max_abs(&w), lr_max),
+                "exp_avg" => Tolerance::exp_avg(max_abs(&w), g_max),
+                _ => Tolerance::exp_avg_sq(max_abs(&w), g_max),
             };
             for (a, b) in g.iter().zip(&w) {
                 let allowed = tol.abs as f64 + tol.rel as f64 * b.abs() as f64;

@@ -1,49 +1,40 @@
-//! Pipelines, layouts, bind groups and buffers: the only file that builds wgpu descriptors, so
-//! a wgpu upgrade touches this file alone.
+//! Everything that talks to wgpu's descriptor API: shader modules, pipelines, the bind group
+//! layout and bind groups (both from the binding table of `protocol.rs`), buffers, recording,
+//! readback, error scopes and the device request of `util.rs`. The only file that builds wgpu
+//! descriptors, so that a wgpu upgrade touches this file alone.
+//!
+//! Owns: how the protocol is bound and dispatched. May not decide what is dispatched (that is
+//! `plan.rs`) nor compute any step's numbers (`protocol.rs`).
 
 use std::num::NonZeroU64;
 
-use crate::config::{Algorithm, Config};
+use crate::config::Config;
 use crate::error::{Error, Result};
-pub use crate::plan::Width;
-use crate::uniforms::{Chunk, MAX_GROUPS, MAX_HINTS, StepUniforms};
-
-/// Bytes of one dispatch's window of workgroup hints.
-pub const HINTS_BYTES: u64 = MAX_HINTS * 4;
-
-/// Bytes of one step's uniforms: every group's `StepUniforms`.
-pub const GROUPS_BYTES: u64 = (MAX_GROUPS * size_of::<StepUniforms>()) as u64;
+use crate::protocol::{self, BINDINGS, BindingKind, Slot, Width};
 
 /// The WGSL family every variant is built from.
-pub const ADAM_FAMILY_WGSL: &str = include_str!("../shaders/adam_family.wgsl");
+const ADAM_FAMILY_WGSL: &str = include_str!("../shaders/adam_family.wgsl");
 
 /// The complete WGSL source for one element width: the generated prelude, then the family.
-pub fn wgsl_source(width: Width) -> String {
-    let prelude = match width {
-        Width::Vec4 => {
-            "alias Elem = vec4<f32>;\nalias Index = vec4<u32>;\nconst LANES: u32 = 4u;\n\
-             const LANE = vec4<u32>(0u, 1u, 2u, 3u);\n"
-        }
-        Width::Scalar => {
-            "alias Elem = f32;\nalias Index = u32;\nconst LANES: u32 = 1u;\nconst LANE = 0u;\n"
-        }
-    };
-    format!("{prelude}{ADAM_FAMILY_WGSL}")
+pub(crate) fn wgsl_source(width: Width) -> String {
+    format!("{}{ADAM_FAMILY_WGSL}", protocol::wgsl_prelude(width))
 }
 
 /// The override constants that pick one variant of the family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Variant {
-    pub algorithm: Algorithm,
+pub(crate) struct Variant {
+    pub algorithm: crate::config::Algorithm,
     pub amsgrad: bool,
     pub maximize: bool,
     pub clip: bool,
     pub weight_decay: bool,
     pub workgroup_size: u32,
+    pub segmented: bool,
 }
 
 impl Variant {
-    /// The variant for these groups (which agree on algorithm, amsgrad and maximize).
+    /// The one-tensor variant for these groups (which agree on algorithm, amsgrad and
+    /// maximize).
     pub fn new(groups: &[Config], workgroup_size: u32) -> Self {
         Variant {
             algorithm: groups[0].algorithm,
@@ -52,78 +43,102 @@ impl Variant {
             clip: groups.iter().any(|g| g.clip_gradient.is_some()),
             weight_decay: groups.iter().any(|g| g.weight_decay != 0.0),
             workgroup_size,
+            segmented: false,
         }
     }
 
-    /// Workgroups of a segmented dispatch are smaller (64 at most): fewer of them straddle a
-    /// tensor boundary and take the search path.
-    pub fn segmented_workgroup_size(&self) -> u32 {
-        self.workgroup_size.min(64)
+    /// The same variant for segmented dispatches: smaller workgroups (64 at most), so that
+    /// fewer of them straddle a tensor boundary and take the search path.
+    pub fn segmented(self) -> Self {
+        Variant {
+            workgroup_size: self.workgroup_size.min(64),
+            segmented: true,
+            ..self
+        }
     }
 
     /// `(name, value)` pairs for `PipelineCompilationOptions::constants`.
-    pub fn constants(&self) -> [(&'static str, f64); 6] {
-        let algorithm = match self.algorithm {
-            Algorithm::Adam => 0.0,
-            Algorithm::AdamW => 1.0,
-            Algorithm::Yogi => 2.0,
-        };
+    pub fn constants(&self) -> [(&'static str, f64); 7] {
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
         [
-            ("ALGORITHM", algorithm),
+            ("ALGORITHM", protocol::algorithm_code(self.algorithm) as f64),
             ("AMSGRAD", flag(self.amsgrad)),
             ("MAXIMIZE", flag(self.maximize)),
             ("CLIP", flag(self.clip)),
             ("WEIGHT_DECAY", flag(self.weight_decay)),
             ("WORKGROUP_SIZE", self.workgroup_size as f64),
+            ("SEGMENTED", flag(self.segmented)),
         ]
+    }
+
+    /// A label that says which variant a pipeline or bind group is, for validation messages.
+    pub fn label(&self, width: Width) -> String {
+        let mut label = format!("wgpu-optim {:?}", self.algorithm).to_lowercase();
+        for (on, name) in [
+            (self.amsgrad, "amsgrad"),
+            (self.maximize, "maximize"),
+            (self.clip, "clip"),
+            (self.weight_decay, "decay"),
+            (self.segmented, "segmented"),
+        ] {
+            if on {
+                label += " ";
+                label += name;
+            }
+        }
+        label
+            + if width == Width::Vec4 {
+                " vec4"
+            } else {
+                " scalar"
+            }
     }
 }
 
 /// The pipelines of one variant: vec4 body or scalar tail, one tensor per dispatch or several
 /// (`SEGMENTED`), all sharing one bind group layout.
-pub struct Kernels {
+pub(crate) struct Kernels {
     pub variant: Variant,
-    pub layout: wgpu::BindGroupLayout,
+    layout: wgpu::BindGroupLayout,
     /// Indexed by [`Kernels::index`].
     pipelines: [wgpu::ComputePipeline; 4],
 }
 
+impl std::fmt::Debug for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.debug_struct("Kernels")
+            .field("variant", &self.variant)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Kernels {
     pub fn new(device: &wgpu::Device, variant: Variant) -> Self {
-        let storage = |binding, read_only| wgpu::BindGroupLayoutEntry {
-            binding,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer {
-                ty: wgpu::BufferBindingType::Storage { read_only },
-                has_dynamic_offset: false,
-                min_binding_size: None,
-            },
-            count: None,
-        };
-        let uniform = |binding, has_dynamic_offset, size: usize| wgpu::BindGroupLayoutEntry {
-            binding,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer {
-                ty: wgpu::BufferBindingType::Uniform,
-                has_dynamic_offset,
-                min_binding_size: NonZeroU64::new(size as u64),
-            },
-            count: None,
-        };
+        let entries: Vec<wgpu::BindGroupLayoutEntry> = BINDINGS
+            .iter()
+            .enumerate()
+            .map(|(number, b)| wgpu::BindGroupLayoutEntry {
+                binding: number as u32,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: match b.kind {
+                        BindingKind::Uniform { .. } => wgpu::BufferBindingType::Uniform,
+                        BindingKind::Storage { read_only } => {
+                            wgpu::BufferBindingType::Storage { read_only }
+                        }
+                    },
+                    has_dynamic_offset: false,
+                    min_binding_size: match b.kind {
+                        BindingKind::Uniform { size } => NonZeroU64::new(size),
+                        BindingKind::Storage { .. } => None,
+                    },
+                },
+                count: None,
+            })
+            .collect();
         let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some("wgpu-optim step"),
-            entries: &[
-                uniform(0, false, GROUPS_BYTES as usize),
-                uniform(1, false, size_of::<Chunk>()),
-                storage(2, false),
-                storage(3, true),
-                storage(4, false),
-                storage(5, false),
-                storage(6, false),
-                storage(7, true),
-                uniform(8, false, HINTS_BYTES as usize),
-            ],
+            label: Some("wgpu-optim step bindings"),
+            entries: &entries,
         });
         let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
             label: Some("wgpu-optim step"),
@@ -132,25 +147,23 @@ impl Kernels {
         });
         let modules = [Width::Vec4, Width::Scalar].map(|width| {
             device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some("wgpu-optim adam_family"),
+                label: Some(&format!("wgpu-optim adam_family {width:?}")),
                 source: wgpu::ShaderSource::Wgsl(wgsl_source(width).into()),
             })
         });
         let pipeline = |width: Width, segmented: bool| {
-            let mut constants = variant.constants().to_vec();
-            constants.push(("SEGMENTED", if segmented { 1.0 } else { 0.0 }));
-            if segmented {
-                let size = variant.segmented_workgroup_size() as f64;
-                constants.retain(|c| c.0 != "WORKGROUP_SIZE");
-                constants.push(("WORKGROUP_SIZE", size));
-            }
+            let v = if segmented {
+                variant.segmented()
+            } else {
+                variant
+            };
             device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some("wgpu-optim step"),
+                label: Some(&v.label(width)),
                 layout: Some(&pipeline_layout),
                 module: &modules[(width == Width::Scalar) as usize],
                 entry_point: Some("step"),
                 compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: &constants,
+                    constants: &v.constants(),
                     zero_initialize_workgroup_memory: false,
                 },
                 cache: None,
@@ -177,11 +190,59 @@ impl Kernels {
     }
 }
 
+/// A byte range of a buffer to bind.
+#[derive(Clone, Debug)]
+pub(crate) struct Range<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    pub offset: u64,
+    pub size: u64,
+}
+
+impl<'a> Range<'a> {
+    /// The whole of `buffer`.
+    pub fn whole(buffer: &'a wgpu::Buffer) -> Self {
+        Range {
+            buffer,
+            offset: 0,
+            size: buffer.size(),
+        }
+    }
+}
+
+/// One dispatch's bind group: `ranges[slot as usize]` is bound at that slot's number, the
+/// binding table's order. `label` names the tensor or span and the dispatch.
+pub(crate) fn bind_group(
+    device: &wgpu::Device,
+    kernels: &Kernels,
+    label: &str,
+    ranges: &[Range; Slot::ALL.len()],
+) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry> = Slot::ALL
+        .iter()
+        .map(|&slot| {
+            let r = &ranges[slot as usize];
+            wgpu::BindGroupEntry {
+                binding: slot as u32,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: r.buffer,
+                    offset: r.offset,
+                    size: NonZeroU64::new(r.size),
+                }),
+            }
+        })
+        .collect();
+    device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(label),
+        layout: &kernels.layout,
+        entries: &entries,
+    })
+}
+
 /// Runs `create` inside validation and out-of-memory error scopes: whatever the device refuses
 /// comes back as [`Error::Creation`] naming `what`, rather than reaching the device's
 /// uncaptured-error handler (which panics by default). On native backends the scopes' answers
 /// are ready at once: nothing waits on the GPU.
-pub fn create_scoped<T>(
+pub(crate) fn create_scoped<T>(
     device: &wgpu::Device,
     what: &str,
     create: impl FnOnce() -> Result<T>,
@@ -200,78 +261,9 @@ pub fn create_scoped<T>(
     }
 }
 
-/// A byte range of a buffer to bind.
-#[derive(Clone, Debug)]
-pub struct Range<'a> {
-    pub buffer: &'a wgpu::Buffer,
-    pub offset: u64,
-    pub size: u64,
-}
-
-impl<'a> Range<'a> {
-    fn binding(&self) -> wgpu::BindingResource<'a> {
-        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-            buffer: self.buffer,
-            offset: self.offset,
-            size: NonZeroU64::new(self.size),
-        })
-    }
-}
-
-/// The ranges one dispatch binds, in the shader's binding order.
-pub struct Bindings<'a> {
-    pub step_uniforms: &'a wgpu::Buffer,
-    pub chunk: Range<'a>,
-    pub param: Range<'a>,
-    pub grad: Range<'a>,
-    pub exp_avg: Range<'a>,
-    pub exp_avg_sq: Range<'a>,
-    pub max_exp_avg_sq: Range<'a>,
-    pub table: &'a wgpu::Buffer,
-    /// This dispatch's window of workgroup hints (HINTS_BYTES from `hints`).
-    pub hints: Range<'a>,
-}
-
-pub fn bind_group(device: &wgpu::Device, kernels: &Kernels, b: &Bindings) -> wgpu::BindGroup {
-    let step = Range {
-        buffer: b.step_uniforms,
-        offset: 0,
-        size: GROUPS_BYTES,
-    };
-    let table = Range {
-        buffer: b.table,
-        offset: 0,
-        size: b.table.size(),
-    };
-    let ranges = [
-        &step,
-        &b.chunk,
-        &b.param,
-        &b.grad,
-        &b.exp_avg,
-        &b.exp_avg_sq,
-        &b.max_exp_avg_sq,
-        &table,
-        &b.hints,
-    ];
-    let entries: Vec<wgpu::BindGroupEntry> = ranges
-        .iter()
-        .enumerate()
-        .map(|(i, r)| wgpu::BindGroupEntry {
-            binding: i as u32,
-            resource: r.binding(),
-        })
-        .collect();
-    device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some("wgpu-optim step"),
-        layout: &kernels.layout,
-        entries: &entries,
-    })
-}
-
 /// Records `dispatches` into one compute pass. `timestamp_writes`, if any, time the pass (the
 /// benchmark uses it).
-pub fn record(
+pub(crate) fn record(
     encoder: &mut wgpu::CommandEncoder,
     kernels: &Kernels,
     dispatches: &mut dyn Iterator<Item = &Dispatch>,
@@ -293,7 +285,7 @@ pub fn record(
 }
 
 /// One recorded dispatch of a step.
-pub struct Dispatch {
+pub(crate) struct Dispatch {
     pub width: Width,
     pub segmented: bool,
     pub bind_group: wgpu::BindGroup,
@@ -301,7 +293,7 @@ pub struct Dispatch {
 }
 
 /// Workgroups for `units` invocations: x up to `max_per_dim`, the rest in y.
-pub fn workgroup_grid(units: u64, workgroup_size: u32, max_per_dim: u32) -> [u32; 2] {
+pub(crate) fn workgroup_grid(units: u64, workgroup_size: u32, max_per_dim: u32) -> [u32; 2] {
     let groups = units.div_ceil(workgroup_size as u64);
     let x = groups.min(max_per_dim as u64).max(1);
     [x as u32, groups.div_ceil(x) as u32]
@@ -309,7 +301,12 @@ pub fn workgroup_grid(units: u64, workgroup_size: u32, max_per_dim: u32) -> [u32
 
 /// A storage buffer of `len` f32, every element `fill`; at least 16 bytes so that an empty
 /// tensor still has something to bind.
-pub fn state_buffer(device: &wgpu::Device, label: &str, len: u64, fill: f32) -> wgpu::Buffer {
+pub(crate) fn state_buffer(
+    device: &wgpu::Device,
+    label: &str,
+    len: u64,
+    fill: f32,
+) -> wgpu::Buffer {
     let size = (len * 4).max(16);
     let buffer = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
@@ -342,7 +339,7 @@ pub fn state_buffer(device: &wgpu::Device, label: &str, len: u64, fill: f32) -> 
 /// numbers however many are recorded before a submit (a `Queue::write_buffer` would land
 /// before the whole submit, and a reused upload buffer would need the host to know when the
 /// caller submits). `data.len()` is a multiple of 4.
-pub fn upload(
+pub(crate) fn upload(
     device: &wgpu::Device,
     encoder: &mut wgpu::CommandEncoder,
     target: &wgpu::Buffer,
@@ -357,8 +354,8 @@ pub fn upload(
     encoder.copy_buffer_to_buffer(&upload, 0, target, 0, data.len() as u64);
 }
 
-/// A uniform buffer of `size` bytes written later with `Queue::write_buffer`.
-pub fn uniform_buffer(device: &wgpu::Device, label: &str, size: u64) -> wgpu::Buffer {
+/// A uniform buffer of `size` bytes, written later by copies ([`upload`]).
+pub(crate) fn uniform_buffer(device: &wgpu::Device, label: &str, size: u64) -> wgpu::Buffer {
     device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
         size,
@@ -367,8 +364,91 @@ pub fn uniform_buffer(device: &wgpu::Device, label: &str, size: u64) -> wgpu::Bu
     })
 }
 
+/// A zeroed buffer of `bytes` (at least 16) that the engine reads and writes and the optimizer
+/// binds: an arena's flat parameters or gradients.
+pub(crate) fn engine_buffer(device: &wgpu::Device, label: &str, bytes: u64) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: bytes.max(16),
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    })
+}
+
+/// A compute pipeline with its own bind group layout (from the shader), for the benchmark's
+/// ceiling kernels: built here so that they go through the same code as the step's.
+pub(crate) fn auxiliary_pipeline(
+    device: &wgpu::Device,
+    label: &str,
+    wgsl: &str,
+    entry_point: &str,
+    constants: &[(&str, f64)],
+) -> wgpu::ComputePipeline {
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(label),
+        source: wgpu::ShaderSource::Wgsl(wgsl.into()),
+    });
+    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(label),
+        layout: None,
+        module: &module,
+        entry_point: Some(entry_point),
+        compilation_options: wgpu::PipelineCompilationOptions {
+            constants,
+            zero_initialize_workgroup_memory: false,
+        },
+        cache: None,
+    })
+}
+
+/// A device on the adapter that wgpu's environment variables pick, with the adapter's own
+/// limits and `TIMESTAMP_QUERY` where it has it (see `util::request_device`).
+pub(crate) async fn request_device() -> Result<(wgpu::Adapter, wgpu::Device, wgpu::Queue)> {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter = match std::env::var("WGPU_ADAPTER_NAME") {
+        Ok(wanted) => {
+            let wanted = wanted.to_lowercase();
+            let adapters = instance.enumerate_adapters(wgpu::Backends::all()).await;
+            let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+            adapters
+                .into_iter()
+                .find(|a| a.get_info().name.to_lowercase().contains(&wanted))
+                .ok_or_else(|| {
+                    Error::NoAdapter(format!(
+                        "WGPU_ADAPTER_NAME={wanted} matches none of {names:?}"
+                    ))
+                })?
+        }
+        Err(_) => instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::from_env().unwrap_or_default(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| {
+                Error::NoAdapter(format!(
+                    "{e} (without a GPU, install Mesa's software Vulkan driver: \
+                     apt-get install mesa-vulkan-drivers libvulkan1)"
+                ))
+            })?,
+    };
+    let (device, queue) = adapter
+        .request_device(&wgpu::DeviceDescriptor {
+            label: Some("wgpu-optim"),
+            required_features: adapter.features() & wgpu::Features::TIMESTAMP_QUERY,
+            required_limits: adapter.limits(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| Error::NoAdapter(e.to_string()))?;
+    Ok((adapter, device, queue))
+}
+
 /// A buffer holding `data`, with `usage` (UNIFORM, or STORAGE for read-only tables).
-pub fn buffer_init(
+pub(crate) fn buffer_init(
     device: &wgpu::Device,
     label: &str,
     usage: wgpu::BufferUsages,
@@ -392,7 +472,7 @@ pub fn buffer_init(
 
 /// Copies `len` f32 from `buffer` at byte `offset` into a fresh staging buffer, submits, and
 /// asks to map it. The returned future resolves once the device is polled past the copy.
-pub fn read_f32(
+pub(crate) fn read_f32(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
     buffer: &wgpu::Buffer,
@@ -434,7 +514,7 @@ pub fn read_f32(
 }
 
 /// Blocks on the device until `read_f32`'s copy is done, then returns the values.
-pub fn read_f32_blocking(
+pub(crate) fn read_f32_blocking(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
     buffer: &wgpu::Buffer,
@@ -446,4 +526,27 @@ pub fn read_f32_blocking(
         .poll(wgpu::PollType::wait_indefinitely())
         .map_err(|e| e.to_string())?;
     pollster::block_on(future)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_spills_into_y_past_the_dimension_limit() {
+        assert_eq!(workgroup_grid(0, 64, 65535), [1, 0]);
+        assert_eq!(workgroup_grid(1, 64, 65535), [1, 1]);
+        assert_eq!(workgroup_grid(64 * 65535, 64, 65535), [65535, 1]);
+        assert_eq!(workgroup_grid(64 * 65535 + 1, 64, 65535), [65535, 2]);
+        // Every unit is covered, and by fewer than one extra row of workgroups.
+        for units in [1u64, 255, 256, 257, 1 << 24, (1 << 30) + 3] {
+            let [x, y] = workgroup_grid(units, 16, 65535);
+            let covered = x as u64 * y as u64 * 16;
+            assert!(
+                covered >= units && covered - units < x as u64 * 16,
+                "{units}"
+            );
+            assert!(x <= 65535 && y <= 65535);
+        }
+    }
 }
