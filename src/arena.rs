@@ -68,7 +68,7 @@ impl Arena {
         Some(BufferView::new(&self.grad, t.offset, t.len))
     }
 
-    /// The arena as flat parameters, for [`Optimizer::with_groups`].
+    /// The arena as flat parameters, for [`crate::Optimizer::with_groups`].
     pub fn flat(&self) -> FlatParameters {
         FlatParameters::new(
             BufferView::whole(&self.param),

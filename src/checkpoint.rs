@@ -27,6 +27,9 @@
 //! the learning rate: a failed load returns a typed error and leaves the optimizer as it was.
 //! Saving writes a temporary file in the same directory and renames it over the target.
 //!
+//! Owns: the checkpoint format (`docs/checkpoint-format.md`). May not reach into the optimizer
+//! beyond its public state I/O (`read_state_blocking`, `load_state`, `set_step_count`).
+//!
 //! ```no_run
 //! # fn main() -> Result<(), wgpu_optim::Error> {
 //! # let (_, device, queue) = wgpu_optim::util::request_device_blocking()?;
@@ -187,8 +190,7 @@ impl Checkpoint {
 
     /// Reads and checks a checkpoint file.
     pub fn read(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        Self::from_bytes(&file::read(path)?, &path.display().to_string())
+        file::read_with(path.as_ref(), Self::from_bytes)
     }
 
     /// Parses and checks a checkpoint on its own: the config, the metadata, every tensor

@@ -1,5 +1,7 @@
 //! The optimizer's configuration: types, defaults, validation and the JSON form of
 //! `docs/semantics.md`.
+//!
+//! Owns: every key's domain and every refusal of a config. May not touch the GPU.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -9,6 +11,7 @@ use crate::error::{Error, Result};
 /// Which update rule to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Algorithm {
     /// Adam with coupled (L2) weight decay: `g += weight_decay * p` (`torch.optim.Adam`).
     Adam,
@@ -76,6 +79,7 @@ pub enum EpsMode {
 /// from JSON with [`Config::from_json`]. [`Config::validate`] checks every field; the
 /// optimizer calls it on construction.
 #[derive(Clone, Debug, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct Config {
     pub algorithm: Algorithm,
     pub lr: f64,

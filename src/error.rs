@@ -1,8 +1,11 @@
 //! The one error type of the public API.
+//!
+//! Owns: how every refusal is worded. Every variant names the key, tensor or limit at fault.
 
 /// Everything the public API can refuse. Each variant names the key, tensor or limit at fault,
 /// the value it got and what was expected.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A configuration key has a value outside its domain (NaN, out of range, wrong type).
     #[error("config key `{key}`: got {value}, expected {expected}")]

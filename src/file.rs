@@ -1,5 +1,7 @@
 //! Files, for [`crate::replay`] and [`crate::checkpoint`]: reading, writing atomically, and the
 //! safetensors helpers they share (f32 tensors in, f32 tensors out, the `config` metadata).
+//!
+//! Owns: bytes on disk. May not touch the GPU or the optimizer.
 
 use std::collections::HashMap;
 use std::fs;
@@ -177,6 +179,11 @@ pub(crate) fn serialize(
             reason: e.to_string(),
         }
     })
+}
+
+/// Reads the file at `path` and parses it with `parse`, which gets the path to name in errors.
+pub(crate) fn read_with<T>(path: &Path, parse: impl FnOnce(&[u8], &str) -> Result<T>) -> Result<T> {
+    parse(&read(path)?, &path.display().to_string())
 }
 
 /// [`Config::from_json`], also showing the value when the text holds Python's non-finite floats

@@ -293,7 +293,7 @@ pub(crate) struct Dispatch {
 }
 
 /// Workgroups for `units` invocations: x up to `max_per_dim`, the rest in y.
-pub(crate) fn workgroup_grid(units: u64, workgroup_size: u32, max_per_dim: u32) -> [u32; 2] {
+pub fn workgroup_grid(units: u64, workgroup_size: u32, max_per_dim: u32) -> [u32; 2] {
     let groups = units.div_ceil(workgroup_size as u64);
     let x = groups.min(max_per_dim as u64).max(1);
     [x as u32, groups.div_ceil(x) as u32]
@@ -379,7 +379,7 @@ pub(crate) fn engine_buffer(device: &wgpu::Device, label: &str, bytes: u64) -> w
 
 /// A compute pipeline with its own bind group layout (from the shader), for the benchmark's
 /// ceiling kernels: built here so that they go through the same code as the step's.
-pub(crate) fn auxiliary_pipeline(
+pub fn auxiliary_pipeline(
     device: &wgpu::Device,
     label: &str,
     wgsl: &str,

@@ -256,7 +256,7 @@ impl Optimizer {
     }
 
     /// The smallest unit of [`OptimizerOptions::chunk_elements`] on this device, and the
-    /// alignment (in elements) at which an [`Arena`] places its tensors.
+    /// alignment (in elements) at which an [`crate::Arena`] places its tensors.
     pub fn chunk_granularity(limits: &wgpu::Limits) -> u64 {
         plan::granularity(params::storage_alignment(limits))
     }

@@ -3,6 +3,9 @@
 //! Arithmetic is f64 on f32 inputs; the state is rounded to f32 as soon as it is computed,
 //! because that is what every stored copy of it (GPU buffers, checkpoints, PyTorch) holds.
 //! The GPU path is tested against this function.
+//!
+//! Owns: the update formula on the CPU (the WGSL family is the other place it lives). May not
+//! touch the GPU or depend on how the kernel is dispatched.
 
 use crate::config::{Algorithm, Config, EpsMode};
 use crate::protocol::decoupled_decay;

@@ -24,6 +24,8 @@
 //! `algorithm`, NaN and out-of-range values), dtypes (f32 only), shapes, that every gradient
 //! is present, the length and values of `lr`, and that params and gradients are finite (a NaN
 //! or infinity in a trace leaves nothing to compare). Every error names the tensor, key or file.
+//!
+//! Owns: the trace and result formats. May not reach into the optimizer beyond its public API.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -82,8 +84,7 @@ pub struct ReplayResult {
 impl Trace {
     /// Reads and validates a trace file.
     pub fn read(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        Self::from_bytes(&file::read(path)?, &path.display().to_string())
+        file::read_with(path.as_ref(), Self::from_bytes)
     }
 
     /// Parses and validates a trace; `file` names it in errors.

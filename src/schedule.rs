@@ -14,6 +14,9 @@
 //! `base_lr` is the group's learning rate before any scheduling (torch's `initial_lr`); call
 //! `lr` once per group with that group's base. `eta_min` and `end_lr` are absolute learning
 //! rates, shared by every group, as in torch and HuggingFace.
+//!
+//! Owns: the schedules' formulas (their tests and torch's golden values are in
+//! `tests/schedule.rs`). May not touch the optimizer or the GPU.
 
 use serde::{Deserialize, Serialize};
 

@@ -1,6 +1,8 @@
 //! Test support shared by the unit tests, the integration tests and the benchmark (hidden from
 //! the docs: not part of the API). One seeded generator, so that every test's data can be
-//! reproduced from its seed.
+//! reproduced from its seed; one tolerance derivation; one compare.
+//!
+//! Owns: what tests and the benchmark share. Not part of the API: it may change at any time.
 
 /// splitmix64: small, seeded, reproducible.
 #[derive(Clone, Debug)]
@@ -142,20 +144,6 @@ pub fn max_abs(x: &[f32]) -> f32 {
     x.iter().fold(0.0f32, |m, v| m.max(v.abs()))
 }
 
-/// A compute pipeline built through the library's own wgpu code (`gpu.rs`), with the layout
-/// taken from the shader: for the benchmark's ceiling kernels.
-pub fn auxiliary_pipeline(
-    device: &wgpu::Device,
-    label: &str,
-    wgsl: &str,
-    entry_point: &str,
-    constants: &[(&str, f64)],
-) -> wgpu::ComputePipeline {
-    crate::gpu::auxiliary_pipeline(device, label, wgsl, entry_point, constants)
-}
-
-/// Workgroups for `units` invocations: x up to `max_per_dim`, the rest in y (the library's own
-/// 2-D grid).
-pub fn workgroup_grid(units: u64, workgroup_size: u32, max_per_dim: u32) -> [u32; 2] {
-    crate::gpu::workgroup_grid(units, workgroup_size, max_per_dim)
-}
+/// The library's own wgpu code (`gpu.rs`) for the benchmark's ceiling kernels: a compute
+/// pipeline with the layout taken from the shader, and the 2-D workgroup grid.
+pub use crate::gpu::{auxiliary_pipeline, workgroup_grid};

@@ -1,5 +1,7 @@
 //! Helpers for examples, tests, tools and engines: getting a device (a training engine brings
 //! its own; this shows what to ask for) and reading a buffer back.
+//!
+//! Owns: conveniences around the public API. The wgpu calls themselves are in `gpu.rs`.
 
 use crate::error::{Error, Result};
 
