@@ -94,10 +94,82 @@ pub struct Config {
     pub rescale_grad: f64,
     pub clip_gradient: Option<f64>,
     pub initial_accumulator: f64,
+    /// Optimizer-wide (every group must agree): the gradients arrive multiplied by a loss
+    /// scale that the optimizer keeps on the device (`GradScaler`).
+    pub loss_scale: Option<LossScale>,
+    /// Optimizer-wide: skip an iteration whose unscaled gradient holds a NaN or an infinity,
+    /// anywhere in the model (always on with `loss_scale`).
+    pub skip_nonfinite: bool,
+    /// Optimizer-wide: clip the global L2 norm of the gradient to this (`clip_grad_norm_`).
+    pub max_grad_norm: Option<f64>,
 }
 
+/// Dynamic loss scaling, as torch's `GradScaler` (`docs/semantics.md`, "Before the
+/// per-element step").
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct LossScale {
+    /// The scale S before the first iteration (> 0).
+    pub init_scale: f64,
+    /// S is multiplied by this after `growth_interval` iterations in a row without an
+    /// overflow (> 1).
+    pub growth_factor: f64,
+    /// S is multiplied by this after an overflow (in (0, 1)).
+    pub backoff_factor: f64,
+    /// Iterations without overflow before S grows (>= 1).
+    pub growth_interval: u64,
+    /// false: S stays at `init_scale`.
+    pub dynamic: bool,
+}
+
+impl Default for LossScale {
+    /// torch's `GradScaler()` defaults.
+    fn default() -> Self {
+        LossScale {
+            init_scale: 65536.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+            dynamic: true,
+        }
+    }
+}
+
+impl LossScale {
+    /// The scale S before the first iteration.
+    pub fn init_scale(mut self, init_scale: f64) -> Self {
+        self.init_scale = init_scale;
+        self
+    }
+    pub fn growth_factor(mut self, growth_factor: f64) -> Self {
+        self.growth_factor = growth_factor;
+        self
+    }
+    pub fn backoff_factor(mut self, backoff_factor: f64) -> Self {
+        self.backoff_factor = backoff_factor;
+        self
+    }
+    pub fn growth_interval(mut self, growth_interval: u64) -> Self {
+        self.growth_interval = growth_interval;
+        self
+    }
+    pub fn dynamic(mut self, dynamic: bool) -> Self {
+        self.dynamic = dynamic;
+        self
+    }
+}
+
+/// The fields of `loss_scale`'s JSON object.
+pub const LOSS_SCALE_KEYS: [&str; 5] = [
+    "init_scale",
+    "growth_factor",
+    "backoff_factor",
+    "growth_interval",
+    "dynamic",
+];
+
 /// Every key of the JSON form, in the spec's order.
-pub const CONFIG_KEYS: [&str; 13] = [
+pub const CONFIG_KEYS: [&str; 16] = [
     "algorithm",
     "lr",
     "betas",
@@ -111,6 +183,9 @@ pub const CONFIG_KEYS: [&str; 13] = [
     "rescale_grad",
     "clip_gradient",
     "initial_accumulator",
+    "loss_scale",
+    "skip_nonfinite",
+    "max_grad_norm",
 ];
 
 impl Config {
@@ -135,6 +210,9 @@ impl Config {
             rescale_grad: 1.0,
             clip_gradient: None,
             initial_accumulator: if yogi { 1e-6 } else { 0.0 },
+            loss_scale: None,
+            skip_nonfinite: false,
+            max_grad_norm: None,
         }
     }
 
@@ -201,6 +279,30 @@ impl Config {
         self.initial_accumulator = initial_accumulator;
         self
     }
+    pub fn loss_scale(mut self, loss_scale: Option<LossScale>) -> Self {
+        self.loss_scale = loss_scale;
+        self
+    }
+    pub fn skip_nonfinite(mut self, skip_nonfinite: bool) -> Self {
+        self.skip_nonfinite = skip_nonfinite;
+        self
+    }
+    pub fn max_grad_norm(mut self, max_grad_norm: Option<f64>) -> Self {
+        self.max_grad_norm = max_grad_norm;
+        self
+    }
+
+    /// Whether an iteration can be skipped on the device (`loss_scale` or `skip_nonfinite`):
+    /// then the step count lives on the device.
+    pub fn skips(&self) -> bool {
+        self.loss_scale.is_some() || self.skip_nonfinite
+    }
+
+    /// Whether an iteration needs the pass over every gradient before the step (found_inf,
+    /// the global norm).
+    pub fn has_pre_step(&self) -> bool {
+        self.skips() || self.max_grad_norm.is_some()
+    }
 
     /// Checks every field against its domain; the error names the first bad key.
     pub fn validate(&self) -> Result<()> {
@@ -221,7 +323,29 @@ impl Config {
             "initial_accumulator",
             self.initial_accumulator,
             non_negative,
-        )
+        )?;
+        if let Some(c) = self.max_grad_norm {
+            check("max_grad_norm", c, positive)?;
+        }
+        if let Some(ls) = &self.loss_scale {
+            // The device keeps S and 1/S in f32: both must be finite and > 0 there.
+            check("loss_scale.init_scale", ls.init_scale, |x| {
+                let s = x as f32;
+                x.is_finite() && s.is_finite() && s > 0.0 && (1.0 / s).is_finite()
+            })?;
+            check("loss_scale.growth_factor", ls.growth_factor, |x| {
+                x.is_finite() && x > 1.0
+            })?;
+            check("loss_scale.backoff_factor", ls.backoff_factor, |x| {
+                x > 0.0 && x < 1.0
+            })?;
+            check(
+                "loss_scale.growth_interval",
+                ls.growth_interval as f64,
+                |x| x >= 1.0,
+            )?;
+        }
+        Ok(())
     }
 
     /// Parses the JSON form (an object with the spec's keys; missing keys take the defaults of
@@ -255,6 +379,9 @@ impl Config {
                 "rescale_grad" => c.rescale_grad = parse("rescale_grad", v)?,
                 "clip_gradient" => c.clip_gradient = parse("clip_gradient", v)?,
                 "initial_accumulator" => c.initial_accumulator = parse("initial_accumulator", v)?,
+                "loss_scale" => c.loss_scale = parse_loss_scale(v)?,
+                "skip_nonfinite" => c.skip_nonfinite = parse("skip_nonfinite", v)?,
+                "max_grad_norm" => c.max_grad_norm = parse("max_grad_norm", v)?,
                 _ => {} // "algorithm", read above
             }
         }
@@ -360,9 +487,43 @@ fn parse<T: serde::de::DeserializeOwned>(key: &'static str, v: &Value) -> Result
     })
 }
 
+/// `loss_scale`: null, or an object of [`LOSS_SCALE_KEYS`] (missing ones take torch's
+/// defaults); each bad field is named `loss_scale.<field>`.
+fn parse_loss_scale(v: &Value) -> Result<Option<LossScale>> {
+    let map = match v {
+        Value::Null => return Ok(None),
+        Value::Object(map) => map,
+        _ => return Err(invalid_value("loss_scale", v.to_string())),
+    };
+    if let Some(key) = map.keys().find(|k| !LOSS_SCALE_KEYS.contains(&k.as_str())) {
+        return Err(unknown_key(&format!("loss_scale.{key}")));
+    }
+    let mut ls = LossScale::default();
+    for (key, v) in map {
+        match key.as_str() {
+            "init_scale" => ls.init_scale = parse("loss_scale.init_scale", v)?,
+            "growth_factor" => ls.growth_factor = parse("loss_scale.growth_factor", v)?,
+            "backoff_factor" => ls.backoff_factor = parse("loss_scale.backoff_factor", v)?,
+            // serde refuses `2000.0` and `-1` for a u64: an integer without fraction.
+            "growth_interval" => ls.growth_interval = parse("loss_scale.growth_interval", v)?,
+            _ => ls.dynamic = parse("loss_scale.dynamic", v)?,
+        }
+    }
+    Ok(Some(ls))
+}
+
 /// Each key's domain, in words: the `expected` of every error about it.
 fn expected(key: &str) -> &'static str {
     match key {
+        "loss_scale" => {
+            "null or an object with init_scale, growth_factor, backoff_factor, growth_interval, dynamic"
+        }
+        "loss_scale.init_scale" => "a finite number > 0 whose f32 and reciprocal are finite",
+        "loss_scale.growth_factor" => "a finite number > 1",
+        "loss_scale.backoff_factor" => "a number in (0, 1)",
+        "loss_scale.growth_interval" => "an integer >= 1 (a JSON number without fraction)",
+        "skip_nonfinite" | "loss_scale.dynamic" => "true or false",
+        "max_grad_norm" => "null or a finite number > 0",
         "algorithm" => "one of \"adam\", \"adamw\", \"yogi\"",
         "lr" => LR_DOMAIN,
         "betas" => "[b1, b2], each in [0, 1)",

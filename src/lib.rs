@@ -78,7 +78,7 @@ pub mod testing;
 pub mod util;
 
 pub use arena::Arena;
-pub use config::{Algorithm, CONFIG_KEYS, Config, EpsMode};
+pub use config::{Algorithm, CONFIG_KEYS, Config, EpsMode, LossScale};
 pub use error::{Error, Result};
 pub use optimizer::Optimizer;
 pub use params::{BufferView, FlatParameters, FlatTensor, OptimizerOptions, Parameter, TensorInfo};

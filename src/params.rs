@@ -329,9 +329,28 @@ pub(crate) fn check_groups(groups: &[Config]) -> Result<()> {
                 "initial_accumulator",
                 g.initial_accumulator != first.initial_accumulator,
             ),
+            // Optimizer-wide keys (docs/semantics.md): one value for every group.
+            ("loss_scale", g.loss_scale != first.loss_scale),
+            ("skip_nonfinite", g.skip_nonfinite != first.skip_nonfinite),
+            ("max_grad_norm", g.max_grad_norm != first.max_grad_norm),
         ];
         if let Some((key, _)) = differs.iter().find(|(_, d)| *d) {
             return Err(Error::GroupMismatch { group: i, key });
+        }
+        // Not silently ignored while the device side is being built (issue 10).
+        if g.has_pre_step() {
+            let key = if g.loss_scale.is_some() {
+                "loss_scale"
+            } else if g.skip_nonfinite {
+                "skip_nonfinite"
+            } else {
+                "max_grad_norm"
+            };
+            return Err(Error::InvalidOption {
+                name: key,
+                value: "set".into(),
+                expected: "not set: loss scaling, non-finite skip and global-norm clipping are not implemented yet".into(),
+            });
         }
     }
     Ok(())

@@ -468,3 +468,122 @@ fn the_public_types_are_send_sync_and_debug() {
         "{debug}"
     );
 }
+
+#[test]
+fn loss_scaling_and_clipping_keys_parse_and_refuse_naming_the_key() {
+    use wgpu_optim::LossScale;
+    let c = Config::from_json(
+        r#"{"algorithm": "adamw", "loss_scale": {"init_scale": 1024, "growth_interval": 3},
+            "max_grad_norm": 1.0}"#,
+    )
+    .unwrap();
+    let ls = c.loss_scale.unwrap();
+    assert_eq!(
+        ls,
+        LossScale::default().init_scale(1024.0).growth_interval(3)
+    );
+    assert_eq!(
+        (ls.growth_factor, ls.backoff_factor, ls.dynamic),
+        (2.0, 0.5, true)
+    );
+    assert_eq!(c.max_grad_norm, Some(1.0));
+    assert!(!c.skip_nonfinite && c.skips() && c.has_pre_step());
+    // Round trip through the effective configuration.
+    assert_eq!(Config::from_json(&c.to_json()).unwrap(), c);
+    let plain = Config::from_json(r#"{"algorithm": "adam", "loss_scale": null}"#).unwrap();
+    assert!(!plain.skips() && !plain.has_pre_step());
+
+    for (text, key) in [
+        (
+            r#"{"algorithm": "adam", "max_grad_norm": 0}"#,
+            "max_grad_norm",
+        ),
+        (
+            r#"{"algorithm": "adam", "max_grad_norm": -1}"#,
+            "max_grad_norm",
+        ),
+        (
+            r#"{"algorithm": "adam", "max_grad_norm": 1e999}"#,
+            "max_grad_norm",
+        ),
+        (
+            r#"{"algorithm": "adam", "skip_nonfinite": 1}"#,
+            "skip_nonfinite",
+        ),
+        (r#"{"algorithm": "adam", "loss_scale": 5}"#, "loss_scale"),
+        (
+            r#"{"algorithm": "adam", "loss_scale": {"growth_factor": 1}}"#,
+            "loss_scale.growth_factor",
+        ),
+        (
+            r#"{"algorithm": "adam", "loss_scale": {"backoff_factor": 1}}"#,
+            "loss_scale.backoff_factor",
+        ),
+        (
+            r#"{"algorithm": "adam", "loss_scale": {"backoff_factor": 0}}"#,
+            "loss_scale.backoff_factor",
+        ),
+        (
+            r#"{"algorithm": "adam", "loss_scale": {"growth_interval": 0}}"#,
+            "loss_scale.growth_interval",
+        ),
+        (
+            r#"{"algorithm": "adam", "loss_scale": {"growth_interval": 2.5}}"#,
+            "loss_scale.growth_interval",
+        ),
+        (
+            r#"{"algorithm": "adam", "loss_scale": {"growth_interval": 2000.0}}"#,
+            "loss_scale.growth_interval",
+        ),
+        (
+            r#"{"algorithm": "adam", "loss_scale": {"init_scale": 0}}"#,
+            "loss_scale.init_scale",
+        ),
+        (
+            r#"{"algorithm": "adam", "loss_scale": {"init_scale": 1e300}}"#,
+            "loss_scale.init_scale",
+        ),
+        (
+            r#"{"algorithm": "adam", "loss_scale": {"dynamic": "yes"}}"#,
+            "loss_scale.dynamic",
+        ),
+    ] {
+        match Config::from_json(text) {
+            Err(e @ Error::InvalidConfig { key: k, .. }) => {
+                assert_eq!(k, key, "{text}");
+                assert!(e.to_string().contains(key), "{e}");
+            }
+            other => panic!("{text}: expected InvalidConfig for {key}, got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        Config::from_json(r#"{"algorithm": "adam", "loss_scale": {"scale": 2}}"#),
+        Err(Error::UnknownConfigKey { key, .. }) if key == "loss_scale.scale"
+    ));
+    // The same through the builder.
+    let bad = Config::adam().loss_scale(Some(LossScale::default().growth_factor(0.5)));
+    assert!(matches!(
+        bad.validate(),
+        Err(Error::InvalidConfig {
+            key: "loss_scale.growth_factor",
+            ..
+        })
+    ));
+
+    // Optimizer-wide keys: every group must agree.
+    let (device, _) = gpu();
+    for (key, other) in [
+        (
+            "loss_scale",
+            Config::adam().loss_scale(Some(LossScale::default())),
+        ),
+        ("skip_nonfinite", Config::adam().skip_nonfinite(true)),
+        ("max_grad_norm", Config::adam().max_grad_norm(Some(1.0))),
+    ] {
+        let groups = [Config::adam(), other];
+        match Optimizer::with_groups(device, &groups, &[], &[], OptimizerOptions::default()) {
+            Err(Error::GroupMismatch { group: 1, key: k }) => assert_eq!(k, key),
+            other => panic!("{key}: {:?}", other.map(|_| "an optimizer")),
+        }
+    }
+}
