@@ -30,6 +30,10 @@ pub(crate) struct Variant {
     pub weight_decay: bool,
     pub workgroup_size: u32,
     pub segmented: bool,
+    /// Before the per-element step (optimizer-wide): unscale, skip, clip the global norm.
+    pub scale: bool,
+    pub skip: bool,
+    pub norm_clip: bool,
 }
 
 impl Variant {
@@ -44,7 +48,15 @@ impl Variant {
             weight_decay: groups.iter().any(|g| g.weight_decay != 0.0),
             workgroup_size,
             segmented: false,
+            scale: groups[0].loss_scale.is_some(),
+            skip: groups[0].skips(),
+            norm_clip: groups[0].max_grad_norm.is_some(),
         }
+    }
+
+    /// Whether an iteration runs the `grad_norm` and `finish` passes before the step.
+    pub fn pre_step(&self) -> bool {
+        self.scale || self.skip || self.norm_clip
     }
 
     /// The same variant for segmented dispatches: smaller workgroups (64 at most), so that
@@ -58,7 +70,7 @@ impl Variant {
     }
 
     /// `(name, value)` pairs for `PipelineCompilationOptions::constants`.
-    pub fn constants(&self) -> [(&'static str, f64); 7] {
+    pub fn constants(&self) -> [(&'static str, f64); 10] {
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
         [
             ("ALGORITHM", protocol::algorithm_code(self.algorithm) as f64),
@@ -68,6 +80,9 @@ impl Variant {
             ("WEIGHT_DECAY", flag(self.weight_decay)),
             ("WORKGROUP_SIZE", self.workgroup_size as f64),
             ("SEGMENTED", flag(self.segmented)),
+            ("SCALE", flag(self.scale)),
+            ("SKIP", flag(self.skip)),
+            ("NORM_CLIP", flag(self.norm_clip)),
         ]
     }
 
@@ -80,6 +95,9 @@ impl Variant {
             (self.clip, "clip"),
             (self.weight_decay, "decay"),
             (self.segmented, "segmented"),
+            (self.scale, "scale"),
+            (self.skip, "skip"),
+            (self.norm_clip, "norm-clip"),
         ] {
             if on {
                 label += " ";
@@ -102,7 +120,48 @@ pub(crate) struct Kernels {
     layout: wgpu::BindGroupLayout,
     /// Indexed by [`Kernels::index`].
     pipelines: [wgpu::ComputePipeline; 4],
+    /// With a pass before the step: `grad_norm` (indexed alike) and `finish`.
+    pre_step: Option<([wgpu::ComputePipeline; 4], wgpu::ComputePipeline)>,
 }
+
+/// The `finish` pass's override constants: the optimizer-wide numbers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Finish {
+    pub partials: u32,
+    pub max_grad_norm: f32,
+    pub dynamic: bool,
+    pub growth_factor: f32,
+    pub backoff_factor: f32,
+    pub growth_interval: u32,
+}
+
+impl Finish {
+    pub fn new(config: &Config, partials: u32) -> Self {
+        let ls = config.loss_scale.unwrap_or_default();
+        Finish {
+            partials,
+            max_grad_norm: config.max_grad_norm.unwrap_or(0.0) as f32,
+            dynamic: config.loss_scale.is_some_and(|l| l.dynamic),
+            growth_factor: ls.growth_factor as f32,
+            backoff_factor: ls.backoff_factor as f32,
+            growth_interval: ls.growth_interval.min(u32::MAX as u64) as u32,
+        }
+    }
+
+    pub fn constants(&self) -> [(&'static str, f64); 6] {
+        [
+            ("PARTIALS", self.partials as f64),
+            ("MAX_GRAD_NORM", self.max_grad_norm as f64),
+            ("DYNAMIC", if self.dynamic { 1.0 } else { 0.0 }),
+            ("GROWTH_FACTOR", self.growth_factor as f64),
+            ("BACKOFF_FACTOR", self.backoff_factor as f64),
+            ("GROWTH_INTERVAL", self.growth_interval as f64),
+        ]
+    }
+}
+
+/// Invocations of the `finish` pass's one workgroup.
+pub(crate) const FINISH_WORKGROUP_SIZE: u32 = 256;
 
 impl std::fmt::Debug for Kernels {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
@@ -113,7 +172,9 @@ impl std::fmt::Debug for Kernels {
 }
 
 impl Kernels {
-    pub fn new(device: &wgpu::Device, variant: Variant) -> Self {
+    /// The pipelines of `variant`; `finish` is given when the variant has a pass before the
+    /// step.
+    pub fn new(device: &wgpu::Device, variant: Variant, finish: Option<Finish>) -> Self {
         let entries: Vec<wgpu::BindGroupLayoutEntry> = BINDINGS
             .iter()
             .enumerate()
@@ -151,42 +212,63 @@ impl Kernels {
                 source: wgpu::ShaderSource::Wgsl(wgsl_source(width).into()),
             })
         });
-        let pipeline = |width: Width, segmented: bool| {
-            let v = if segmented {
-                variant.segmented()
-            } else {
-                variant
-            };
+        let build = |label: &str, width: Width, entry: &str, constants: &[(&str, f64)]| {
             device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(&v.label(width)),
+                label: Some(label),
                 layout: Some(&pipeline_layout),
                 module: &modules[(width == Width::Scalar) as usize],
-                entry_point: Some("step"),
+                entry_point: Some(entry),
                 compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: &v.constants(),
+                    constants,
                     zero_initialize_workgroup_memory: false,
                 },
                 cache: None,
             })
         };
-        Kernels {
-            variant,
-            pipelines: [
+        let family = |entry: &str| {
+            let pipeline = |width: Width, segmented: bool| {
+                let v = if segmented {
+                    variant.segmented()
+                } else {
+                    variant
+                };
+                let label = format!("{} {entry}", v.label(width));
+                build(&label, width, entry, &v.constants())
+            };
+            [
                 pipeline(Width::Vec4, false),
                 pipeline(Width::Scalar, false),
                 pipeline(Width::Vec4, true),
                 pipeline(Width::Scalar, true),
-            ],
+            ]
+        };
+        let pre_step = finish.filter(|_| variant.pre_step()).map(|finish| {
+            let v = Variant {
+                workgroup_size: FINISH_WORKGROUP_SIZE,
+                ..variant
+            };
+            let mut constants = v.constants().to_vec();
+            constants.extend(finish.constants());
+            let label = format!("{} finish", v.label(Width::Scalar));
+            (
+                family("grad_norm"),
+                build(&label, Width::Scalar, "finish", &constants),
+            )
+        });
+        Kernels {
+            variant,
+            pipelines: family("step"),
+            pre_step,
             layout,
         }
     }
 
-    fn index(width: Width, segmented: bool) -> usize {
+    pub fn index(width: Width, segmented: bool) -> usize {
         (width == Width::Scalar) as usize + 2 * segmented as usize
     }
-
-    pub fn pipeline(&self, width: Width, segmented: bool) -> &wgpu::ComputePipeline {
-        &self.pipelines[Self::index(width, segmented)]
+    /// The `grad_norm` pipeline of a dispatch, and `finish` (with a pass before the step).
+    pub fn pre_step(&self) -> Option<(&[wgpu::ComputePipeline; 4], &wgpu::ComputePipeline)> {
+        self.pre_step.as_ref().map(|(norm, finish)| (norm, finish))
     }
 }
 
@@ -261,23 +343,41 @@ pub(crate) fn create_scoped<T>(
     }
 }
 
-/// Records `dispatches` into one compute pass. `timestamp_writes`, if any, time the pass (the
-/// benchmark uses it).
+/// Records one iteration into one compute pass: with a pass before the step, `grad_norm`
+/// over every dispatch and then `finish` (with `finish_bind_group`), then the step over every
+/// dispatch. `timestamp_writes`, if any, time the pass (the benchmark uses it).
 pub(crate) fn record(
     encoder: &mut wgpu::CommandEncoder,
     kernels: &Kernels,
-    dispatches: &mut dyn Iterator<Item = &Dispatch>,
+    dispatches: &[&Dispatch],
+    finish_bind_group: &wgpu::BindGroup,
     timestamp_writes: Option<wgpu::ComputePassTimestampWrites>,
 ) {
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: Some("wgpu-optim step"),
         timestamp_writes,
     });
+    if let Some((norm, finish)) = kernels.pre_step() {
+        dispatch_all(&mut pass, norm, dispatches);
+        pass.set_pipeline(finish);
+        pass.set_bind_group(0, finish_bind_group, &[]);
+        pass.dispatch_workgroups(1, 1, 1);
+    }
+    dispatch_all(&mut pass, &kernels.pipelines, dispatches);
+}
+
+/// Every dispatch with its width's and segmentation's pipeline of `pipelines`.
+fn dispatch_all(
+    pass: &mut wgpu::ComputePass,
+    pipelines: &[wgpu::ComputePipeline; 4],
+    dispatches: &[&Dispatch],
+) {
     let mut current = None;
     for d in dispatches {
-        if current != Some((d.width, d.segmented)) {
-            pass.set_pipeline(kernels.pipeline(d.width, d.segmented));
-            current = Some((d.width, d.segmented));
+        let index = Kernels::index(d.width, d.segmented);
+        if current != Some(index) {
+            pass.set_pipeline(&pipelines[index]);
+            current = Some(index);
         }
         pass.set_bind_group(0, &d.bind_group, &[]);
         pass.dispatch_workgroups(d.grid[0], d.grid[1], 1);

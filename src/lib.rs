@@ -85,7 +85,7 @@ pub use params::{BufferView, FlatParameters, FlatTensor, OptimizerOptions, Param
 pub use protocol::MAX_GROUPS;
 pub use reference::TensorState;
 pub use schedule::Schedule;
-pub use state::StateBuffers;
+pub use state::{IterationStatus, StateBuffers};
 
 #[cfg(test)]
 mod tests {

@@ -8,12 +8,15 @@
 
 use crate::config::{self, Config};
 use crate::error::{Error, Result};
-use crate::gpu::{self, Dispatch, Kernels, Range, Variant};
+use crate::gpu::{self, Dispatch, Finish, Kernels, Range, Variant};
 use crate::params::{
     self, FlatParameters, Location, OptimizerOptions, Parameter, SpanInput, TensorInfo,
 };
 use crate::plan::{self, PlanLimits, Planned, SpanLayout};
-use crate::protocol::{Chunk, GROUPS_BYTES, HINTS_BYTES, MAX_HINTS, Slot, StepUniforms};
+use crate::protocol::{
+    self, BIAS_ROW, Chunk, DeviceScalars, GROUPS_BYTES, HINTS_BYTES, MAX_HINTS, Slot, StepUniforms,
+    Width,
+};
 use crate::schedule::Schedule;
 use crate::state::StateBuffers;
 
@@ -38,6 +41,12 @@ pub struct Optimizer {
     /// For the small upload buffer each step records (see [`Optimizer::step`]).
     device: wgpu::Device,
     step_uniforms: wgpu::Buffer,
+    /// The iteration's numbers on the device (`DeviceScalars`) and the norm pass's partials.
+    pub(crate) device_state: wgpu::Buffer,
+    /// Binds the device state for the `finish` pass.
+    finish_bind_group: wgpu::BindGroup,
+    /// With t on the device: each group's (first u32, steps) of bias factors in the table.
+    bias: Vec<(u32, u32)>,
     tensors: Vec<TensorInfo>,
     locations: Vec<Location>,
     pub(crate) spans: Vec<Span>,
@@ -102,7 +111,22 @@ impl Optimizer {
             segmented_workgroup_size: variant.segmented().workgroup_size,
             max_hints: MAX_HINTS,
         };
-        let (planned, table) = plan_all(&spans, &plan_limits)?;
+        let (planned, mut table, partials) = plan_all(&spans, &plan_limits)?;
+        // With skipping, t lives on the device: each group's bias factors go in the table.
+        let bias: Vec<(u32, u32)> = groups
+            .iter()
+            .map(|g| {
+                let rows = if variant.skip {
+                    protocol::bias_table(g)
+                } else {
+                    Vec::new()
+                };
+                let at = (table.len() as u32, (rows.len() / BIAS_ROW) as u32);
+                table.extend(rows);
+                at
+            })
+            .collect();
+        let finish = Finish::new(&groups[0], partials);
         // Everything the device creates, in error scopes: out of memory, or a user buffer that
         // fails validation (destroyed, say), comes back as an error instead of reaching wgpu's
         // uncaptured-error handler (which panics by default) after an `Ok`.
@@ -110,13 +134,14 @@ impl Optimizer {
             device,
             "the optimizer's state, pipelines and bind groups",
             || {
-                let kernels = Kernels::new(device, variant);
+                let kernels = Kernels::new(device, variant, Some(finish));
                 let step_uniforms =
                     gpu::uniform_buffer(device, "wgpu-optim step uniforms", GROUPS_BYTES);
-                let built = build_spans(
+                let device_state = device_state(device, &groups[0], partials);
+                let (built, finish_bind_group) = build_spans(
                     device,
                     &kernels,
-                    &step_uniforms,
+                    [&step_uniforms, &device_state],
                     &groups[0],
                     &spans,
                     &planned,
@@ -131,6 +156,9 @@ impl Optimizer {
                     kernels,
                     device: device.clone(),
                     step_uniforms,
+                    device_state,
+                    finish_bind_group,
+                    bias,
                     tensors,
                     locations,
                     spans: built,
@@ -160,7 +188,15 @@ impl Optimizer {
         let _ = queue;
         self.step += 1;
         let uniforms: Vec<StepUniforms> = (0..self.groups.len())
-            .map(|g| StepUniforms::new(&self.groups[g], self.step, self.lr_at(g, self.step)))
+            .map(|g| {
+                let (config, lr) = (&self.groups[g], self.lr_at(g, self.step));
+                if self.kernels.variant.skip {
+                    let (base, len) = self.bias[g];
+                    StepUniforms::with_device_step(config, lr, base, len)
+                } else {
+                    StepUniforms::new(config, self.step, lr)
+                }
+            })
             .collect();
         gpu::upload(
             &self.device,
@@ -168,8 +204,14 @@ impl Optimizer {
             &self.step_uniforms,
             bytemuck::cast_slice(&uniforms),
         );
-        let mut dispatches = self.spans.iter().flat_map(|s| &s.dispatches);
-        gpu::record(encoder, &self.kernels, &mut dispatches, timestamp_writes);
+        let dispatches: Vec<&Dispatch> = self.spans.iter().flat_map(|s| &s.dispatches).collect();
+        gpu::record(
+            encoder,
+            &self.kernels,
+            &dispatches,
+            &self.finish_bind_group,
+            timestamp_writes,
+        );
     }
 
     /// Records one step, submits it and blocks until the device has finished it.
@@ -278,10 +320,15 @@ impl Optimizer {
 }
 
 /// Plans every span, checks each plan's invariants (cheap, no walk over elements: a planner
-/// bug becomes an error, not a wrong step) and gathers the segment rows into one table.
-fn plan_all(spans: &[SpanInput], limits: &PlanLimits) -> Result<(Vec<Vec<Planned>>, Vec<u32>)> {
+/// bug becomes an error, not a wrong step), gathers the segment rows into one table and
+/// numbers the partial sums of the `grad_norm` pass (their count is the third value).
+fn plan_all(
+    spans: &[SpanInput],
+    limits: &PlanLimits,
+) -> Result<(Vec<Vec<Planned>>, Vec<u32>, u32)> {
     let mut table = Vec::new();
     let mut planned = Vec::new();
+    let mut partials = 0u32;
     for s in spans {
         let span = SpanLayout {
             param_offset: s.param.offset,
@@ -294,10 +341,13 @@ fn plan_all(spans: &[SpanInput], limits: &PlanLimits) -> Result<(Vec<Vec<Planned
         for d in &mut dispatches {
             d.chunk.segments = table.len() as u32;
             table.extend(d.rows.iter().flatten());
+            // `grad_norm` writes one partial sum per workgroup.
+            d.chunk.partials_base = partials;
+            partials += d.chunk.count.div_ceil(d.workgroup_size);
         }
         planned.push(dispatches);
     }
-    Ok((planned, table))
+    Ok((planned, table, partials))
 }
 
 /// The state of each span and a bind group per planned dispatch. The dispatches' `Chunk`s
@@ -305,17 +355,18 @@ fn plan_all(spans: &[SpanInput], limits: &PlanLimits) -> Result<(Vec<Vec<Planned
 fn build_spans(
     device: &wgpu::Device,
     kernels: &Kernels,
-    step_uniforms: &wgpu::Buffer,
+    [step_uniforms, device_state]: [&wgpu::Buffer; 2],
     config: &Config,
     spans: &[SpanInput],
     planned: &[Vec<Planned>],
     table: &[u32],
-) -> Vec<Span> {
+) -> (Vec<Span>, wgpu::BindGroup) {
     let limits = device.limits();
     let uniform_align = limits.min_uniform_buffer_offset_alignment as u64;
     let all = || planned.iter().flatten();
     let chunk_stride = (size_of::<Chunk>() as u64).next_multiple_of(uniform_align);
-    let mut chunk_bytes = vec![0u8; chunk_stride as usize * all().count()];
+    // At least one entry: the `finish` pass binds the first.
+    let mut chunk_bytes = vec![0u8; chunk_stride as usize * all().count().max(1)];
     for (i, d) in all().enumerate() {
         let at = i * chunk_stride as usize;
         chunk_bytes[at..at + size_of::<Chunk>()].copy_from_slice(bytemuck::bytes_of(&d.chunk));
@@ -344,8 +395,27 @@ fn build_spans(
     // amsgrad off: the max_exp_avg_sq binding is never read, but must be bound.
     let unused = gpu::state_buffer(device, "wgpu-optim unused max_exp_avg_sq", 4, 0.0);
 
+    // The `finish` pass reads and writes only `device`; the rest is bound to stand-ins.
+    let finish_ranges = Slot::ALL.map(|slot| match slot {
+        Slot::Groups => Range::whole(step_uniforms),
+        Slot::Chunk => Range {
+            buffer: &chunks,
+            offset: 0,
+            size: size_of::<Chunk>() as u64,
+        },
+        Slot::Table => Range::whole(&table),
+        Slot::Hints => Range {
+            buffer: &hints,
+            offset: 0,
+            size: HINTS_BYTES,
+        },
+        Slot::Device => Range::whole(device_state),
+        _ => Range::whole(&unused),
+    });
+    let finish_label = format!("{} finish", kernels.variant.label(Width::Scalar));
+    let finish = gpu::bind_group(device, kernels, &finish_label, &finish_ranges);
     let mut index = 0;
-    spans
+    let spans = spans
         .iter()
         .zip(planned)
         .map(|(span, planned)| {
@@ -375,6 +445,7 @@ fn build_spans(
                         },
                         Slot::Table => Range::whole(&table),
                         Slot::Hints => range(&hints, (hint_offsets[index as usize], HINTS_BYTES)),
+                        Slot::Device => Range::whole(device_state),
                     });
                     index += 1;
                     let variant = if d.segmented {
@@ -397,5 +468,25 @@ fn build_spans(
                 .collect();
             Span { state, dispatches }
         })
-        .collect()
+        .collect();
+    (spans, finish)
+}
+
+/// The device's iteration state: `DeviceScalars` (S = `init_scale` and its f32 inverse, no
+/// growth, t = 0) followed by room for `partials` partial sums (at least one, so that the
+/// binding is never shorter than the shader's struct).
+fn device_state(device: &wgpu::Device, config: &Config, partials: u32) -> wgpu::Buffer {
+    let scale = config.loss_scale.map_or(1.0, |l| l.init_scale as f32);
+    let scalars = DeviceScalars {
+        loss_scale: scale,
+        inv_scale: 1.0 / scale,
+        step_inv_scale: 1.0 / scale,
+        clip_coef: 1.0,
+        ..DeviceScalars::default()
+    };
+    let mut bytes = bytemuck::bytes_of(&scalars).to_vec();
+    bytes.resize(bytes.len() + 8 * partials.max(1) as usize, 0);
+    let usage =
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    gpu::buffer_init(device, "wgpu-optim device state", usage, &bytes)
 }

@@ -337,21 +337,6 @@ pub(crate) fn check_groups(groups: &[Config]) -> Result<()> {
         if let Some((key, _)) = differs.iter().find(|(_, d)| *d) {
             return Err(Error::GroupMismatch { group: i, key });
         }
-        // Not silently ignored while the device side is being built (issue 10).
-        if g.has_pre_step() {
-            let key = if g.loss_scale.is_some() {
-                "loss_scale"
-            } else if g.skip_nonfinite {
-                "skip_nonfinite"
-            } else {
-                "max_grad_norm"
-            };
-            return Err(Error::InvalidOption {
-                name: key,
-                value: "set".into(),
-                expected: "not set: loss scaling, non-finite skip and global-norm clipping are not implemented yet".into(),
-            });
-        }
     }
     Ok(())
 }

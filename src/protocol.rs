@@ -39,6 +39,12 @@ pub(crate) struct StepUniforms {
     pub clip_gradient: f32,
     /// 1 when this group clips: in a kernel where another group clips, this one must not.
     pub clips: u32,
+    /// With skipping (t on the device): where this group's bias factors start in the table
+    /// (u32 index), how many steps they cover, and whether eps and eps_root take them.
+    pub bias_base: u32,
+    pub bias_len: u32,
+    pub eps_scaled: u32,
+    pub _pad: u32,
 }
 
 impl StepUniforms {
@@ -70,9 +76,78 @@ impl StepUniforms {
             rescale_grad: config.rescale_grad as f32,
             clip_gradient: config.clip_gradient.unwrap_or(0.0) as f32,
             clips: config.clip_gradient.is_some() as u32,
+            bias_base: 0,
+            bias_len: 0,
+            eps_scaled: 0,
+            _pad: 0,
+        }
+    }
+
+    /// The numbers when t lives on the device (skipping is on): `lr`, `eps` and `eps_root` as
+    /// they are, and where the group's bias factors ([`bias_table`]) start in the table and
+    /// how many steps they cover; the kernel multiplies them in by the device's t.
+    pub fn with_device_step(config: &Config, lr: f64, bias_base: u32, bias_len: u32) -> Self {
+        StepUniforms {
+            step_size: lr as f32,
+            eps: config.eps as f32,
+            eps_root: config.eps_root as f32,
+            bias_base,
+            bias_len,
+            eps_scaled: (config.bias_correction && config.eps_mode == EpsMode::Torch) as u32,
+            // The rest does not depend on t.
+            ..StepUniforms::new(config, 1, lr)
         }
     }
 }
+
+/// u32 per step in a group's bias table: the f32 bits of (sqrt(bc2) / bc1, sqrt(bc2), bc2, 0).
+pub(crate) const BIAS_ROW: usize = 4;
+
+/// The most steps a bias table covers; past it, the factors are taken as 1 (only b2 above
+/// ~0.99998 has factors that still differ from 1 in f32 after 2^20 steps).
+pub(crate) const MAX_BIAS_STEPS: u64 = 1 << 20;
+
+/// The bias factors of `config` for t = 1, 2, ... as u32 rows (the f32 bits of
+/// `(sqrt(bc2) / bc1, sqrt(bc2), bc2, 0)`, computed in f64 like [`StepUniforms::new`]), up to
+/// the first t where all three round to 1 in f32 (from there on they stay 1), at most
+/// [`MAX_BIAS_STEPS`]. Empty without bias correction.
+pub(crate) fn bias_table(config: &Config) -> Vec<u32> {
+    let mut rows = Vec::new();
+    if !config.bias_correction {
+        return rows;
+    }
+    let [b1, b2] = config.betas;
+    for t in 1..=MAX_BIAS_STEPS {
+        let bc1 = 1.0 - b1.powf(t as f64);
+        let bc2 = 1.0 - b2.powf(t as f64);
+        let row = [(bc2.sqrt() / bc1) as f32, bc2.sqrt() as f32, bc2 as f32];
+        if row == [1.0; 3] {
+            break;
+        }
+        rows.extend(row.map(f32::to_bits));
+        rows.push(0);
+    }
+    rows
+}
+
+/// Mirrors `DeviceScalars` in the shader: the numbers of an iteration that live on the device
+/// (loss scale, clip factor, found_inf, t). `loss_scale` comes first, at offset 0 of the
+/// optimizer's device buffer, so that an engine can bind it alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Pod, Zeroable)]
+pub(crate) struct DeviceScalars {
+    pub loss_scale: f32,
+    pub inv_scale: f32,
+    pub step_inv_scale: f32,
+    pub clip_coef: f32,
+    pub global_norm: f32,
+    pub step: u32,
+    pub found_inf: u32,
+    pub growth_tracker: u32,
+}
+
+/// The largest workgroup the reductions' scratch array holds.
+pub(crate) const MAX_WORKGROUP_SIZE: u32 = 1024;
 
 /// AdamW's `lr_t * weight_decay` (0 for Adam and Yogi, whose decay is coupled). The kernel and
 /// the CPU reference both take it rounded to f32, as PyTorch's fused kernel does.
@@ -102,7 +177,8 @@ pub(crate) struct Chunk {
     pub segment_count: u32,
     /// The group of an unsegmented dispatch (one tensor).
     pub group: u32,
-    pub _pad0: u32,
+    /// `grad_norm`: this dispatch's first entry in the device's partial sums.
+    pub partials_base: u32,
     pub _pad1: u32,
     pub _pad2: u32,
     pub _pad3: u32,
@@ -147,7 +223,7 @@ pub(crate) struct Binding {
 }
 
 /// The bindings of the step, in binding order. [`Slot`] names the indices.
-pub(crate) const BINDINGS: [Binding; 9] = {
+pub(crate) const BINDINGS: [Binding; 10] = {
     const fn uniform(name: &'static str, size: u64, wgsl_type: &'static str) -> Binding {
         Binding {
             name,
@@ -178,6 +254,8 @@ pub(crate) const BINDINGS: [Binding; 9] = {
         // Segmented dispatches: one hint per workgroup. A uniform, not storage, buffer: read at
         // a workgroup-uniform address it costs one load, not one per lane (llvmpipe).
         uniform("hints", HINTS_BYTES, "array<vec4<u32>, HINT_VEC4S>"),
+        // The iteration's scalars and the norm pass's partial sums (see `DeviceScalars`).
+        storage("device", false, "DeviceState"),
     ]
 };
 
@@ -193,11 +271,12 @@ pub(crate) enum Slot {
     MaxExpAvgSq,
     Table,
     Hints,
+    Device,
 }
 
 impl Slot {
     /// Every slot, in binding order.
-    pub const ALL: [Slot; 9] = [
+    pub const ALL: [Slot; 10] = [
         Slot::Groups,
         Slot::Chunk,
         Slot::Param,
@@ -207,6 +286,7 @@ impl Slot {
         Slot::MaxExpAvgSq,
         Slot::Table,
         Slot::Hints,
+        Slot::Device,
     ];
 }
 
@@ -242,17 +322,20 @@ pub(crate) fn wgsl_prelude(width: Width) -> String {
     let elem = match width {
         Width::Vec4 => {
             "alias Elem = vec4<f32>;\nalias Index = vec4<u32>;\nconst LANES: u32 = 4u;\n\
-             const LANE = vec4<u32>(0u, 1u, 2u, 3u);\n"
+             const LANE = vec4<u32>(0u, 1u, 2u, 3u);\n\
+             fn lane_sum(x: Elem) -> f32 { return dot(x, vec4<f32>(1.0)); }\n"
         }
         Width::Scalar => {
-            "alias Elem = f32;\nalias Index = u32;\nconst LANES: u32 = 1u;\nconst LANE = 0u;\n"
+            "alias Elem = f32;\nalias Index = u32;\nconst LANES: u32 = 1u;\nconst LANE = 0u;\n\
+             fn lane_sum(x: Elem) -> f32 { return x; }\n"
         }
     };
     let mut out = format!(
         "// Generated by src/protocol.rs: the element type, the constants and the bindings.\n\
          {elem}const MAX_GROUPS: u32 = {MAX_GROUPS}u;\nconst WHOLE_BLOCK: u32 = {WHOLE_BLOCK:#x}u;\n\
          const HINT_VEC4S: u32 = {}u;\nconst SEGMENT_ROW: u32 = {SEGMENT_ROW}u;\n\
-         const ADAM: u32 = {}u;\nconst ADAMW: u32 = {}u;\nconst YOGI: u32 = {}u;\n",
+         const ADAM: u32 = {}u;\nconst ADAMW: u32 = {}u;\nconst YOGI: u32 = {}u;\n\
+         const BIAS_ROW: u32 = {BIAS_ROW}u;\nconst MAX_WORKGROUP_SIZE: u32 = {MAX_WORKGROUP_SIZE}u;\n",
         MAX_HINTS / 4,
         algorithm_code(Algorithm::Adam),
         algorithm_code(Algorithm::AdamW),
@@ -333,7 +416,11 @@ mod tests {
                     lr_weight_decay,
                     rescale_grad,
                     clip_gradient,
-                    clips
+                    clips,
+                    bias_base,
+                    bias_len,
+                    eps_scaled,
+                    _pad
                 })
             );
             assert_eq!(
@@ -347,10 +434,23 @@ mod tests {
                     segments,
                     segment_count,
                     group,
-                    _pad0,
+                    partials_base,
                     _pad1,
                     _pad2,
                     _pad3
+                })
+            );
+            assert_eq!(
+                wgsl_layout(&module, "DeviceScalars"),
+                rust_layout!(DeviceScalars {
+                    loss_scale,
+                    inv_scale,
+                    step_inv_scale,
+                    clip_coef,
+                    global_norm,
+                    step,
+                    found_inf,
+                    growth_tracker
                 })
             );
             assert_eq!(
@@ -387,8 +487,12 @@ mod tests {
                 .validate(&module)
                 .unwrap_or_else(|e| panic!("{width:?}: {e:?}"));
             for algorithm in [Algorithm::Adam, Algorithm::AdamW, Algorithm::Yogi] {
-                for flags in 0..32u32 {
-                    for workgroup_size in [1, 64, 256] {
+                // Bits: amsgrad, maximize, clip, weight decay, segmented, then the pass before
+                // the step: scale, skip, norm clip.
+                for flags in 0..256u32 {
+                    let pre_step = flags >= 32;
+                    let sizes: &[u32] = if pre_step { &[64] } else { &[1, 64, 256] };
+                    for &workgroup_size in sizes {
                         let variant = Variant {
                             algorithm,
                             amsgrad: flags & 1 != 0,
@@ -397,29 +501,50 @@ mod tests {
                             weight_decay: flags & 8 != 0,
                             workgroup_size,
                             segmented: flags & 16 != 0,
+                            scale: flags & 32 != 0,
+                            skip: flags & 64 != 0,
+                            norm_clip: flags & 128 != 0,
                         };
-                        let mut constants = naga::back::PipelineConstants::default();
-                        for (name, value) in variant.constants() {
-                            constants.insert(name.to_string(), value);
+                        let entries: &[&str] = if pre_step {
+                            &["step", "grad_norm", "finish"]
+                        } else {
+                            &["step"]
+                        };
+                        for &entry in entries {
+                            let mut constants = naga::back::PipelineConstants::default();
+                            for (name, value) in variant.constants() {
+                                constants.insert(name.to_string(), value);
+                            }
+                            if entry == "finish" {
+                                let config = Config::adam()
+                                    .max_grad_norm(Some(1.0))
+                                    .loss_scale(Some(Default::default()));
+                                for (name, value) in
+                                    crate::gpu::Finish::new(&config, 77).constants()
+                                {
+                                    constants.insert(name.to_string(), value);
+                                }
+                            }
+                            let what = format!("{width:?} {entry} {variant:?}");
+                            let (module, info) = naga::back::pipeline_constants::process_overrides(
+                                &module,
+                                &info,
+                                Some((naga::ShaderStage::Compute, entry)),
+                                &constants,
+                            )
+                            .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+                            Validator::new(ValidationFlags::all(), Capabilities::all())
+                                .validate(&module)
+                                .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+                            naga::back::spv::write_vec(&module, &info, &Default::default(), None)
+                                .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+                            compiled += 1;
                         }
-                        let (module, info) = naga::back::pipeline_constants::process_overrides(
-                            &module,
-                            &info,
-                            Some((naga::ShaderStage::Compute, "step")),
-                            &constants,
-                        )
-                        .unwrap_or_else(|e| panic!("{width:?} {variant:?}: {e:?}"));
-                        Validator::new(ValidationFlags::all(), Capabilities::all())
-                            .validate(&module)
-                            .unwrap_or_else(|e| panic!("{width:?} {variant:?}: {e:?}"));
-                        naga::back::spv::write_vec(&module, &info, &Default::default(), None)
-                            .unwrap_or_else(|e| panic!("{width:?} {variant:?}: {e:?}"));
-                        compiled += 1;
                     }
                 }
             }
         }
-        assert_eq!(compiled, 2 * 3 * 32 * 3);
+        assert_eq!(compiled, 2 * 3 * (32 * 3 + 224 * 3));
     }
 
     #[test]
@@ -443,6 +568,8 @@ mod tests {
             assert_eq!(constant("WHOLE_BLOCK"), WHOLE_BLOCK);
             assert_eq!(constant("HINT_VEC4S") as u64 * 4, MAX_HINTS);
             assert_eq!(constant("SEGMENT_ROW") as usize, SEGMENT_ROW);
+            assert_eq!(constant("BIAS_ROW") as usize, BIAS_ROW);
+            assert_eq!(constant("MAX_WORKGROUP_SIZE"), MAX_WORKGROUP_SIZE);
             for algorithm in [Algorithm::Adam, Algorithm::AdamW, Algorithm::Yogi] {
                 let name = format!("{algorithm:?}").to_uppercase();
                 assert_eq!(constant(&name), algorithm_code(algorithm), "{name}");

@@ -7,6 +7,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::gpu;
 use crate::optimizer::Optimizer;
+use crate::protocol::DeviceScalars;
 use crate::reference::TensorState;
 
 /// The state buffers of one parameter tensor (or of a flat buffer's tensors, at their
@@ -78,6 +79,72 @@ impl StateBuffers {
         if let (Some(buffer), Some(data)) = (&self.max_exp_avg_sq, &state.max_exp_avg_sq) {
             write(buffer, data);
         }
+    }
+}
+
+/// The optimizer-wide numbers of the last iteration, as the device holds them
+/// ([`Optimizer::read_status`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct IterationStatus {
+    /// t: the steps applied so far (skipped iterations do not count).
+    pub applied_steps: u64,
+    /// The loss scale S for the next iteration (1 without `loss_scale`).
+    pub loss_scale: f32,
+    /// Iterations in a row without overflow since S last moved.
+    pub growth_tracker: u32,
+    /// Whether the last iteration's gradient held a NaN or an infinity (and was skipped).
+    pub found_inf: bool,
+    /// The global L2 norm of the last iteration's unscaled gradient (0 without a pass before
+    /// the step: without `loss_scale`, `skip_nonfinite` and `max_grad_norm`).
+    pub global_norm: f32,
+}
+
+impl Optimizer {
+    /// Copies the optimizer-wide numbers of the last submitted iteration back to the host
+    /// (the copy is submitted at once; the future resolves when the device is polled past it):
+    /// for logging, without stalling the GPU. Without a pass before the step, `applied_steps`
+    /// is the recorded steps and the rest their neutral values.
+    pub fn read_status(
+        &self,
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+    ) -> impl Future<Output = Result<IterationStatus>> + use<> {
+        let words = (size_of::<DeviceScalars>() / 4) as u64;
+        let read = gpu::read_f32(device, queue, &self.device_state, 0, words);
+        let pre_step = self.groups()[0].has_pre_step();
+        let recorded = self.step;
+        async move {
+            let data = read.await.map_err(Error::Readback)?;
+            let s: DeviceScalars = bytemuck::pod_read_unaligned(bytemuck::cast_slice(&data));
+            Ok(IterationStatus {
+                applied_steps: if pre_step { s.step as u64 } else { recorded },
+                loss_scale: s.loss_scale,
+                growth_tracker: s.growth_tracker,
+                found_inf: s.found_inf != 0,
+                global_norm: s.global_norm,
+            })
+        }
+    }
+
+    /// [`Optimizer::read_status`], waiting on the device.
+    pub fn read_status_blocking(
+        &self,
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+    ) -> Result<IterationStatus> {
+        let future = self.read_status(device, queue);
+        device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Readback(e.to_string()))?;
+        pollster::block_on(future)
+    }
+
+    /// The buffer that holds the loss scale S, an f32 at byte 0 (bind `0..4` as
+    /// `var<storage, read> scale: f32`): the engine multiplies its loss by it in its own kernel,
+    /// with no trip to the host. It moves in each iteration's `finish` pass.
+    pub fn loss_scale_buffer(&self) -> &wgpu::Buffer {
+        &self.device_state
     }
 }
 
