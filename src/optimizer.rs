@@ -395,7 +395,11 @@ fn build_spans(
     // amsgrad off: the max_exp_avg_sq binding is never read, but must be bound.
     let unused = gpu::state_buffer(device, "wgpu-optim unused max_exp_avg_sq", 4, 0.0);
 
-    // The `finish` pass reads and writes only `device`; the rest is bound to stand-ins.
+    // The `finish` pass reads and writes only `device`; the rest is bound to stand-ins, one
+    // buffer each (a buffer bound read-write may not be bound again in the same dispatch).
+    let stand_ins = Slot::ALL.map(|slot| {
+        gpu::state_buffer(device, &format!("wgpu-optim finish stand-in {slot:?}"), 4, 0.0)
+    });
     let finish_ranges = Slot::ALL.map(|slot| match slot {
         Slot::Groups => Range::whole(step_uniforms),
         Slot::Chunk => Range {
@@ -410,7 +414,7 @@ fn build_spans(
             size: HINTS_BYTES,
         },
         Slot::Device => Range::whole(device_state),
-        _ => Range::whole(&unused),
+        _ => Range::whole(&stand_ins[slot as usize]),
     });
     let finish_label = format!("{} finish", kernels.variant.label(Width::Scalar));
     let finish = gpu::bind_group(device, kernels, &finish_label, &finish_ranges);
