@@ -18,8 +18,8 @@ mod shared;
 
 use std::io::IsTerminal;
 
-use shared::mlp::{self, Digits, Epoch, Settings};
-use shared::plot::{self, Axis, Panel, Series};
+use shared::mlp::{self, Digits, Settings};
+use shared::plot;
 
 /// The test accuracy a person would accept for this data set.
 const TARGET_ACCURACY: f64 = 0.95;
@@ -70,7 +70,7 @@ fn main() -> shared::Result<()> {
         steps / last.elapsed
     );
     let path = plot::docs_plot("train_mlp.svg");
-    write_curves(&epochs, &path)?;
+    mlp::write_curves(&epochs, &path)?;
     println!("wrote {}", path.display());
     if last.test_accuracy < TARGET_ACCURACY {
         return Err(format!(
@@ -81,31 +81,4 @@ fn main() -> shared::Result<()> {
         .into());
     }
     Ok(())
-}
-
-/// Loss (log scale) and accuracy per epoch, train and test.
-fn write_curves(epochs: &[Epoch], path: &std::path::Path) -> shared::Result<()> {
-    let curve = |f: fn(&Epoch) -> f64| epochs.iter().map(|e| (e.epoch as f64, f(e))).collect();
-    let panels = [
-        Panel::new(
-            "Cross-entropy",
-            Axis::linear("epoch"),
-            Axis::log("loss"),
-            vec![
-                Series::new("train (running)", plot::RED_, curve(|e| e.train_loss)),
-                Series::new("test", plot::BLUE_, curve(|e| e.test_loss)),
-            ],
-        ),
-        Panel::new(
-            "Accuracy",
-            Axis::linear("epoch"),
-            Axis::linear("fraction correct").range(0.8, 1.0),
-            vec![
-                Series::new("train (running)", plot::RED_, curve(|e| e.train_accuracy)),
-                Series::new("test", plot::BLUE_, curve(|e| e.test_accuracy)),
-            ],
-        )
-        .legend(plotters::prelude::SeriesLabelPosition::LowerRight),
-    ];
-    plot::write_svg(path, (560, 420), &panels)
 }

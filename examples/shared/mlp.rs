@@ -11,15 +11,31 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use plotters::prelude::SeriesLabelPosition;
 use wgpu_optim::{Arena, Config, Optimizer, OptimizerOptions, Schedule, groups};
 
 use super::Result;
 use super::gpu::{Gpu, Kernel, Rng, STEPS_PER_SUBMIT, UNIT_ROUNDOFF};
+use super::plot::{self, Axis, Panel, Series};
 
 pub const INPUTS: usize = 64;
 pub const CLASSES: usize = 10;
 /// The tensors as torch would name them, in arena order.
 pub const TENSORS: [&str; 4] = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"];
+
+/// The binding numbers of `mlp.wgsl`'s group 0 (each kernel binds the ones it uses).
+mod binding {
+    pub const PARAMS: u32 = 0;
+    pub const GRADS: u32 = 1;
+    pub const X: u32 = 2;
+    pub const Y: u32 = 3;
+    pub const HIDDEN: u32 = 4;
+    pub const DLOGITS: u32 = 5;
+    pub const DHIDDEN: u32 = 6;
+    pub const METRICS: u32 = 7;
+    pub const TEST_X: u32 = 8;
+    pub const TEST_Y: u32 = 9;
+}
 
 /// Images (pixels / 16, so in [0, 1]) and labels.
 pub struct Split {
@@ -33,8 +49,8 @@ impl Split {
     }
 }
 
-/// The digits of `data/digits/digits.csv`, split as its README says: line `i` is a test
-/// image when `i % 5 == 4`.
+/// The digits of `data/digits/digits.csv`, split as its README says: the `k`-th image of each
+/// class is a test image when `k % 5 == 4`.
 pub struct Digits {
     pub train: Split,
     pub test: Split,
@@ -54,6 +70,7 @@ impl Digits {
             x: Vec::new(),
             y: Vec::new(),
         };
+        let mut seen = [0usize; CLASSES];
         for (i, line) in text.lines().enumerate() {
             let values: Vec<u32> = line
                 .split(',')
@@ -63,7 +80,13 @@ impl Digits {
             if values.len() != INPUTS + 1 || values[INPUTS] as usize >= CLASSES {
                 return Err(format!("digits.csv line {}: not 64 pixels and a class", i + 1).into());
             }
-            let split = if i % 5 == 4 { &mut test } else { &mut train };
+            let class = values[INPUTS] as usize;
+            let split = if seen[class] % 5 == 4 {
+                &mut test
+            } else {
+                &mut train
+            };
+            seen[class] += 1;
             split
                 .x
                 .extend(values[..INPUTS].iter().map(|&p| p as f32 / 16.0));
@@ -203,43 +226,65 @@ impl Mlp {
             "forward_hidden",
             b * h,
             64,
-            &[(0, params), (2, &x), (4, &hidden)],
+            &[
+                (binding::PARAMS, params),
+                (binding::X, &x),
+                (binding::HIDDEN, &hidden),
+            ],
         );
         let forward_loss = kernel(
             "forward_loss",
             b,
             b,
             &[
-                (0, params),
-                (3, &y),
-                (4, &hidden),
-                (5, &dlogits),
-                (7, &metrics),
+                (binding::PARAMS, params),
+                (binding::Y, &y),
+                (binding::HIDDEN, &hidden),
+                (binding::DLOGITS, &dlogits),
+                (binding::METRICS, &metrics),
             ],
         );
         let backward_output = kernel(
             "backward_output",
             CLASSES * (h + 1),
             64,
-            &[(1, grads), (4, &hidden), (5, &dlogits)],
+            &[
+                (binding::GRADS, grads),
+                (binding::HIDDEN, &hidden),
+                (binding::DLOGITS, &dlogits),
+            ],
         );
         let backward_hidden = kernel(
             "backward_hidden",
             b * h,
             64,
-            &[(0, params), (4, &hidden), (5, &dlogits), (6, &dhidden)],
+            &[
+                (binding::PARAMS, params),
+                (binding::HIDDEN, &hidden),
+                (binding::DLOGITS, &dlogits),
+                (binding::DHIDDEN, &dhidden),
+            ],
         );
         let backward_input = kernel(
             "backward_input",
             h * (INPUTS + 1),
             64,
-            &[(1, grads), (2, &x), (6, &dhidden)],
+            &[
+                (binding::GRADS, grads),
+                (binding::X, &x),
+                (binding::DHIDDEN, &dhidden),
+            ],
         );
         let evaluate = kernel(
             "evaluate",
             256,
             256,
-            &[(0, params), (7, &metrics), (8, &test_x), (9, &test_y)],
+            &[
+                (binding::PARAMS, params),
+                (binding::METRICS, &metrics),
+                (binding::TEST_X, &test_x),
+                (binding::TEST_Y, &test_y),
+            ],
         );
         Ok(Mlp {
             settings: settings.clone(),
@@ -561,4 +606,31 @@ pub fn cpu_gradients(params: &[Vec<f32>; 4], hidden: usize, x: &[f32], y: &[u32]
         bounds,
         loss: loss / batch as f64,
     }
+}
+
+/// Loss (log scale) and accuracy per epoch, train and test.
+pub fn write_curves(epochs: &[Epoch], path: &std::path::Path) -> Result<()> {
+    let curve = |f: fn(&Epoch) -> f64| epochs.iter().map(|e| (e.epoch as f64, f(e))).collect();
+    let panels = [
+        Panel::new(
+            "Cross-entropy",
+            Axis::linear("epoch"),
+            Axis::log("loss"),
+            vec![
+                Series::new("train (running)", plot::RED_, curve(|e| e.train_loss)),
+                Series::new("test", plot::BLUE_, curve(|e| e.test_loss)),
+            ],
+        ),
+        Panel::new(
+            "Accuracy",
+            Axis::linear("epoch"),
+            Axis::linear("fraction correct").range(0.8, 1.0),
+            vec![
+                Series::new("train (running)", plot::RED_, curve(|e| e.train_accuracy)),
+                Series::new("test", plot::BLUE_, curve(|e| e.test_accuracy)),
+            ],
+        )
+        .legend(SeriesLabelPosition::LowerRight),
+    ];
+    plot::write_svg(path, (560, 420), &panels)
 }
