@@ -109,7 +109,8 @@ impl Axis {
         if self.log {
             // Whole decades, so that plotters ticks every power of 10 in the range.
             let (lo, hi) = (lo.floor(), hi.ceil().max(lo.floor() + 1.0));
-            return (10f64.powf(lo), 10f64.powf(hi));
+            // (A hair below the lowest power, which plotters would otherwise not tick.)
+            return (0.999 * 10f64.powf(lo), 10f64.powf(hi));
         }
         let pad = ((hi - lo) * 0.05).max(1e-9);
         (lo - pad, hi + pad)
@@ -234,11 +235,18 @@ where
         .max_light_lines(0)
         .draw()?;
     for s in &panel.series {
-        let points = s
+        // A point on the same pixel as the one before adds nothing to the picture.
+        let mut last_pixel = None;
+        let points: Vec<(f64, f64)> = s
             .points
             .iter()
             .copied()
-            .filter(|&(x, y)| panel.x.shows(x) && panel.y.shows(y));
+            .filter(|&(x, y)| panel.x.shows(x) && panel.y.shows(y))
+            .filter(|p| {
+                let pixel = Some(chart.backend_coord(p));
+                std::mem::replace(&mut last_pixel, pixel) != pixel
+            })
+            .collect();
         let style = s.color.stroke_width(s.width);
         chart
             .draw_series(LineSeries::new(points, style))?
