@@ -153,7 +153,7 @@ pub fn run(
         if let (Some(src), Some(dst)) = (&vmax_buf, &rec_vmax) {
             encoder.copy_buffer_to_buffer(src, state_at, dst, row, bytes);
         }
-        if t % STEPS_PER_SUBMIT == 0 || t == steps as u64 {
+        if t.is_multiple_of(STEPS_PER_SUBMIT) || t == steps as u64 {
             let full = std::mem::replace(
                 &mut encoder,
                 gpu.device.create_command_encoder(&Default::default()),
@@ -279,7 +279,7 @@ impl Run {
         let mut compare = |what: &str, t: usize, i: usize, got: f32, want: f64, tol: f64| {
             let ratio = (got as f64 - want).abs() / tol;
             check.compared += 1;
-            if !(ratio <= 1.0) {
+            if ratio.is_nan() || ratio > 1.0 {
                 check.mismatches.push(format!(
                     "step {t} {what}[{i}]: gpu {got:e}, reference {want:e}, tolerance {tol:.1e}"
                 ));

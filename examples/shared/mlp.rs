@@ -427,7 +427,7 @@ pub fn train(
         encoder.clear_buffer(&mlp.metrics, 0, None);
         for k in 0..steps {
             mlp.record_step(&gpu.queue, &mut encoder, k);
-            if (k + 1) as u64 % STEPS_PER_SUBMIT == 0 {
+            if ((k + 1) as u64).is_multiple_of(STEPS_PER_SUBMIT) {
                 let full = std::mem::replace(
                     &mut encoder,
                     gpu.device.create_command_encoder(&Default::default()),
