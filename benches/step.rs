@@ -18,7 +18,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use serde::Serialize;
-use wgpu_optim::kernels::{read_f32_blocking, workgroup_grid};
+use wgpu_optim::testing::workgroup_grid;
+use wgpu_optim::util::read_f32_blocking;
 use wgpu_optim::{
     BufferView, Config, FlatParameters, FlatTensor, Optimizer, Parameter, TensorState, reference,
 };
@@ -533,20 +534,17 @@ impl Step {
             Optimizer::new(&gpu.device, kernel.config.clone(), &[parameter])
         } else {
             // The multi-tensor path: one flat buffer, biases in a group without weight decay.
-            let flat = FlatParameters {
-                param: BufferView::whole(&param),
-                grad: BufferView::new(grad, 0, work.elements),
-                tensors: tensors
+            let flat = FlatParameters::new(
+                BufferView::whole(&param),
+                BufferView::new(grad, 0, work.elements),
+                tensors
                     .iter()
                     .enumerate()
-                    .map(|(i, &(offset, len))| FlatTensor {
-                        name: format!("tensor{i}"),
-                        offset,
-                        len,
-                        group: i % 2,
+                    .map(|(i, &(offset, len))| {
+                        FlatTensor::new(format!("tensor{i}"), offset, len).in_group(i % 2)
                     })
                     .collect(),
-            };
+            );
             let groups = [
                 kernel.config.clone(),
                 kernel.config.clone().weight_decay(0.0),
@@ -578,9 +576,21 @@ impl Step {
                     .filter(|_| config.amsgrad)
                     .map(|v| v[range].to_vec()),
             };
-            self.optimizer
-                .load_state(&gpu.queue, i, &state)
+            // The engine's way to set a state: write the public state buffers.
+            let (buffers, at) = self
+                .optimizer
+                .state_buffers(i)
                 .map_err(|e| format!("{name}: {e}"))?;
+            let write = |b: &wgpu::Buffer, v: &[f32]| {
+                if !v.is_empty() {
+                    gpu.queue.write_buffer(b, at * 4, bytemuck::cast_slice(v));
+                }
+            };
+            write(&buffers.exp_avg, &state.exp_avg);
+            write(&buffers.exp_avg_sq, &state.exp_avg_sq);
+            if let (Some(b), Some(v)) = (&buffers.max_exp_avg_sq, &state.max_exp_avg_sq) {
+                write(b, v);
+            }
         }
         let t = self.optimizer.step_count() + 1;
         self.optimizer
@@ -605,10 +615,7 @@ impl Step {
         };
         let mut errors = Vec::new();
         for (i, &(offset, len)) in self.tensors.iter().enumerate() {
-            let group = self
-                .optimizer
-                .parameter_group(i)
-                .map_err(|e| e.to_string())?;
+            let group = self.optimizer.tensors()[i].group;
             let config = &self.optimizer.groups()[group];
             let range = offset as usize..(offset + len) as usize;
             let before = &inputs.param[range.clone()];

@@ -1,4 +1,4 @@
-//! Replays a recorded gradient trace through the GPU optimizer (`shared/spec/replay-format.md`;
+//! Replays a recorded gradient trace through the GPU optimizer (`docs/replay-format.md`;
 //! the README's "Replay a PyTorch run").
 //!
 //!     cargo run --release --example replay -- TRACE.safetensors OUT.safetensors

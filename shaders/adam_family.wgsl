@@ -1,4 +1,4 @@
-// The fused Adam / AdamW / Yogi step (shared/spec/semantics.md): one pass reads param, grad
+// The fused Adam / AdamW / Yogi step (docs/semantics.md): one pass reads param, grad
 // and the state once and writes param and the state once.
 //
 // A dispatch walks a range of `Elem`s that may hold many parameter tensors (segments), each in
@@ -7,21 +7,15 @@
 // ranges, `f32` / `u32` / 1 / 0 otherwise. Every operation below is component-wise, so one
 // source serves both. Variants are override constants: the driver folds the branches away.
 
-override ALGORITHM: u32 = 0u;          // 0 adam (coupled L2), 1 adamw (decoupled), 2 yogi
+override ALGORITHM: u32 = 0u;          // ADAM (coupled L2), ADAMW (decoupled) or YOGI
 override AMSGRAD: bool = false;
 override MAXIMIZE: bool = false;
-override CLIP: bool = false;          // some group clips
+override CLIP: bool = false;          // some group clips (each checks its own `clips`)
 override WEIGHT_DECAY: bool = false;  // some group has weight_decay != 0
 override WORKGROUP_SIZE: u32 = 256u;
 override SEGMENTED: bool = false;     // the dispatch holds several tensors (a flat buffer)
 
-const ADAMW: u32 = 1u;
-const YOGI: u32 = 2u;
-const MAX_GROUPS: u32 = 16u;
-const WHOLE_BLOCK: u32 = 0x80000000u;  // block hint: inside one segment; low bits: its group
-const HINT_VEC4S: u32 = 4096u;         // 16,384 hints: 64 KiB, one per workgroup
-
-// Mirrors src/uniforms.rs StepUniforms: one group's numbers for this step.
+// Mirrors src/protocol.rs StepUniforms: one group's numbers for this step.
 struct StepUniforms {
     step_size: f32,
     eps: f32,
@@ -31,13 +25,13 @@ struct StepUniforms {
     beta2: f32,
     one_minus_beta2: f32,
     weight_decay: f32,
-    decay_factor: f32,
+    lr_weight_decay: f32,
     rescale_grad: f32,
     clip_gradient: f32,
-    _pad: f32,
+    clips: u32,
 }
 
-// Mirrors src/uniforms.rs Chunk: what one dispatch covers; fixed when the step is planned.
+// Mirrors src/protocol.rs Chunk: what one dispatch covers; fixed when the step is planned.
 struct Chunk {
     count: u32,           // Elems in this dispatch
     param_base: u32,      // index of the dispatch's first Elem in the param binding
@@ -53,19 +47,12 @@ struct Chunk {
     _pad3: u32,
 }
 
-@group(0) @binding(0) var<uniform> groups: array<StepUniforms, MAX_GROUPS>;
-@group(0) @binding(1) var<uniform> chunk: Chunk;
-@group(0) @binding(2) var<storage, read_write> param: array<Elem>;
-@group(0) @binding(3) var<storage, read> grad: array<Elem>;
-@group(0) @binding(4) var<storage, read_write> exp_avg: array<Elem>;
-@group(0) @binding(5) var<storage, read_write> exp_avg_sq: array<Elem>;
-@group(0) @binding(6) var<storage, read_write> max_exp_avg_sq: array<Elem>;
-// SEGMENTED only: segments as (start, end, group, 0) in f32 elements, sorted and disjoint.
-@group(0) @binding(7) var<storage, read> table: array<u32>;
-// SEGMENTED only: for each workgroup a hint, WHOLE_BLOCK | group when all its elements lie
-// inside one segment, else the first segment that ends past its first element. A uniform, not
-// storage, buffer: read at a workgroup-uniform address it costs one load, not one per lane.
-@group(0) @binding(8) var<uniform> hints: array<vec4<u32>, HINT_VEC4S>;
+// The bindings (`groups`, `chunk`, `param`, `grad`, `exp_avg`, `exp_avg_sq`,
+// `max_exp_avg_sq`, the segment `table` and the workgroup `hints`) are declared by the
+// prelude, from the table in src/protocol.rs. In a segmented dispatch the table holds the
+// segments as rows of SEGMENT_ROW u32 (start, end, group, 0) in f32 elements, sorted and
+// disjoint, and `hints` one u32 per workgroup: WHOLE_BLOCK | group when all its elements lie
+// inside one segment, else the first segment that ends past its first element.
 
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn step(
@@ -92,14 +79,14 @@ fn step(
             group = hint & ~WHOLE_BLOCK;
         } else {
             var s = hint;
-            while s + 1u < chunk.segment_count && table[chunk.segments + 4u * s + 1u] <= e {
+            while s + 1u < chunk.segment_count && table[chunk.segments + SEGMENT_ROW * s + 1u] <= e {
                 s += 1u;
             }
-            end = table[chunk.segments + 4u * s + 1u];
-            if e < table[chunk.segments + 4u * s] || e >= end {
+            end = table[chunk.segments + SEGMENT_ROW * s + 1u];
+            if e < table[chunk.segments + SEGMENT_ROW * s] || e >= end {
                 return;
             }
-            group = table[chunk.segments + 4u * s + 2u];
+            group = table[chunk.segments + SEGMENT_ROW * s + 2u];
         }
     }
     let u = groups[group];
@@ -109,7 +96,9 @@ fn step(
     var p = p_in;
 
     var g = grad[chunk.grad_base + i] * u.rescale_grad;
-    if CLIP {
+    // CLIP and WEIGHT_DECAY say that some group uses the option; each group checks its own
+    // value, so that no group's result depends on the options of another.
+    if CLIP && u.clips != 0u {
         g = clamp(g, Elem(-u.clip_gradient), Elem(u.clip_gradient));
     }
     if MAXIMIZE {
@@ -117,8 +106,10 @@ fn step(
     }
     if WEIGHT_DECAY {
         if ALGORITHM == ADAMW {
-            p = p * u.decay_factor;
-        } else {
+            if u.lr_weight_decay != 0.0 {
+                p = p - u.lr_weight_decay * p;
+            }
+        } else if u.weight_decay != 0.0 {
             g = g + u.weight_decay * p;
         }
     }

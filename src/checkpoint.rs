@@ -27,6 +27,9 @@
 //! the learning rate: a failed load returns a typed error and leaves the optimizer as it was.
 //! Saving writes a temporary file in the same directory and renames it over the target.
 //!
+//! Owns: the checkpoint format (`docs/checkpoint-format.md`). May not reach into the optimizer
+//! beyond its public state I/O (`read_state_blocking`, `load_state`, `set_step_count`).
+//!
 //! ```no_run
 //! # fn main() -> Result<(), wgpu_optim::Error> {
 //! # let (_, device, queue) = wgpu_optim::util::request_device_blocking()?;
@@ -94,8 +97,8 @@ impl Checkpoint {
         for (i, name) in names.into_iter().enumerate() {
             tensors.push(Saved {
                 name,
-                group: optimizer.parameter_group(i)?,
-                shape: vec![optimizer.parameter_len(i)? as usize],
+                group: optimizer.tensors()[i].group,
+                shape: vec![optimizer.tensors()[i].len as usize],
                 state: optimizer.read_state_blocking(device, queue, i)?,
             });
         }
@@ -187,8 +190,7 @@ impl Checkpoint {
 
     /// Reads and checks a checkpoint file.
     pub fn read(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        Self::from_bytes(&file::read(path)?, &path.display().to_string())
+        file::read_with(path.as_ref(), Self::from_bytes)
     }
 
     /// Parses and checks a checkpoint on its own: the config, the metadata, every tensor
@@ -345,8 +347,7 @@ impl Checkpoint {
         let mut order = Vec::with_capacity(names.len());
         for (i, name) in names.iter().enumerate() {
             let t = saved[name.as_str()];
-            let len = optimizer.parameter_len(i)?;
-            let group = optimizer.parameter_group(i)?;
+            let (len, group) = (optimizer.tensors()[i].len, optimizer.tensors()[i].group);
             if t.group != group {
                 return Err(Error::ConfigMismatch {
                     key: "param_groups",

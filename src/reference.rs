@@ -3,8 +3,12 @@
 //! Arithmetic is f64 on f32 inputs; the state is rounded to f32 as soon as it is computed,
 //! because that is what every stored copy of it (GPU buffers, checkpoints, PyTorch) holds.
 //! The GPU path is tested against this function.
+//!
+//! Owns: the update formula on the CPU (the WGSL family is the other place it lives). May not
+//! touch the GPU or depend on how the kernel is dispatched.
 
 use crate::config::{Algorithm, Config, EpsMode};
+use crate::protocol::decoupled_decay;
 
 /// The optimizer state of one parameter tensor, with PyTorch's names.
 #[derive(Clone, Debug, PartialEq)]
@@ -48,6 +52,7 @@ pub fn step(
     assert_eq!(state.exp_avg_sq.len(), n);
     let [b1, b2] = config.betas;
     let wd = config.weight_decay;
+    let lr_wd = decoupled_decay(config, lr) as f32 as f64;
     let bc1 = 1.0 - b1.powf(t as f64);
     let bc2 = 1.0 - b2.powf(t as f64);
     for i in 0..n {
@@ -60,11 +65,13 @@ pub fn step(
         if config.maximize {
             g = -g;
         }
-        // 4: weight decay, coupled or decoupled.
+        // 4: weight decay, coupled or decoupled (`p - (lr * wd) * p`, lr * wd in f32 as the
+        // kernel has it; skipped at 0, where it would turn an infinite p into NaN).
         if wd != 0.0 {
             match config.algorithm {
                 Algorithm::Adam | Algorithm::Yogi => g += wd * p,
-                Algorithm::AdamW => p *= 1.0 - lr * wd,
+                Algorithm::AdamW if lr_wd != 0.0 => p -= lr_wd * p,
+                Algorithm::AdamW => {}
             }
         }
         // 5: exp_avg.

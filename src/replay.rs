@@ -1,4 +1,4 @@
-//! Replay: run a recorded gradient trace through the GPU optimizer, as `shared/spec/replay-format.md`
+//! Replay: run a recorded gradient trace through the GPU optimizer, as `docs/replay-format.md`
 //! defines it.
 //!
 //! A **trace** is a safetensors file with metadata `config` (the JSON of [`Config::from_json`]),
@@ -24,15 +24,18 @@
 //! `algorithm`, NaN and out-of-range values), dtypes (f32 only), shapes, that every gradient
 //! is present, the length and values of `lr`, and that params and gradients are finite (a NaN
 //! or infinity in a trace leaves nothing to compare). Every error names the tensor, key or file.
+//!
+//! Owns: the trace and result formats. May not reach into the optimizer beyond its public API.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use crate::config::Config;
+use crate::config::{self, Config};
 use crate::error::{Error, Result};
 use crate::file::{self, F32Tensor, Safetensors};
-use crate::kernels;
-use crate::optimizer::{BufferView, Optimizer, Parameter};
+use crate::gpu;
+use crate::optimizer::Optimizer;
+use crate::params::{BufferView, Parameter};
 use crate::reference::{self, TensorState};
 
 /// A named f32 tensor with its shape (`[]` for 0-d, which has one element).
@@ -81,8 +84,7 @@ pub struct ReplayResult {
 impl Trace {
     /// Reads and validates a trace file.
     pub fn read(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        Self::from_bytes(&file::read(path)?, &path.display().to_string())
+        file::read_with(path.as_ref(), Self::from_bytes)
     }
 
     /// Parses and validates a trace; `file` names it in errors.
@@ -166,12 +168,15 @@ impl Trace {
                         expected: format!("[{steps}], one learning rate per step"),
                     });
                 }
-                if let Some(index) = data.iter().position(|x| !(x.is_finite() && *x > 0.0)) {
+                if let Some(index) = data
+                    .iter()
+                    .position(|&x| config::check_lr(x as f64).is_err())
+                {
                     return Err(Error::TensorValue {
                         tensor: tensor.to_string(),
                         index,
                         value: data[index],
-                        expected: "a finite learning rate > 0".into(),
+                        expected: format!("a learning rate: {}", config::LR_DOMAIN),
                     });
                 }
                 Some(data)
@@ -239,7 +244,7 @@ impl Trace {
         }
         let buffer = |kind: &str, p: &NamedTensor| {
             let label = format!("wgpu-optim replay {kind}.{}", p.name);
-            kernels::state_buffer(device, &label, p.data.len() as u64, 0.0)
+            gpu::state_buffer(device, &label, p.data.len() as u64, 0.0)
         };
         let param_buffers: Vec<_> = self.params.iter().map(|p| buffer("param", p)).collect();
         let grad_buffers: Vec<_> = self.params.iter().map(|p| buffer("grad", p)).collect();
@@ -277,7 +282,7 @@ impl Trace {
         let mut params = Vec::with_capacity(self.params.len());
         let mut state = Vec::with_capacity(self.params.len());
         for (i, (p, b)) in self.params.iter().zip(&param_buffers).enumerate() {
-            let data = kernels::read_f32_blocking(device, queue, b, 0, p.data.len() as u64)
+            let data = gpu::read_f32_blocking(device, queue, b, 0, p.data.len() as u64)
                 .map_err(Error::Readback)?;
             params.push(NamedTensor::new(p.name.clone(), &p.shape, data));
             state.push(optimizer.read_state_blocking(device, queue, i)?);

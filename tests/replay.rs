@@ -1,4 +1,4 @@
-//! Replay (`shared/spec/replay-format.md`): the committed PyTorch traces reproduced on the GPU,
+//! Replay (`docs/replay-format.md`): the committed PyTorch traces reproduced on the GPU,
 //! traces made here from the CPU reference for the options torch lacks, and every bad input
 //! refused with a typed error (through the library) or a message and exit status (through
 //! `examples/replay.rs`, run as a subprocess).
@@ -65,10 +65,10 @@ fn check_result(case: &str, trace: &Trace, got: &Raw, want: &Raw, errors: &mut V
         ));
     }
     let config = &trace.config;
-    let steps = trace.steps() as f32;
+    let steps = trace.steps() as u64;
     let lr_max = (1..=trace.steps())
         .map(|t| trace.lr_at(t))
-        .fold(config.lr, f64::max) as f32;
+        .fold(config.lr, f64::max);
     let mut worst = 0f64;
     for (i, p) in trace.params.iter().enumerate() {
         let p_max = max_abs(&p.data).max(max_abs(&want.f32(&format!("param.{}", p.name)).1));
@@ -95,18 +95,9 @@ fn check_result(case: &str, trace: &Trace, got: &Raw, want: &Raw, errors: &mut V
                 continue;
             }
             let tol = match kind {
-                "param" => Tolerance {
-                    abs: steps * (f32::EPSILON * max_abs(&w) + 1e-4 * lr_max),
-                    rel: 0.0,
-                },
-                "exp_avg" => Tolerance {
-                    abs: 1e-5 * max_abs(&w).max(g_max),
-                    rel: 1e-5,
-                },
-                _ => Tolerance {
-                    abs: 1e-5 * max_abs(&w).max(g_max * g_max),
-                    rel: 1e-5,
-                },
+                "param" => Tolerance::param(steps, max_abs(&w), lr_max),
+                "exp_avg" => Tolerance::exp_avg(max_abs(&w), g_max),
+                _ => Tolerance::exp_avg_sq(max_abs(&w), g_max),
             };
             for (a, b) in g.iter().zip(&w) {
                 let allowed = tol.abs as f64 + tol.rel as f64 * b.abs() as f64;
@@ -262,6 +253,35 @@ fn options_torch_lacks_match_the_reference() {
         check_result(case, &parsed, &got, &want, &mut errors);
     }
     assert!(errors.is_empty(), "{}", errors.join("\n"));
+}
+
+#[test]
+fn an_lr_tensor_that_decays_to_zero_replays() {
+    // HuggingFace's default schedule ends at exactly 0: such a trace must replay, and the last
+    // step (lr 0) must move the moments but not the parameters.
+    let (device, queue) = gpu();
+    let steps = 6;
+    let lr: Vec<f32> = (0..steps)
+        .map(|k| 1e-2 * (steps - 1 - k) as f32 / (steps - 1) as f32)
+        .collect();
+    assert_eq!(lr.last(), Some(&0.0));
+    let trace = generated(Config::adamw().weight_decay(0.1), Some(lr), 77);
+    let parsed = Trace::from_bytes(&trace.to_bytes().unwrap(), "decay to zero").unwrap();
+    let result = parsed.run(device, queue).unwrap();
+    let got = Raw::parse(&result.to_bytes().unwrap());
+    let want = Raw::parse(&parsed.run_reference().to_bytes().unwrap());
+    let mut errors = Vec::new();
+    check_result("decay to zero", &parsed, &got, &want, &mut errors);
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+    // One step fewer, then the lr-0 step by hand on the reference: parameters unchanged.
+    let mut shorter = parsed.clone();
+    shorter.grads.pop();
+    shorter.lr.as_mut().unwrap().pop();
+    let before = Raw::parse(&shorter.run_reference().to_bytes().unwrap());
+    for p in &parsed.params {
+        let key = format!("param.{}", p.name);
+        assert_eq!(before.f32(&key).1, want.f32(&key).1, "{key} moved at lr 0");
+    }
 }
 
 #[test]
@@ -452,8 +472,9 @@ fn bad_cases() -> Vec<BadCase> {
             |e| matches!(e, Error::Shape { tensor, .. } if tensor == "lr"),
         ),
         (
-            "zero lr",
-            Box::new(|raw: &mut Raw| raw.set_f32("lr", &[3], &[1e-2, 0.0, 1e-3])),
+            // lr 0 is valid (torch allows it; schedules end there): a negative one is not.
+            "negative lr",
+            Box::new(|raw: &mut Raw| raw.set_f32("lr", &[3], &[1e-2, -1e-3, 1e-3])),
             |e| matches!(e, Error::TensorValue { tensor, index: 1, .. } if tensor == "lr"),
         ),
         (

@@ -134,8 +134,8 @@ impl Kernel {
     }
 }
 
-/// Steps recorded per submit. The optimizer writes each step's scalars into its own slot of
-/// a ring that holds 64 steps between submits (its documented `MAX_STEPS_PER_SUBMIT`).
+/// Steps recorded per submit. The optimizer allows any number between submits; submitting
+/// every 32 keeps the device fed while the host records the next ones.
 pub const STEPS_PER_SUBMIT: u64 = 32;
 
 /// Half of f32's machine epsilon: the largest relative error of one rounding.
