@@ -24,8 +24,14 @@ override NORM_CLIP: bool = false;     // the global norm is clipped to MAX_GRAD_
 override PARTIALS: u32 = 0u;          // per-workgroup partial sums `grad_norm` writes
 override MAX_GRAD_NORM: f32 = 0.0;
 override DYNAMIC: bool = false;
-override GROWTH_FACTOR: f32 = 2.0;
-override BACKOFF_FACTOR: f32 = 0.5;
+// The factors as torch applies them, `f32(f64(S) * factor)`: each factor is split by the host
+// into a mantissa in [1, 2) as two f32 (hi + lo: 48 bits) and an exponent.
+override GROWTH_HI: f32 = 1.0;
+override GROWTH_LO: f32 = 0.0;
+override GROWTH_EXP: i32 = 1;
+override BACKOFF_HI: f32 = 1.0;
+override BACKOFF_LO: f32 = 0.0;
+override BACKOFF_EXP: i32 = -1;
 override GROWTH_INTERVAL: u32 = 1u;
 
 // Mirrors src/protocol.rs StepUniforms: one group's numbers for this step.
@@ -314,10 +320,10 @@ fn finish(@builtin(local_invocation_index) lane: u32) {
     }
     if SCALE && DYNAMIC {
         if found_inf {
-            s.loss_scale = s.loss_scale * BACKOFF_FACTOR;
+            s.loss_scale = scale_by(s.loss_scale, BACKOFF_HI, BACKOFF_LO, BACKOFF_EXP);
             s.growth_tracker = 0u;
         } else if s.growth_tracker + 1u >= GROWTH_INTERVAL {
-            let grown = s.loss_scale * GROWTH_FACTOR;
+            let grown = scale_by(s.loss_scale, GROWTH_HI, GROWTH_LO, GROWTH_EXP);
             if non_finite_scalar(grown) == 0u {
                 s.loss_scale = grown;
             }
@@ -325,9 +331,45 @@ fn finish(@builtin(local_invocation_index) lane: u32) {
         } else {
             s.growth_tracker += 1u;
         }
-        s.inv_scale = 1.0 / s.loss_scale;
+        s.inv_scale = reciprocal(s.loss_scale);
     }
     device.scalars = s;
+}
+
+// The rounding error of the f32 product p = a * b, exactly (Dekker's two-product: each factor
+// split into two 12-bit halves whose products are exact; WGSL's * and + round correctly).
+fn product_error(a: f32, b: f32, p: f32) -> f32 {
+    let x = split(a);
+    let y = split(b);
+    return ((x.x * y.x - p) + x.x * y.y + x.y * y.x) + x.y * y.y;
+}
+
+fn split(a: f32) -> vec2<f32> {
+    let t = 4097.0 * a;
+    let high = t - (t - a);
+    return vec2<f32>(high, a - high);
+}
+
+// f32(f64(s) * factor) for a factor given as (hi + lo) * 2^exp, hi + lo in [1, 2): the
+// mantissas' product to 48 bits, rounded once, then the exponents (ldexp is exact, and gives
+// infinity past f32's range as torch's f32 conversion does).
+fn scale_by(s: f32, hi: f32, lo: f32, exp: i32) -> f32 {
+    let f = frexp(s);
+    let m = f.fract * 2.0;
+    let p = m * hi;
+    let r = p + (product_error(m, hi, p) + m * lo);
+    return ldexp(r, f.exp - 1 + exp);
+}
+
+// f32(1 / f64(s)), as torch's `unscale_`: a quotient refined with its exact residual (WGSL's
+// division alone may be 2.5 ulp off).
+fn reciprocal(s: f32) -> f32 {
+    let f = frexp(s);
+    let m = f.fract * 2.0;
+    let q = 1.0 / m;
+    let p = m * q;
+    let residual = (1.0 - p) - product_error(m, q, p);
+    return ldexp(q + q * residual, 1 - f.exp);
 }
 
 fn non_finite_scalar(x: f32) -> u32 {

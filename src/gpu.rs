@@ -130,9 +130,39 @@ pub(crate) struct Finish {
     pub partials: u32,
     pub max_grad_norm: f32,
     pub dynamic: bool,
-    pub growth_factor: f32,
-    pub backoff_factor: f32,
+    pub growth: SplitFactor,
+    pub backoff: SplitFactor,
     pub growth_interval: u32,
+}
+
+/// A factor f64 as the shader multiplies by it: `(hi + lo) * 2^exp`, `hi + lo` in [1, 2)
+/// with `hi` its f32 rounding and `lo` the f32 of the rest (48 bits in all).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct SplitFactor {
+    pub hi: f32,
+    pub lo: f32,
+    pub exp: i32,
+}
+
+impl SplitFactor {
+    pub fn new(factor: f64) -> Self {
+        // factor = m * 2^exp with m in [1, 2), exactly (a power of two scales exactly).
+        let exp = factor.log2().floor() as i32;
+        let m = factor / 2f64.powi(exp);
+        let (m, exp) = if m >= 2.0 {
+            (m / 2.0, exp + 1)
+        } else if m < 1.0 {
+            (m * 2.0, exp - 1)
+        } else {
+            (m, exp)
+        };
+        let hi = m as f32;
+        SplitFactor {
+            hi,
+            lo: (m - hi as f64) as f32,
+            exp,
+        }
+    }
 }
 
 impl Finish {
@@ -142,19 +172,23 @@ impl Finish {
             partials,
             max_grad_norm: config.max_grad_norm.unwrap_or(0.0) as f32,
             dynamic: config.loss_scale.is_some_and(|l| l.dynamic),
-            growth_factor: ls.growth_factor as f32,
-            backoff_factor: ls.backoff_factor as f32,
+            growth: SplitFactor::new(ls.growth_factor),
+            backoff: SplitFactor::new(ls.backoff_factor),
             growth_interval: ls.growth_interval.min(u32::MAX as u64) as u32,
         }
     }
 
-    pub fn constants(&self) -> [(&'static str, f64); 6] {
+    pub fn constants(&self) -> [(&'static str, f64); 10] {
         [
             ("PARTIALS", self.partials as f64),
             ("MAX_GRAD_NORM", self.max_grad_norm as f64),
             ("DYNAMIC", if self.dynamic { 1.0 } else { 0.0 }),
-            ("GROWTH_FACTOR", self.growth_factor as f64),
-            ("BACKOFF_FACTOR", self.backoff_factor as f64),
+            ("GROWTH_HI", self.growth.hi as f64),
+            ("GROWTH_LO", self.growth.lo as f64),
+            ("GROWTH_EXP", self.growth.exp as f64),
+            ("BACKOFF_HI", self.backoff.hi as f64),
+            ("BACKOFF_LO", self.backoff.lo as f64),
+            ("BACKOFF_EXP", self.backoff.exp as f64),
             ("GROWTH_INTERVAL", self.growth_interval as f64),
         ]
     }
@@ -647,6 +681,17 @@ mod tests {
                 "{units}"
             );
             assert!(x <= 65535 && y <= 65535);
+        }
+    }
+
+    #[test]
+    fn split_factors_hold_48_bits_of_the_factor() {
+        for factor in [2.0, 0.5, 0.4, 1000.0, 1.0001, 3e10, 1e-20, 1.5, 0.999] {
+            let f = SplitFactor::new(factor);
+            assert!((1.0..2.0).contains(&f.hi) || f.hi == 2.0, "{factor}: {f:?}");
+            let back = (f.hi as f64 + f.lo as f64) * 2f64.powi(f.exp);
+            assert!((back - factor).abs() <= 1e-14 * factor, "{factor}: {back}");
+            assert!((f.lo as f64).abs() <= f.hi as f64 * 2f64.powi(-23), "{factor}: {f:?}");
         }
     }
 }

@@ -398,7 +398,12 @@ fn build_spans(
     // The `finish` pass reads and writes only `device`; the rest is bound to stand-ins, one
     // buffer each (a buffer bound read-write may not be bound again in the same dispatch).
     let stand_ins = Slot::ALL.map(|slot| {
-        gpu::state_buffer(device, &format!("wgpu-optim finish stand-in {slot:?}"), 4, 0.0)
+        gpu::state_buffer(
+            device,
+            &format!("wgpu-optim finish stand-in {slot:?}"),
+            4,
+            0.0,
+        )
     });
     let finish_ranges = Slot::ALL.map(|slot| match slot {
         Slot::Groups => Range::whole(step_uniforms),
@@ -481,10 +486,11 @@ fn build_spans(
 /// binding is never shorter than the shader's struct).
 fn device_state(device: &wgpu::Device, config: &Config, partials: u32) -> wgpu::Buffer {
     let scale = config.loss_scale.map_or(1.0, |l| l.init_scale as f32);
+    let inv_scale = (1.0 / scale as f64) as f32;
     let scalars = DeviceScalars {
         loss_scale: scale,
-        inv_scale: 1.0 / scale,
-        step_inv_scale: 1.0 / scale,
+        inv_scale,
+        step_inv_scale: inv_scale,
         clip_coef: 1.0,
         ..DeviceScalars::default()
     };

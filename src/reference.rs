@@ -184,7 +184,8 @@ pub fn iteration(
     state: &mut IterationState,
 ) -> IterationReport {
     let wide = &groups[0];
-    let inv_scale = 1.0f32 / state.loss_scale;
+    // torch's `unscale_`: f32(1 / f64(S)).
+    let inv_scale = (1.0 / state.loss_scale as f64) as f32;
     let unscaled: Vec<Vec<f32>> = tensors
         .iter()
         .map(|t| {
@@ -222,12 +223,14 @@ pub fn iteration(
             step(config, state.step, lrs[t.group], t.param, &g, t.state);
         }
     }
+    // torch's `_amp_update_scale_`: S is an f32, moved by `f32(f64(S) * factor)`.
+    let scale_by = |s: f32, factor: f64| (s as f64 * factor) as f32;
     if let Some(ls) = wide.loss_scale.filter(|l| l.dynamic) {
         if found_inf {
-            state.loss_scale *= ls.backoff_factor as f32;
+            state.loss_scale = scale_by(state.loss_scale, ls.backoff_factor);
             state.growth_tracker = 0;
         } else if state.growth_tracker as u64 + 1 >= ls.growth_interval {
-            let grown = state.loss_scale * ls.growth_factor as f32;
+            let grown = scale_by(state.loss_scale, ls.growth_factor);
             if grown.is_finite() {
                 state.loss_scale = grown;
             }

@@ -70,11 +70,16 @@ pub struct Trace {
 
 /// What a replay produces: the parameters and the state after the trace's last step.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct ReplayResult {
     /// The effective configuration (every key, defaults filled in).
     pub config: Config,
-    /// Steps taken (T).
+    /// Steps applied: T less the iterations skipped for a non-finite gradient.
     pub step: u64,
+    /// Iterations skipped (T - `step`).
+    pub skipped: u64,
+    /// The final loss scale S, with `loss_scale`.
+    pub loss_scale: Option<f32>,
     /// The parameters after the last step, in the trace's order and shapes.
     pub params: Vec<NamedTensor>,
     /// The state of each parameter, in the same order.
@@ -152,7 +157,25 @@ impl Trace {
                         expected: format!("{shape:?}, the shape of `{param}`"),
                     });
                 }
-                file::check_finite(tensor, &data)?;
+                // With skipping, non-finite gradients are what skips an iteration.
+                if !config.skips() {
+                    file::check_finite(tensor, &data).map_err(|e| match e {
+                        Error::TensorValue {
+                            tensor,
+                            index,
+                            value,
+                            ..
+                        } => Error::TensorValue {
+                            tensor,
+                            index,
+                            value,
+                            expected: "a finite number (a non-finite gradient needs \
+                                       `loss_scale` or `skip_nonfinite`, which skip its iteration)"
+                                .into(),
+                        },
+                        e => e,
+                    })?;
+                }
                 step.push(data);
             }
             by_step.push(step);
@@ -278,6 +301,7 @@ impl Trace {
             optimizer.set_lr(self.lr_at(t))?;
             optimizer.step_blocking(device, queue)?;
         }
+        let status = optimizer.read_status_blocking(device, queue)?;
 
         let mut params = Vec::with_capacity(self.params.len());
         let mut state = Vec::with_capacity(self.params.len());
@@ -289,28 +313,42 @@ impl Trace {
         }
         Ok(ReplayResult {
             config: self.config.clone(),
-            step: self.steps(),
+            step: status.applied_steps,
+            skipped: self.steps() - status.applied_steps,
+            loss_scale: self.config.loss_scale.map(|_| status.loss_scale),
             params,
             state,
         })
     }
 
-    /// Replays the trace on the CPU reference ([`reference::step`]), for comparison.
+    /// Replays the trace on the CPU reference ([`reference::iteration`]), for comparison.
     pub fn run_reference(&self) -> ReplayResult {
         let mut params = self.params.clone();
         let mut state: Vec<TensorState> = params
             .iter()
             .map(|p| TensorState::new(&self.config, p.data.len()))
             .collect();
+        let mut iterations = reference::IterationState::new(&self.config);
+        let groups = [self.config.clone()];
         for (t, grads) in (1..).zip(&self.grads) {
-            let lr = self.lr_at(t);
-            for ((p, g), s) in params.iter_mut().zip(grads).zip(&mut state) {
-                reference::step(&self.config, t, lr, &mut p.data, g, s);
-            }
+            let mut tensors: Vec<reference::IterationTensor> = params
+                .iter_mut()
+                .zip(grads)
+                .zip(&mut state)
+                .map(|((p, grad), state)| reference::IterationTensor {
+                    group: 0,
+                    param: &mut p.data,
+                    grad,
+                    state,
+                })
+                .collect();
+            reference::iteration(&groups, &[self.lr_at(t)], &mut tensors, &mut iterations);
         }
         ReplayResult {
             config: self.config.clone(),
-            step: self.steps(),
+            step: iterations.step,
+            skipped: self.steps() - iterations.step,
+            loss_scale: self.config.loss_scale.map(|_| iterations.loss_scale),
             params,
             state,
         }
@@ -333,10 +371,15 @@ impl ReplayResult {
                 push("max_exp_avg_sq", vmax);
             }
         }
-        let metadata = HashMap::from([
+        let mut metadata = HashMap::from([
             ("step".to_string(), self.step.to_string()),
+            ("skipped".to_string(), self.skipped.to_string()),
             ("config".to_string(), self.config.to_json()),
         ]);
+        if let Some(s) = self.loss_scale {
+            // The f32 widened to f64, printed shortest (as Python's repr of torch's value).
+            metadata.insert("loss_scale".to_string(), (s as f64).to_string());
+        }
         file::serialize(&tensors, metadata)
     }
 
