@@ -59,7 +59,19 @@ pub struct Checkpoint {
     /// Groups 1.. of an optimizer with several parameter groups (group 0 is `config`).
     other_groups: Vec<Config>,
     step: u64,
+    /// With a pass before the step (loss scaling, skipping, clipping): what lives on the
+    /// device besides the tensors' state.
+    iteration: Option<SavedIteration>,
     tensors: Vec<Saved>,
+}
+
+/// The optimizer-wide numbers of an optimizer with a pass before the step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct SavedIteration {
+    /// Iterations recorded, skipped ones included: what schedules count.
+    iterations: u64,
+    loss_scale: f32,
+    growth_tracker: u32,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -108,10 +120,23 @@ impl Checkpoint {
             .iter()
             .zip(optimizer.group_lrs())
             .map(|(g, &lr)| Config { lr, ..g.clone() });
+        let config = groups.next().expect("an optimizer has a group");
+        let (step, iteration) = if config.has_pre_step() {
+            let status = optimizer.read_status_blocking(device, queue)?;
+            let iteration = SavedIteration {
+                iterations: optimizer.step_count(),
+                loss_scale: status.loss_scale,
+                growth_tracker: status.growth_tracker,
+            };
+            (status.applied_steps, Some(iteration))
+        } else {
+            (optimizer.step_count(), None)
+        };
         Ok(Checkpoint {
-            config: groups.next().expect("an optimizer has a group"),
+            config,
             other_groups: groups.collect(),
-            step: optimizer.step_count(),
+            step,
+            iteration,
             tensors,
         })
     }
@@ -126,9 +151,20 @@ impl Checkpoint {
         std::iter::once(&self.config).chain(&self.other_groups)
     }
 
-    /// Steps taken before the save.
+    /// Steps applied before the save (skipped iterations do not count).
     pub fn step(&self) -> u64 {
         self.step
+    }
+
+    /// Iterations recorded before the save, skipped ones included (what schedules count).
+    pub fn iterations(&self) -> u64 {
+        self.iteration.map_or(self.step, |i| i.iterations)
+    }
+
+    /// The loss scale S and its growth tracker at the save (with `loss_scale`, or another key
+    /// of the pass before the step: S is then 1).
+    pub fn loss_scale(&self) -> Option<(f32, u32)> {
+        self.iteration.map(|i| (i.loss_scale, i.growth_tracker))
     }
 
     /// The parameter names, in the saved order.
@@ -167,6 +203,12 @@ impl Checkpoint {
                 serde_json::to_string(&names).expect("strings serialize"),
             ),
         ]);
+        if let Some(i) = &self.iteration {
+            metadata.insert("iterations".into(), i.iterations.to_string());
+            // The f32 widened to f64, printed shortest: it reads back to the same f32.
+            metadata.insert("loss_scale".into(), (i.loss_scale as f64).to_string());
+            metadata.insert("growth_tracker".into(), i.growth_tracker.to_string());
+        }
         if !self.other_groups.is_empty() {
             let groups: Vec<Value> = self
                 .groups()
@@ -199,17 +241,49 @@ impl Checkpoint {
     pub fn from_bytes(bytes: &[u8], file: &str) -> Result<Self> {
         let st = Safetensors::parse(bytes, file)?;
         let config = st.config()?;
-        let step_text = st.require_metadata("step", "the step count, a decimal integer")?;
-        let step = step_text
-            .parse::<u64>()
-            .ok()
-            .filter(|s| s.to_string() == step_text)
-            .ok_or_else(|| Error::InvalidMetadata {
-                file: file.to_string(),
-                key: "step",
-                value: format!("{step_text:?}"),
-                expected: "a decimal integer >= 0".into(),
-            })?;
+        let integer = |key: &'static str, expected: &'static str| -> Result<u64> {
+            let text = st.require_metadata(key, expected)?;
+            text.parse::<u64>()
+                .ok()
+                .filter(|s| s.to_string() == text)
+                .ok_or_else(|| Error::InvalidMetadata {
+                    file: file.to_string(),
+                    key,
+                    value: format!("{text:?}"),
+                    expected: "a decimal integer >= 0".into(),
+                })
+        };
+        let step = integer("step", "the step count, a decimal integer")?;
+        let iteration = if config.has_pre_step() {
+            let iterations = integer("iterations", "the iterations recorded, a decimal integer")?;
+            let growth_tracker = integer("growth_tracker", "the loss scale's growth tracker")?;
+            let text = st.require_metadata("loss_scale", "the loss scale, a decimal number")?;
+            let loss_scale = text
+                .parse::<f64>()
+                .ok()
+                .filter(|&s| (s as f32) as f64 == s && s > 0.0 && s.is_finite())
+                .ok_or_else(|| Error::InvalidMetadata {
+                    file: file.to_string(),
+                    key: "loss_scale",
+                    value: format!("{text:?}"),
+                    expected: "a finite f32 > 0, as its f64 prints".into(),
+                })?;
+            if iterations < step || growth_tracker > u32::MAX as u64 {
+                return Err(Error::InvalidMetadata {
+                    file: file.to_string(),
+                    key: "iterations",
+                    value: format!("{iterations} (growth_tracker {growth_tracker})"),
+                    expected: format!("at least `step` ({step})"),
+                });
+            }
+            Some(SavedIteration {
+                iterations,
+                loss_scale: loss_scale as f32,
+                growth_tracker: growth_tracker as u32,
+            })
+        } else {
+            None
+        };
         let names_text =
             st.require_metadata("param_names", "the parameter names, a JSON list of strings")?;
         let names: Vec<String> =
@@ -303,6 +377,7 @@ impl Checkpoint {
             config,
             other_groups,
             step,
+            iteration,
             tensors,
         })
     }
@@ -368,7 +443,10 @@ impl Checkpoint {
         for (i, state) in order {
             optimizer.load_state(queue, i, state)?;
         }
-        optimizer.set_step_count(self.step);
+        optimizer.set_step_count(self.iterations());
+        if let Some(i) = &self.iteration {
+            optimizer.restore_iteration(queue, self.step, i.loss_scale, i.growth_tracker);
+        }
         for (g, saved) in saved_groups.iter().enumerate() {
             optimizer.set_group_lr(g, saved.lr)?;
         }

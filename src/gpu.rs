@@ -691,7 +691,10 @@ mod tests {
             assert!((1.0..2.0).contains(&f.hi) || f.hi == 2.0, "{factor}: {f:?}");
             let back = (f.hi as f64 + f.lo as f64) * 2f64.powi(f.exp);
             assert!((back - factor).abs() <= 1e-14 * factor, "{factor}: {back}");
-            assert!((f.lo as f64).abs() <= f.hi as f64 * 2f64.powi(-23), "{factor}: {f:?}");
+            assert!(
+                (f.lo as f64).abs() <= f.hi as f64 * 2f64.powi(-23),
+                "{factor}: {f:?}"
+            );
         }
     }
 }

@@ -140,6 +140,29 @@ impl Optimizer {
         pollster::block_on(future)
     }
 
+    /// Restores the optimizer-wide numbers on the device (t, S and its growth tracker), as a
+    /// checkpoint saved them; the write lands before the next submit's work.
+    pub(crate) fn restore_iteration(
+        &self,
+        queue: &wgpu::Queue,
+        applied_steps: u64,
+        loss_scale: f32,
+        growth_tracker: u32,
+    ) {
+        let inv_scale = (1.0 / loss_scale as f64) as f32;
+        let scalars = DeviceScalars {
+            loss_scale,
+            inv_scale,
+            step_inv_scale: inv_scale,
+            clip_coef: 1.0,
+            global_norm: 0.0,
+            step: applied_steps as u32,
+            found_inf: 0,
+            growth_tracker,
+        };
+        queue.write_buffer(&self.device_state, 0, bytemuck::bytes_of(&scalars));
+    }
+
     /// The buffer that holds the loss scale S, an f32 at byte 0 (bind `0..4` as
     /// `var<storage, read> scale: f32`): the engine multiplies its loss by it in its own kernel,
     /// with no trip to the host. It moves in each iteration's `finish` pass.

@@ -817,3 +817,89 @@ fn a_checkpoint_saved_at_lr_zero_loads() {
         assert!(same_bits(a, &b));
     }
 }
+
+#[test]
+fn loss_scaled_runs_with_skips_resume_bit_exact() {
+    // With loss scaling, skipping and clipping, the device holds t, S and its growth tracker:
+    // the checkpoint saves them (and the iterations schedules count), and resuming gives the
+    // same bits as running through.
+    let (device, queue) = gpu();
+    let config = Config::adamw()
+        .lr(1e-2)
+        .max_grad_norm(Some(1.0))
+        .loss_scale(Some(
+            wgpu_optim::LossScale::default()
+                .init_scale(2f64.powi(20))
+                .growth_interval(2),
+        ));
+    let scaled = |t: u64, i: usize, len: u64| {
+        let mut g: Vec<f32> = grads(t, i, len).iter().map(|x| x * 1024.0).collect();
+        if (t == 2 || t == 6) && i == 0 {
+            g[0] = f32::INFINITY;
+        }
+        g
+    };
+    let sizes = [33, 1, 7];
+    let mut through = Model::new(&config, &NAMES, &init(&sizes, 9));
+    for _ in 0..8 {
+        through.step(&scaled, 1e-2);
+    }
+    let mut first = Model::new(&config, &NAMES, &init(&sizes, 9));
+    for _ in 0..4 {
+        first.step(&scaled, 1e-2);
+    }
+    let path = scratch("loss-scaled").join("optimizer.safetensors");
+    checkpoint::save(&first.optimizer, device, queue, &path).unwrap();
+    let saved = Checkpoint::read(&path).unwrap();
+    assert_eq!(
+        (saved.step(), saved.iterations()),
+        (3, 4),
+        "iteration 2 was skipped"
+    );
+    let (device_scale, tracker) = saved.loss_scale().unwrap();
+    let status = first.optimizer.read_status_blocking(device, queue).unwrap();
+    assert_eq!(
+        (device_scale, tracker),
+        (status.loss_scale, status.growth_tracker)
+    );
+
+    let mut resumed = Model::new(&config, &NAMES, &init(&sizes, 9));
+    for (b, p) in resumed.params.iter().zip(first.params()) {
+        write(b, 0, &p);
+    }
+    checkpoint::load(&mut resumed.optimizer, queue, &path).unwrap();
+    assert_eq!(resumed.optimizer.step_count(), 4);
+    for _ in 0..4 {
+        resumed.step(&scaled, 1e-2);
+    }
+    let bits = |v: Vec<Vec<f32>>| v.into_iter().map(|x| bits(&x)).collect::<Vec<_>>();
+    assert_eq!(bits(resumed.params()), bits(through.params()));
+    for (a, b) in resumed.states().iter().zip(through.states()) {
+        assert!(same_bits(a, &b));
+    }
+    let (a, b) = (
+        resumed
+            .optimizer
+            .read_status_blocking(device, queue)
+            .unwrap(),
+        through
+            .optimizer
+            .read_status_blocking(device, queue)
+            .unwrap(),
+    );
+    assert_eq!(a.applied_steps, 6);
+    assert_eq!(
+        (a.applied_steps, a.loss_scale, a.growth_tracker),
+        (b.applied_steps, b.loss_scale, b.growth_tracker)
+    );
+
+    // A checkpoint of such an optimizer without its loss scale is refused, naming the key.
+    let mut raw = Raw::read(&path);
+    raw.metadata.remove("loss_scale");
+    match Checkpoint::from_bytes(&raw.bytes(), "no scale") {
+        Err(Error::MissingMetadata {
+            key: "loss_scale", ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+}
