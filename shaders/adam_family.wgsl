@@ -312,7 +312,9 @@ fn finish(@builtin(local_invocation_index) lane: u32) {
     s.global_norm = sqrt(total.x);
     s.clip_coef = 1.0;
     if NORM_CLIP {
-        s.clip_coef = min(1.0, MAX_GRAD_NORM / (s.global_norm + 1e-6));
+        // As torch's clamp, a NaN factor (a non-finite gradient, without skipping) stays NaN.
+        let coef = MAX_GRAD_NORM / (s.global_norm + 1e-6);
+        s.clip_coef = select(min(1.0, coef), coef, non_finite_scalar(coef) != 0u);
     }
     s.step_inv_scale = s.inv_scale;
     if !found_inf {

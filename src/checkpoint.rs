@@ -15,6 +15,7 @@
 //! | `param_names` | the parameter names as a JSON list, in the optimizer's order |
 //! | `groups` | with several parameter groups only: every group's effective configuration |
 //! | `param_groups` | with `groups` only: each parameter's group, a JSON list beside `param_names` |
+//! | `iterations`, `loss_scale`, `growth_tracker` | with `loss_scale`, `skip_nonfinite` or `max_grad_norm`: the iterations recorded (`step` is then t, the applied steps), the loss scale S and its growth tracker, all restored on load |
 //!
 //! The optimizer knows element counts, not shapes: it saves its tensors flat (`[len]`), and a
 //! tensor of any shape with the right element count loads (torch saves the parameter's shape).
@@ -268,13 +269,24 @@ impl Checkpoint {
                     value: format!("{text:?}"),
                     expected: "a finite f32 > 0, as its f64 prints".into(),
                 })?;
-            if iterations < step || growth_tracker > u32::MAX as u64 {
+            if iterations < step {
                 return Err(Error::InvalidMetadata {
                     file: file.to_string(),
                     key: "iterations",
-                    value: format!("{iterations} (growth_tracker {growth_tracker})"),
+                    value: iterations.to_string(),
                     expected: format!("at least `step` ({step})"),
                 });
+            }
+            // The device counts in u32.
+            for (key, value) in [("step", step), ("growth_tracker", growth_tracker)] {
+                if value > u32::MAX as u64 {
+                    return Err(Error::InvalidMetadata {
+                        file: file.to_string(),
+                        key,
+                        value: value.to_string(),
+                        expected: "at most 2^32 - 1 with a pass before the step".into(),
+                    });
+                }
             }
             Some(SavedIteration {
                 iterations,

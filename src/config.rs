@@ -352,7 +352,7 @@ impl Config {
     /// the algorithm) and validates it. A value that is not valid JSON, or a number too large
     /// for f64 (`1e999`), is refused naming its key, as is a key given twice.
     pub fn from_json(text: &str) -> Result<Self> {
-        Self::from_json_map(&parse_object(text)?)
+        Self::from_json_map(&parse_object(text, "")?)
     }
 
     /// As [`Config::from_json`], from an already parsed object.
@@ -405,22 +405,33 @@ impl<'de> Deserialize<'de> for Config {
 /// A JSON object as a map, with every failure after the opening brace pinned to its key: the
 /// values are first taken as raw text (so a syntax error is caught while the key is known),
 /// then parsed one by one (so `1e999`, out of f64's range, is refused naming its key).
-fn parse_object(text: &str) -> Result<Map<String, Value>> {
+/// `prefix` is `""` for the config, `"loss_scale."` for the object inside it (whose fields'
+/// errors are named `loss_scale.<field>`).
+fn parse_object(text: &str, prefix: &str) -> Result<Map<String, Value>> {
     let current = std::cell::RefCell::new(None);
     let mut de = serde_json::Deserializer::from_str(text);
     let entries = serde::de::DeserializeSeed::deserialize(RawEntries(&current), &mut de)
         .and_then(|entries| de.end().map(|()| entries));
     let entries = entries.map_err(|e| match current.take() {
-        Some(key) => invalid_value(&key, format!("malformed JSON ({e})")),
-        None => Error::ConfigJson(e.to_string()),
+        Some(key) => invalid_value(&format!("{prefix}{key}"), format!("malformed JSON ({e})")),
+        None if prefix.is_empty() => Error::ConfigJson(e.to_string()),
+        None => invalid_value(
+            prefix.trim_end_matches('.'),
+            format!("malformed JSON ({e})"),
+        ),
     })?;
     let mut map = Map::new();
     for (key, raw) in entries {
-        let value = serde_json::from_str(raw.get())
-            .map_err(|e| invalid_value(&key, format!("{} ({e})", raw.get())))?;
+        let full = format!("{prefix}{key}");
+        let value = if full == "loss_scale" && raw.get().trim_start().starts_with('{') {
+            Value::Object(parse_object(raw.get(), "loss_scale.")?)
+        } else {
+            serde_json::from_str(raw.get())
+                .map_err(|e| invalid_value(&full, format!("{} ({e})", raw.get())))?
+        };
         if map.insert(key.clone(), value).is_some() {
             return Err(invalid_value(
-                &key,
+                &full,
                 "a second value for the same key".into(),
             ));
         }
@@ -428,9 +439,23 @@ fn parse_object(text: &str) -> Result<Map<String, Value>> {
     Ok(map)
 }
 
-/// The error for a value of `key` that does not parse: an unknown key is reported as such.
+/// The fields of `loss_scale` by their full names, as errors name them.
+const LOSS_SCALE_FIELDS: [&str; 5] = [
+    "loss_scale.init_scale",
+    "loss_scale.growth_factor",
+    "loss_scale.backoff_factor",
+    "loss_scale.growth_interval",
+    "loss_scale.dynamic",
+];
+
+/// The error for a value of `key` (a full name) that does not parse: an unknown key is
+/// reported as such.
 fn invalid_value(key: &str, value: String) -> Error {
-    match CONFIG_KEYS.iter().find(|&&k| k == key) {
+    match CONFIG_KEYS
+        .iter()
+        .chain(&LOSS_SCALE_FIELDS)
+        .find(|&&k| k == key)
+    {
         Some(&key) => Error::InvalidConfig {
             key,
             value,
@@ -441,9 +466,13 @@ fn invalid_value(key: &str, value: String) -> Error {
 }
 
 fn unknown_key(key: &str) -> Error {
+    let known = match key.strip_prefix("loss_scale.") {
+        Some(_) => LOSS_SCALE_FIELDS.join(", "),
+        None => CONFIG_KEYS.join(", "),
+    };
     Error::UnknownConfigKey {
         key: key.to_string(),
-        known: CONFIG_KEYS.join(", "),
+        known,
     }
 }
 

@@ -86,8 +86,9 @@ impl Optimizer {
     /// builds the pipelines and bind groups. Nothing is recorded or submitted.
     ///
     /// `groups` are like `torch.optim` param_groups: each a full [`Config`]; they must agree on
-    /// `algorithm`, `amsgrad`, `maximize` and `initial_accumulator` (one kernel runs them all),
-    /// and may differ in everything else. At most 16 ([`crate::MAX_GROUPS`]). Tensors are
+    /// `algorithm`, `amsgrad`, `maximize` and `initial_accumulator` (one kernel runs them all)
+    /// and on the optimizer-wide `loss_scale`, `skip_nonfinite` and `max_grad_norm`, and may
+    /// differ in everything else. At most 16 ([`crate::MAX_GROUPS`]). Tensors are
     /// numbered `parameters` first, then the tensors of each of `flats` in order (for
     /// [`Optimizer::read_state`] and friends). What the device refuses while building (out of
     /// memory, a destroyed buffer) is [`Error::Creation`].
@@ -272,7 +273,9 @@ impl Optimizer {
             .map_or(base, |s| s.lr(base, t))
     }
 
-    /// Steps recorded so far (`t` of the last one; 0 before the first).
+    /// Iterations recorded so far (0 before the first): what schedules count. Without
+    /// skipping it is also t, the steps applied; with skipping t lives on the device
+    /// ([`Optimizer::read_status`]).
     pub fn step_count(&self) -> u64 {
         self.step
     }

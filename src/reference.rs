@@ -210,7 +210,13 @@ pub fn iteration(
             .map(|&g| g as f64 * g as f64)
             .sum();
         report.global_norm = sum.sqrt();
-        report.clip_coef = (c / (report.global_norm + 1e-6)).min(1.0) as f32;
+        // torch's clamp keeps a NaN (a non-finite gradient without skipping): so does this.
+        let coef = c / (report.global_norm + 1e-6);
+        report.clip_coef = if coef.is_nan() {
+            f32::NAN
+        } else {
+            coef.min(1.0) as f32
+        };
     }
     if !found_inf {
         state.step += 1;

@@ -10,7 +10,9 @@
 //!
 //! The **result** holds, for every name, `param.<name>` after T steps, `exp_avg.<name>`,
 //! `exp_avg_sq.<name>` and, with amsgrad, `max_exp_avg_sq.<name>`, all f32 with the param's
-//! shape; metadata `step` = T (decimal) and `config` = the effective configuration.
+//! shape; metadata `step` = t, the applied steps (T unless iterations were skipped),
+//! `skipped` = T - t, `config` = the effective configuration and, with `loss_scale`, the final
+//! `loss_scale`.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), wgpu_optim::Error> {
@@ -22,8 +24,9 @@
 //!
 //! Parsing validates everything before any GPU work: the config (unknown keys, missing
 //! `algorithm`, NaN and out-of-range values), dtypes (f32 only), shapes, that every gradient
-//! is present, the length and values of `lr`, and that params and gradients are finite (a NaN
-//! or infinity in a trace leaves nothing to compare). Every error names the tensor, key or file.
+//! is present, the length and values of `lr`, that params are finite, and that gradients are
+//! too unless `loss_scale` or `skip_nonfinite` is set (then a non-finite gradient skips its
+//! iteration). Every error names the tensor, key or file.
 //!
 //! Owns: the trace and result formats. May not reach into the optimizer beyond its public API.
 

@@ -258,7 +258,9 @@ impl Optimizer {
         Ok(())
     }
 
-    /// Sets the step counter: the next step is `step + 1` (its bias correction uses it).
+    /// Sets the iteration counter: the next iteration is `step + 1` (its schedules' value, and
+    /// without skipping its bias correction, use it; with skipping, a checkpoint restores the
+    /// device's t beside it).
     pub fn set_step_count(&mut self, step: u64) {
         self.step = step;
     }

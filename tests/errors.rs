@@ -587,3 +587,39 @@ fn loss_scaling_and_clipping_keys_parse_and_refuse_naming_the_key() {
         }
     }
 }
+
+#[test]
+fn loss_scale_fields_are_checked_like_top_level_keys() {
+    // Inside `loss_scale` too: a field given twice and a number out of f64's range are refused
+    // naming `loss_scale.<field>`, malformed JSON inside the object naming `loss_scale` (the
+    // object is read as a whole first); an unknown field lists the known ones.
+    for (text, key) in [
+        (
+            r#"{"algorithm": "adam", "loss_scale": {"init_scale": 2, "init_scale": 4}}"#,
+            "loss_scale.init_scale",
+        ),
+        (
+            r#"{"algorithm": "adam", "loss_scale": {"growth_factor": 1e999}}"#,
+            "loss_scale.growth_factor",
+        ),
+        (
+            r#"{"algorithm": "adam", "loss_scale": {"backoff_factor": 0.5.5}}"#,
+            "loss_scale.backoff_factor",
+        ),
+    ] {
+        match Config::from_json(text) {
+            Err(Error::InvalidConfig { key: k, .. }) => assert_eq!(k, key, "{text}"),
+            other => panic!("{text}: expected InvalidConfig for {key}, got {other:?}"),
+        }
+    }
+    match Config::from_json(r#"{"algorithm": "adam", "loss_scale": {"scale": 2}}"#) {
+        Err(Error::UnknownConfigKey { key, known }) => {
+            assert_eq!(key, "loss_scale.scale");
+            assert!(
+                known.contains("loss_scale.growth_interval") && !known.contains("betas"),
+                "{known}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
