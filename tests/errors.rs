@@ -604,7 +604,7 @@ fn loss_scale_fields_are_checked_like_top_level_keys() {
         ),
         (
             r#"{"algorithm": "adam", "loss_scale": {"backoff_factor": 0.5.5}}"#,
-            "loss_scale.backoff_factor",
+            "loss_scale",
         ),
     ] {
         match Config::from_json(text) {
