@@ -1,4 +1,4 @@
-//! Replays a recorded gradient trace through the GPU optimizer (`shared/spec/replay-format.md`;
+//! Replays a recorded gradient trace through the GPU optimizer (`docs/replay-format.md`;
 //! the README's "Replay a PyTorch run").
 //!
 //!     cargo run --release --example replay -- TRACE.safetensors OUT.safetensors
@@ -50,11 +50,20 @@ fn run(trace_path: &Path, out: &Path) -> wgpu_optim::Result<()> {
         None => format!("{}", trace.config.lr),
     };
     println!(
-        "replayed {} steps of {:?} (lr {lr}) over {} tensors, {elements} elements, in {seconds:.3} s",
+        "replayed {} iterations of {:?} (lr {lr}) over {} tensors, {elements} elements, in {seconds:.3} s",
         trace.steps(),
         trace.config.algorithm,
         trace.params.len(),
     );
+    if trace.config.has_pre_step() {
+        let scale = result.loss_scale.map_or(String::new(), |s| {
+            format!(", final loss scale {}", s as f64)
+        });
+        println!(
+            "{} steps applied, {} skipped{scale}",
+            result.step, result.skipped
+        );
+    }
     println!("wrote {}", out.display());
     Ok(())
 }

@@ -1,4 +1,4 @@
-// The fused Adam / AdamW / Yogi step (shared/spec/semantics.md): one pass reads param, grad
+// The fused Adam / AdamW / Yogi step (docs/semantics.md): one pass reads param, grad
 // and the state once and writes param and the state once.
 //
 // A dispatch walks a range of `Elem`s that may hold many parameter tensors (segments), each in
@@ -7,21 +7,34 @@
 // ranges, `f32` / `u32` / 1 / 0 otherwise. Every operation below is component-wise, so one
 // source serves both. Variants are override constants: the driver folds the branches away.
 
-override ALGORITHM: u32 = 0u;          // 0 adam (coupled L2), 1 adamw (decoupled), 2 yogi
+override ALGORITHM: u32 = 0u;          // ADAM (coupled L2), ADAMW (decoupled) or YOGI
 override AMSGRAD: bool = false;
 override MAXIMIZE: bool = false;
-override CLIP: bool = false;          // some group clips
+override CLIP: bool = false;          // some group clips (each checks its own `clips`)
 override WEIGHT_DECAY: bool = false;  // some group has weight_decay != 0
 override WORKGROUP_SIZE: u32 = 256u;
 override SEGMENTED: bool = false;     // the dispatch holds several tensors (a flat buffer)
+// Before the per-element step (docs/semantics.md), read from `device`, which the `grad_norm`
+// and `finish` passes fill in each iteration before the step:
+override SCALE: bool = false;         // gradients arrive multiplied by the loss scale
+override SKIP: bool = false;          // an iteration with a non-finite gradient is skipped;
+                                      // t is then the device's, bias factors from `table`
+override NORM_CLIP: bool = false;     // the global norm is clipped to MAX_GRAD_NORM
+// `finish` only: the optimizer-wide numbers, fixed when the optimizer is built.
+override PARTIALS: u32 = 0u;          // per-workgroup partial sums `grad_norm` writes
+override MAX_GRAD_NORM: f32 = 0.0;
+override DYNAMIC: bool = false;
+// The factors as torch applies them, `f32(f64(S) * factor)`: each factor is split by the host
+// into a mantissa in [1, 2) as two f32 (hi + lo: 48 bits) and an exponent.
+override GROWTH_HI: f32 = 1.0;
+override GROWTH_LO: f32 = 0.0;
+override GROWTH_EXP: i32 = 1;
+override BACKOFF_HI: f32 = 1.0;
+override BACKOFF_LO: f32 = 0.0;
+override BACKOFF_EXP: i32 = -1;
+override GROWTH_INTERVAL: u32 = 1u;
 
-const ADAMW: u32 = 1u;
-const YOGI: u32 = 2u;
-const MAX_GROUPS: u32 = 16u;
-const WHOLE_BLOCK: u32 = 0x80000000u;  // block hint: inside one segment; low bits: its group
-const HINT_VEC4S: u32 = 4096u;         // 16,384 hints: 64 KiB, one per workgroup
-
-// Mirrors src/uniforms.rs StepUniforms: one group's numbers for this step.
+// Mirrors src/protocol.rs StepUniforms: one group's numbers for this step.
 struct StepUniforms {
     step_size: f32,
     eps: f32,
@@ -31,13 +44,38 @@ struct StepUniforms {
     beta2: f32,
     one_minus_beta2: f32,
     weight_decay: f32,
-    decay_factor: f32,
+    lr_weight_decay: f32,
     rescale_grad: f32,
     clip_gradient: f32,
-    _pad: f32,
+    clips: u32,
+    // SKIP only: this group's bias factors (sqrt(bc2)/bc1, sqrt(bc2), bc2) for t = 1, 2, ...,
+    // BIAS_ROW u32 each in `table` from `bias_base`; past `bias_len` they are 1. step_size,
+    // eps and eps_root are then unfolded, and `eps_scaled` says whether the eps get factors.
+    bias_base: u32,
+    bias_len: u32,
+    eps_scaled: u32,
+    _pad: u32,
 }
 
-// Mirrors src/uniforms.rs Chunk: what one dispatch covers; fixed when the step is planned.
+// Mirrors src/protocol.rs DeviceScalars: the iteration's numbers, kept on the device.
+struct DeviceScalars {
+    loss_scale: f32,       // S for the next iteration's unscale (the engine scales its loss by it)
+    inv_scale: f32,        // f32(1 / loss_scale)
+    step_inv_scale: f32,   // this iteration's f32(1 / S), for the step
+    clip_coef: f32,        // this iteration's clip factor (1 when not clipping)
+    global_norm: f32,      // this iteration's global norm of the unscaled gradient
+    step: u32,             // t: applied steps, this iteration's included
+    found_inf: u32,        // this iteration's gradient held a NaN or an infinity
+    growth_tracker: u32,
+}
+
+struct DeviceState {
+    scalars: DeviceScalars,
+    // One per workgroup of `grad_norm`: (sum of squares, 1 if a non-finite value was seen).
+    partials: array<vec2<f32>>,
+}
+
+// Mirrors src/protocol.rs Chunk: what one dispatch covers; fixed when the step is planned.
 struct Chunk {
     count: u32,           // Elems in this dispatch
     param_base: u32,      // index of the dispatch's first Elem in the param binding
@@ -47,25 +85,48 @@ struct Chunk {
     segments: u32,        // where this dispatch's segments start in `table`
     segment_count: u32,
     group: u32,           // the group of an unsegmented dispatch
-    _pad0: u32,
+    partials_base: u32,   // grad_norm: this dispatch's first entry in `device.partials`
     _pad1: u32,
     _pad2: u32,
     _pad3: u32,
 }
 
-@group(0) @binding(0) var<uniform> groups: array<StepUniforms, MAX_GROUPS>;
-@group(0) @binding(1) var<uniform> chunk: Chunk;
-@group(0) @binding(2) var<storage, read_write> param: array<Elem>;
-@group(0) @binding(3) var<storage, read> grad: array<Elem>;
-@group(0) @binding(4) var<storage, read_write> exp_avg: array<Elem>;
-@group(0) @binding(5) var<storage, read_write> exp_avg_sq: array<Elem>;
-@group(0) @binding(6) var<storage, read_write> max_exp_avg_sq: array<Elem>;
-// SEGMENTED only: segments as (start, end, group, 0) in f32 elements, sorted and disjoint.
-@group(0) @binding(7) var<storage, read> table: array<u32>;
-// SEGMENTED only: for each workgroup a hint, WHOLE_BLOCK | group when all its elements lie
-// inside one segment, else the first segment that ends past its first element. A uniform, not
-// storage, buffer: read at a workgroup-uniform address it costs one load, not one per lane.
-@group(0) @binding(8) var<uniform> hints: array<vec4<u32>, HINT_VEC4S>;
+// The bindings (`groups`, `chunk`, `param`, `grad`, `exp_avg`, `exp_avg_sq`,
+// `max_exp_avg_sq`, the segment `table` and the workgroup `hints`) are declared by the
+// prelude, from the table in src/protocol.rs. In a segmented dispatch the table holds the
+// segments as rows of SEGMENT_ROW u32 (start, end, group, 0) in f32 elements, sorted and
+// disjoint, and `hints` one u32 per workgroup: WHOLE_BLOCK | group when all its elements lie
+// inside one segment, else the first segment that ends past its first element.
+
+// Where an invocation's Elem lies: its group, and the end of its tensor (lanes at or past it
+// are not the tensor's), or `valid` false when it lies outside every tensor (or past the
+// dispatch). An unsegmented dispatch is one tensor of one group. In a segmented one the host
+// marks workgroups that lie inside one tensor (no search, no lane mask); elsewhere the search
+// starts at the hint's segment and skips gaps between tensors.
+struct Place {
+    valid: bool,
+    group: u32,
+    end: u32,
+}
+
+fn locate(block: u32, i: u32, e: u32) -> Place {
+    var place = Place(i < chunk.count, chunk.group, 0xffffffffu);
+    if SEGMENTED && place.valid {
+        let hint = hints[block / 4u][block % 4u];
+        if (hint & WHOLE_BLOCK) != 0u {
+            place.group = hint & ~WHOLE_BLOCK;
+        } else {
+            var s = hint;
+            while s + 1u < chunk.segment_count && table[chunk.segments + SEGMENT_ROW * s + 1u] <= e {
+                s += 1u;
+            }
+            place.end = table[chunk.segments + SEGMENT_ROW * s + 1u];
+            place.valid = e >= table[chunk.segments + SEGMENT_ROW * s] && e < place.end;
+            place.group = table[chunk.segments + SEGMENT_ROW * s + 2u];
+        }
+    }
+    return place;
+}
 
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn step(
@@ -73,43 +134,37 @@ fn step(
     @builtin(num_workgroups) workgroups: vec3<u32>,
     @builtin(local_invocation_index) lane: u32,
 ) {
+    // A skipped iteration changes nothing (every invocation reads the same flag).
+    if SKIP && device.scalars.found_inf != 0u {
+        return;
+    }
     // 2-D grid: more than 65,535 workgroups spill into y.
     let block = workgroup.y * workgroups.x + workgroup.x;
     let i = block * WORKGROUP_SIZE + lane;
-    if i >= chunk.count {
+    let e = chunk.first_element + i * LANES;
+    let place = locate(block, i, e);
+    if !place.valid {
         return;
     }
-
-    // An unsegmented dispatch is one tensor of one group. In a segmented one, find the tensor
-    // holding this Elem: the host marks workgroups that lie inside one tensor (no search, no
-    // lane mask); elsewhere search from the hint's segment and skip gaps between tensors.
-    var group = chunk.group;
-    var end = 0xffffffffu;
-    let e = chunk.first_element + i * LANES;
-    if SEGMENTED {
-        let hint = hints[block / 4u][block % 4u];
-        if (hint & WHOLE_BLOCK) != 0u {
-            group = hint & ~WHOLE_BLOCK;
-        } else {
-            var s = hint;
-            while s + 1u < chunk.segment_count && table[chunk.segments + 4u * s + 1u] <= e {
-                s += 1u;
-            }
-            end = table[chunk.segments + 4u * s + 1u];
-            if e < table[chunk.segments + 4u * s] || e >= end {
-                return;
-            }
-            group = table[chunk.segments + 4u * s + 2u];
-        }
-    }
-    let u = groups[group];
+    let u = groups[place.group];
 
     let k = chunk.state_base + i;
     let p_in = param[chunk.param_base + i];
     var p = p_in;
 
-    var g = grad[chunk.grad_base + i] * u.rescale_grad;
-    if CLIP {
+    // Unscale and clip the global norm, rounding each product to f32 as torch's `unscale_`
+    // and `clip_grad_norm_` do, before the per-element step.
+    var g = grad[chunk.grad_base + i];
+    if SCALE {
+        g = g * device.scalars.step_inv_scale;
+    }
+    if NORM_CLIP {
+        g = g * device.scalars.clip_coef;
+    }
+    g = g * u.rescale_grad;
+    // CLIP and WEIGHT_DECAY say that some group uses the option; each group checks its own
+    // value, so that no group's result depends on the options of another.
+    if CLIP && u.clips != 0u {
         g = clamp(g, Elem(-u.clip_gradient), Elem(u.clip_gradient));
     }
     if MAXIMIZE {
@@ -117,8 +172,10 @@ fn step(
     }
     if WEIGHT_DECAY {
         if ALGORITHM == ADAMW {
-            p = p * u.decay_factor;
-        } else {
+            if u.lr_weight_decay != 0.0 {
+                p = p - u.lr_weight_decay * p;
+            }
+        } else if u.weight_decay != 0.0 {
             g = g + u.weight_decay * p;
         }
     }
@@ -140,11 +197,183 @@ fn step(
         max_exp_avg_sq[k] = v;
     }
 
-    // Bias correction and eps_mode are folded into step_size, eps and eps_root on the host.
-    p = p - u.step_size * m / (sqrt(v + u.eps_root) + u.eps);
+    // Bias correction and eps_mode are folded into step_size, eps and eps_root on the host;
+    // with SKIP the host cannot know t, and the factors come from the group's table.
+    var step_size = u.step_size;
+    var eps = u.eps;
+    var eps_root = u.eps_root;
+    if SKIP {
+        let t = device.scalars.step;
+        if t >= 1u && t <= u.bias_len {
+            let row = u.bias_base + BIAS_ROW * (t - 1u);
+            step_size = step_size * bitcast<f32>(table[row]);
+            if u.eps_scaled != 0u {
+                eps = eps * bitcast<f32>(table[row + 1u]);
+                eps_root = eps_root * bitcast<f32>(table[row + 2u]);
+            }
+        }
+    }
+    p = p - step_size * m / (sqrt(v + eps_root) + eps);
     if SEGMENTED {
         // Lanes past the tensor's end (vec4 only) keep their values.
-        p = select(p_in, p, Index(e) + LANE < Index(end));
+        p = select(p_in, p, Index(e) + LANE < Index(place.end));
     }
     param[chunk.param_base + i] = p;
+}
+
+// Workgroup scratch of the reductions: (sum, non-finite flag) per invocation.
+var<workgroup> scratch: array<vec2<f32>, MAX_WORKGROUP_SIZE>;
+
+// Sums `scratch[0..WORKGROUP_SIZE)` into `scratch[0]` as a tree (any workgroup size).
+fn reduce_scratch(lane: u32) {
+    var half = 1u;
+    while half < WORKGROUP_SIZE {
+        half = half * 2u;
+    }
+    half = half / 2u;
+    while half > 0u {
+        workgroupBarrier();
+        if lane < half && lane + half < WORKGROUP_SIZE {
+            let a = scratch[lane];
+            let b = scratch[lane + half];
+            scratch[lane] = vec2<f32>(a.x + b.x, max(a.y, b.y));
+        }
+        half = half / 2u;
+    }
+    workgroupBarrier();
+}
+
+// 1 where x is NaN or infinite (all exponent bits set), by its bits: no fast-math can fold it.
+fn non_finite(x: Elem) -> Elem {
+    let exponent = Index(0x7f800000u);
+    return select(Elem(0.0), Elem(1.0), (bitcast<Index>(x) & exponent) == exponent);
+}
+
+// Pass 1 of an iteration: each workgroup's sum of the squared unscaled gradient over its
+// tensors' elements, and whether it saw a non-finite one, into `device.partials`.
+@compute @workgroup_size(WORKGROUP_SIZE)
+fn grad_norm(
+    @builtin(workgroup_id) workgroup: vec3<u32>,
+    @builtin(num_workgroups) workgroups: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
+    let block = workgroup.y * workgroups.x + workgroup.x;
+    let i = block * WORKGROUP_SIZE + lane;
+    let e = chunk.first_element + i * LANES;
+    let place = locate(block, i, e);
+    var sum = 0.0;
+    var flag = 0.0;
+    if place.valid {
+        var g = grad[chunk.grad_base + i];
+        if SCALE {
+            g = g * device.scalars.inv_scale;
+        }
+        // Lanes past the tensor's end (vec4 only) do not count.
+        let mine = select(Elem(0.0), Elem(1.0), Index(e) + LANE < Index(place.end));
+        let g2 = g * g * mine;
+        let bad = non_finite(g) * mine;
+        sum = lane_sum(g2);
+        flag = lane_sum(bad);
+    }
+    scratch[lane] = vec2<f32>(sum, min(flag, 1.0));
+    reduce_scratch(lane);
+    let blocks = (chunk.count + WORKGROUP_SIZE - 1u) / WORKGROUP_SIZE;
+    if lane == 0u && block < blocks {
+        device.partials[chunk.partials_base + block] = scratch[0];
+    }
+}
+
+// Pass 2 (one workgroup): the global norm and found_inf from the partials, the clip factor,
+// t, and the loss scale's move (torch's `_amp_update_scale_`), into `device.scalars`.
+@compute @workgroup_size(WORKGROUP_SIZE)
+fn finish(@builtin(local_invocation_index) lane: u32) {
+    // Each invocation sums every WORKGROUP_SIZE-th partial with Kahan's compensation, then a
+    // tree: a 100M-element norm stays within 1e-6 of the exact one.
+    var sum = 0.0;
+    var carry = 0.0;
+    var flag = 0.0;
+    for (var k = lane; k < PARTIALS; k += WORKGROUP_SIZE) {
+        let p = device.partials[k];
+        let y = p.x - carry;
+        let t = sum + y;
+        carry = (t - sum) - y;
+        sum = t;
+        flag = max(flag, p.y);
+    }
+    scratch[lane] = vec2<f32>(sum, flag);
+    reduce_scratch(lane);
+    if lane != 0u {
+        return;
+    }
+    var s = device.scalars;
+    let total = scratch[0];
+    let found_inf = SKIP && total.y != 0.0;
+    s.found_inf = select(0u, 1u, found_inf);
+    s.global_norm = sqrt(total.x);
+    s.clip_coef = 1.0;
+    if NORM_CLIP {
+        // As torch's clamp, a NaN factor (a non-finite gradient, without skipping) stays NaN.
+        let coef = MAX_GRAD_NORM / (s.global_norm + 1e-6);
+        s.clip_coef = select(min(1.0, coef), coef, non_finite_scalar(coef) != 0u);
+    }
+    s.step_inv_scale = s.inv_scale;
+    if !found_inf {
+        s.step += 1u;
+    }
+    if SCALE && DYNAMIC {
+        if found_inf {
+            s.loss_scale = scale_by(s.loss_scale, BACKOFF_HI, BACKOFF_LO, BACKOFF_EXP);
+            s.growth_tracker = 0u;
+        } else if s.growth_tracker + 1u >= GROWTH_INTERVAL {
+            let grown = scale_by(s.loss_scale, GROWTH_HI, GROWTH_LO, GROWTH_EXP);
+            if non_finite_scalar(grown) == 0u {
+                s.loss_scale = grown;
+            }
+            s.growth_tracker = 0u;
+        } else {
+            s.growth_tracker += 1u;
+        }
+        s.inv_scale = reciprocal(s.loss_scale);
+    }
+    device.scalars = s;
+}
+
+// The rounding error of the f32 product p = a * b, exactly (Dekker's two-product: each factor
+// split into two 12-bit halves whose products are exact; WGSL's * and + round correctly).
+fn product_error(a: f32, b: f32, p: f32) -> f32 {
+    let x = split(a);
+    let y = split(b);
+    return ((x.x * y.x - p) + x.x * y.y + x.y * y.x) + x.y * y.y;
+}
+
+fn split(a: f32) -> vec2<f32> {
+    let t = 4097.0 * a;
+    let high = t - (t - a);
+    return vec2<f32>(high, a - high);
+}
+
+// f32(f64(s) * factor) for a factor given as (hi + lo) * 2^exp, hi + lo in [1, 2): the
+// mantissas' product to 48 bits, rounded once, then the exponents (ldexp is exact, and gives
+// infinity past f32's range as torch's f32 conversion does).
+fn scale_by(s: f32, hi: f32, lo: f32, exp: i32) -> f32 {
+    let f = frexp(s);
+    let m = f.fract * 2.0;
+    let p = m * hi;
+    let r = p + (product_error(m, hi, p) + m * lo);
+    return ldexp(r, f.exp - 1 + exp);
+}
+
+// f32(1 / f64(s)), as torch's `unscale_`: a quotient refined with its exact residual (WGSL's
+// division alone may be 2.5 ulp off).
+fn reciprocal(s: f32) -> f32 {
+    let f = frexp(s);
+    let m = f.fract * 2.0;
+    let q = 1.0 / m;
+    let p = m * q;
+    let residual = (1.0 - p) - product_error(m, q, p);
+    return ldexp(q + q * residual, 1 - f.exp);
+}
+
+fn non_finite_scalar(x: f32) -> u32 {
+    return select(0u, 1u, (bitcast<u32>(x) & 0x7f800000u) == 0x7f800000u);
 }

@@ -15,6 +15,7 @@
 //! | `param_names` | the parameter names as a JSON list, in the optimizer's order |
 //! | `groups` | with several parameter groups only: every group's effective configuration |
 //! | `param_groups` | with `groups` only: each parameter's group, a JSON list beside `param_names` |
+//! | `iterations`, `loss_scale`, `growth_tracker` | with `loss_scale`, `skip_nonfinite` or `max_grad_norm`: the iterations recorded (`step` is then t, the applied steps), the loss scale S and its growth tracker, all restored on load |
 //!
 //! The optimizer knows element counts, not shapes: it saves its tensors flat (`[len]`), and a
 //! tensor of any shape with the right element count loads (torch saves the parameter's shape).
@@ -26,6 +27,9 @@
 //! and config in every key but `lr`), and only then writes the state, the step counter and
 //! the learning rate: a failed load returns a typed error and leaves the optimizer as it was.
 //! Saving writes a temporary file in the same directory and renames it over the target.
+//!
+//! Owns: the checkpoint format (`docs/checkpoint-format.md`). May not reach into the optimizer
+//! beyond its public state I/O (`read_state_blocking`, `load_state`, `set_step_count`).
 //!
 //! ```no_run
 //! # fn main() -> Result<(), wgpu_optim::Error> {
@@ -56,7 +60,19 @@ pub struct Checkpoint {
     /// Groups 1.. of an optimizer with several parameter groups (group 0 is `config`).
     other_groups: Vec<Config>,
     step: u64,
+    /// With a pass before the step (loss scaling, skipping, clipping): what lives on the
+    /// device besides the tensors' state.
+    iteration: Option<SavedIteration>,
     tensors: Vec<Saved>,
+}
+
+/// The optimizer-wide numbers of an optimizer with a pass before the step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct SavedIteration {
+    /// Iterations recorded, skipped ones included: what schedules count.
+    iterations: u64,
+    loss_scale: f32,
+    growth_tracker: u32,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -94,8 +110,8 @@ impl Checkpoint {
         for (i, name) in names.into_iter().enumerate() {
             tensors.push(Saved {
                 name,
-                group: optimizer.parameter_group(i)?,
-                shape: vec![optimizer.parameter_len(i)? as usize],
+                group: optimizer.tensors()[i].group,
+                shape: vec![optimizer.tensors()[i].len as usize],
                 state: optimizer.read_state_blocking(device, queue, i)?,
             });
         }
@@ -105,10 +121,23 @@ impl Checkpoint {
             .iter()
             .zip(optimizer.group_lrs())
             .map(|(g, &lr)| Config { lr, ..g.clone() });
+        let config = groups.next().expect("an optimizer has a group");
+        let (step, iteration) = if config.has_pre_step() {
+            let status = optimizer.read_status_blocking(device, queue)?;
+            let iteration = SavedIteration {
+                iterations: optimizer.step_count(),
+                loss_scale: status.loss_scale,
+                growth_tracker: status.growth_tracker,
+            };
+            (status.applied_steps, Some(iteration))
+        } else {
+            (optimizer.step_count(), None)
+        };
         Ok(Checkpoint {
-            config: groups.next().expect("an optimizer has a group"),
+            config,
             other_groups: groups.collect(),
-            step: optimizer.step_count(),
+            step,
+            iteration,
             tensors,
         })
     }
@@ -123,9 +152,20 @@ impl Checkpoint {
         std::iter::once(&self.config).chain(&self.other_groups)
     }
 
-    /// Steps taken before the save.
+    /// Steps applied before the save (skipped iterations do not count).
     pub fn step(&self) -> u64 {
         self.step
+    }
+
+    /// Iterations recorded before the save, skipped ones included (what schedules count).
+    pub fn iterations(&self) -> u64 {
+        self.iteration.map_or(self.step, |i| i.iterations)
+    }
+
+    /// The loss scale S and its growth tracker at the save (with `loss_scale`, or another key
+    /// of the pass before the step: S is then 1).
+    pub fn loss_scale(&self) -> Option<(f32, u32)> {
+        self.iteration.map(|i| (i.loss_scale, i.growth_tracker))
     }
 
     /// The parameter names, in the saved order.
@@ -164,6 +204,12 @@ impl Checkpoint {
                 serde_json::to_string(&names).expect("strings serialize"),
             ),
         ]);
+        if let Some(i) = &self.iteration {
+            metadata.insert("iterations".into(), i.iterations.to_string());
+            // The f32 widened to f64, printed shortest: it reads back to the same f32.
+            metadata.insert("loss_scale".into(), (i.loss_scale as f64).to_string());
+            metadata.insert("growth_tracker".into(), i.growth_tracker.to_string());
+        }
         if !self.other_groups.is_empty() {
             let groups: Vec<Value> = self
                 .groups()
@@ -187,8 +233,7 @@ impl Checkpoint {
 
     /// Reads and checks a checkpoint file.
     pub fn read(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        Self::from_bytes(&file::read(path)?, &path.display().to_string())
+        file::read_with(path.as_ref(), Self::from_bytes)
     }
 
     /// Parses and checks a checkpoint on its own: the config, the metadata, every tensor
@@ -197,17 +242,60 @@ impl Checkpoint {
     pub fn from_bytes(bytes: &[u8], file: &str) -> Result<Self> {
         let st = Safetensors::parse(bytes, file)?;
         let config = st.config()?;
-        let step_text = st.require_metadata("step", "the step count, a decimal integer")?;
-        let step = step_text
-            .parse::<u64>()
-            .ok()
-            .filter(|s| s.to_string() == step_text)
-            .ok_or_else(|| Error::InvalidMetadata {
-                file: file.to_string(),
-                key: "step",
-                value: format!("{step_text:?}"),
-                expected: "a decimal integer >= 0".into(),
-            })?;
+        let integer = |key: &'static str, expected: &'static str| -> Result<u64> {
+            let text = st.require_metadata(key, expected)?;
+            text.parse::<u64>()
+                .ok()
+                .filter(|s| s.to_string() == text)
+                .ok_or_else(|| Error::InvalidMetadata {
+                    file: file.to_string(),
+                    key,
+                    value: format!("{text:?}"),
+                    expected: "a decimal integer >= 0".into(),
+                })
+        };
+        let step = integer("step", "the step count, a decimal integer")?;
+        let iteration = if config.has_pre_step() {
+            let iterations = integer("iterations", "the iterations recorded, a decimal integer")?;
+            let growth_tracker = integer("growth_tracker", "the loss scale's growth tracker")?;
+            let text = st.require_metadata("loss_scale", "the loss scale, a decimal number")?;
+            let loss_scale = text
+                .parse::<f64>()
+                .ok()
+                .filter(|&s| (s as f32) as f64 == s && s > 0.0 && s.is_finite())
+                .ok_or_else(|| Error::InvalidMetadata {
+                    file: file.to_string(),
+                    key: "loss_scale",
+                    value: format!("{text:?}"),
+                    expected: "a finite f32 > 0, as its f64 prints".into(),
+                })?;
+            if iterations < step {
+                return Err(Error::InvalidMetadata {
+                    file: file.to_string(),
+                    key: "iterations",
+                    value: iterations.to_string(),
+                    expected: format!("at least `step` ({step})"),
+                });
+            }
+            // The device counts in u32.
+            for (key, value) in [("step", step), ("growth_tracker", growth_tracker)] {
+                if value > u32::MAX as u64 {
+                    return Err(Error::InvalidMetadata {
+                        file: file.to_string(),
+                        key,
+                        value: value.to_string(),
+                        expected: "at most 2^32 - 1 with a pass before the step".into(),
+                    });
+                }
+            }
+            Some(SavedIteration {
+                iterations,
+                loss_scale: loss_scale as f32,
+                growth_tracker: growth_tracker as u32,
+            })
+        } else {
+            None
+        };
         let names_text =
             st.require_metadata("param_names", "the parameter names, a JSON list of strings")?;
         let names: Vec<String> =
@@ -301,6 +389,7 @@ impl Checkpoint {
             config,
             other_groups,
             step,
+            iteration,
             tensors,
         })
     }
@@ -345,8 +434,7 @@ impl Checkpoint {
         let mut order = Vec::with_capacity(names.len());
         for (i, name) in names.iter().enumerate() {
             let t = saved[name.as_str()];
-            let len = optimizer.parameter_len(i)?;
-            let group = optimizer.parameter_group(i)?;
+            let (len, group) = (optimizer.tensors()[i].len, optimizer.tensors()[i].group);
             if t.group != group {
                 return Err(Error::ConfigMismatch {
                     key: "param_groups",
@@ -367,7 +455,10 @@ impl Checkpoint {
         for (i, state) in order {
             optimizer.load_state(queue, i, state)?;
         }
-        optimizer.set_step_count(self.step);
+        optimizer.set_step_count(self.iterations());
+        if let Some(i) = &self.iteration {
+            optimizer.restore_iteration(queue, self.step, i.loss_scale, i.growth_tracker);
+        }
         for (g, saved) in saved_groups.iter().enumerate() {
             optimizer.set_group_lr(g, saved.lr)?;
         }

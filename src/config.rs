@@ -1,5 +1,7 @@
 //! The optimizer's configuration: types, defaults, validation and the JSON form of
-//! `shared/spec/semantics.md`.
+//! `docs/semantics.md`.
+//!
+//! Owns: every key's domain and every refusal of a config. May not touch the GPU.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -9,6 +11,7 @@ use crate::error::{Error, Result};
 /// Which update rule to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Algorithm {
     /// Adam with coupled (L2) weight decay: `g += weight_decay * p` (`torch.optim.Adam`).
     Adam,
@@ -76,6 +79,7 @@ pub enum EpsMode {
 /// from JSON with [`Config::from_json`]. [`Config::validate`] checks every field; the
 /// optimizer calls it on construction.
 #[derive(Clone, Debug, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct Config {
     pub algorithm: Algorithm,
     pub lr: f64,
@@ -90,10 +94,82 @@ pub struct Config {
     pub rescale_grad: f64,
     pub clip_gradient: Option<f64>,
     pub initial_accumulator: f64,
+    /// Optimizer-wide (every group must agree): the gradients arrive multiplied by a loss
+    /// scale that the optimizer keeps on the device (`GradScaler`).
+    pub loss_scale: Option<LossScale>,
+    /// Optimizer-wide: skip an iteration whose unscaled gradient holds a NaN or an infinity,
+    /// anywhere in the model (always on with `loss_scale`).
+    pub skip_nonfinite: bool,
+    /// Optimizer-wide: clip the global L2 norm of the gradient to this (`clip_grad_norm_`).
+    pub max_grad_norm: Option<f64>,
 }
 
+/// Dynamic loss scaling, as torch's `GradScaler` (`docs/semantics.md`, "Before the
+/// per-element step").
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct LossScale {
+    /// The scale S before the first iteration (> 0).
+    pub init_scale: f64,
+    /// S is multiplied by this after `growth_interval` iterations in a row without an
+    /// overflow (> 1).
+    pub growth_factor: f64,
+    /// S is multiplied by this after an overflow (in (0, 1)).
+    pub backoff_factor: f64,
+    /// Iterations without overflow before S grows (>= 1).
+    pub growth_interval: u64,
+    /// false: S stays at `init_scale`.
+    pub dynamic: bool,
+}
+
+impl Default for LossScale {
+    /// torch's `GradScaler()` defaults.
+    fn default() -> Self {
+        LossScale {
+            init_scale: 65536.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+            dynamic: true,
+        }
+    }
+}
+
+impl LossScale {
+    /// The scale S before the first iteration.
+    pub fn init_scale(mut self, init_scale: f64) -> Self {
+        self.init_scale = init_scale;
+        self
+    }
+    pub fn growth_factor(mut self, growth_factor: f64) -> Self {
+        self.growth_factor = growth_factor;
+        self
+    }
+    pub fn backoff_factor(mut self, backoff_factor: f64) -> Self {
+        self.backoff_factor = backoff_factor;
+        self
+    }
+    pub fn growth_interval(mut self, growth_interval: u64) -> Self {
+        self.growth_interval = growth_interval;
+        self
+    }
+    pub fn dynamic(mut self, dynamic: bool) -> Self {
+        self.dynamic = dynamic;
+        self
+    }
+}
+
+/// The fields of `loss_scale`'s JSON object.
+pub const LOSS_SCALE_KEYS: [&str; 5] = [
+    "init_scale",
+    "growth_factor",
+    "backoff_factor",
+    "growth_interval",
+    "dynamic",
+];
+
 /// Every key of the JSON form, in the spec's order.
-pub const CONFIG_KEYS: [&str; 13] = [
+pub const CONFIG_KEYS: [&str; 16] = [
     "algorithm",
     "lr",
     "betas",
@@ -107,6 +183,9 @@ pub const CONFIG_KEYS: [&str; 13] = [
     "rescale_grad",
     "clip_gradient",
     "initial_accumulator",
+    "loss_scale",
+    "skip_nonfinite",
+    "max_grad_norm",
 ];
 
 impl Config {
@@ -131,6 +210,9 @@ impl Config {
             rescale_grad: 1.0,
             clip_gradient: None,
             initial_accumulator: if yogi { 1e-6 } else { 0.0 },
+            loss_scale: None,
+            skip_nonfinite: false,
+            max_grad_norm: None,
         }
     }
 
@@ -197,77 +279,109 @@ impl Config {
         self.initial_accumulator = initial_accumulator;
         self
     }
+    pub fn loss_scale(mut self, loss_scale: Option<LossScale>) -> Self {
+        self.loss_scale = loss_scale;
+        self
+    }
+    pub fn skip_nonfinite(mut self, skip_nonfinite: bool) -> Self {
+        self.skip_nonfinite = skip_nonfinite;
+        self
+    }
+    pub fn max_grad_norm(mut self, max_grad_norm: Option<f64>) -> Self {
+        self.max_grad_norm = max_grad_norm;
+        self
+    }
+
+    /// Whether an iteration can be skipped on the device (`loss_scale` or `skip_nonfinite`):
+    /// then the step count lives on the device.
+    pub fn skips(&self) -> bool {
+        self.loss_scale.is_some() || self.skip_nonfinite
+    }
+
+    /// Whether an iteration needs the pass over every gradient before the step (found_inf,
+    /// the global norm).
+    pub fn has_pre_step(&self) -> bool {
+        self.skips() || self.max_grad_norm.is_some()
+    }
 
     /// Checks every field against its domain; the error names the first bad key.
     pub fn validate(&self) -> Result<()> {
-        check_lr("lr", self.lr)?;
-        check("betas", self.betas[0], "b1 in [0, 1)", |b| {
-            (0.0..1.0).contains(&b)
-        })?;
-        check("betas", self.betas[1], "b2 in [0, 1)", |b| {
-            (0.0..1.0).contains(&b)
-        })?;
-        check_non_negative("eps", self.eps)?;
-        check_non_negative("eps_root", self.eps_root)?;
-        check_non_negative("weight_decay", self.weight_decay)?;
-        check(
-            "rescale_grad",
-            self.rescale_grad,
-            "a finite number > 0",
-            |r| r.is_finite() && r > 0.0,
-        )?;
-        if let Some(c) = self.clip_gradient {
-            check("clip_gradient", c, "null or a finite number > 0", |c| {
-                c.is_finite() && c > 0.0
-            })?;
+        let non_negative = |x: f64| x.is_finite() && x >= 0.0;
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        check_lr(self.lr)?;
+        for b in self.betas {
+            check("betas", b, |b| (0.0..1.0).contains(&b))?;
         }
-        check_non_negative("initial_accumulator", self.initial_accumulator)
+        check("eps", self.eps, non_negative)?;
+        check("eps_root", self.eps_root, non_negative)?;
+        check("weight_decay", self.weight_decay, non_negative)?;
+        check("rescale_grad", self.rescale_grad, positive)?;
+        if let Some(c) = self.clip_gradient {
+            check("clip_gradient", c, positive)?;
+        }
+        check(
+            "initial_accumulator",
+            self.initial_accumulator,
+            non_negative,
+        )?;
+        if let Some(c) = self.max_grad_norm {
+            check("max_grad_norm", c, positive)?;
+        }
+        if let Some(ls) = &self.loss_scale {
+            // The device keeps S and 1/S in f32: both must be finite and > 0 there.
+            check("loss_scale.init_scale", ls.init_scale, |x| {
+                let s = x as f32;
+                x.is_finite() && s.is_finite() && s > 0.0 && (1.0 / s).is_finite()
+            })?;
+            check("loss_scale.growth_factor", ls.growth_factor, |x| {
+                x.is_finite() && x > 1.0
+            })?;
+            check("loss_scale.backoff_factor", ls.backoff_factor, |x| {
+                x > 0.0 && x < 1.0
+            })?;
+            check(
+                "loss_scale.growth_interval",
+                ls.growth_interval as f64,
+                |x| x >= 1.0,
+            )?;
+        }
+        Ok(())
     }
 
     /// Parses the JSON form (an object with the spec's keys; missing keys take the defaults of
-    /// the algorithm) and validates it.
+    /// the algorithm) and validates it. A value that is not valid JSON, or a number too large
+    /// for f64 (`1e999`), is refused naming its key, as is a key given twice.
     pub fn from_json(text: &str) -> Result<Self> {
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| Error::ConfigJson(e.to_string()))?;
-        match value {
-            Value::Object(map) => Self::from_json_map(&map),
-            other => Err(Error::ConfigJson(format!("got {other}"))),
-        }
+        Self::from_json_map(&parse_object(text, "")?)
     }
 
     /// As [`Config::from_json`], from an already parsed object.
     pub fn from_json_map(map: &Map<String, Value>) -> Result<Self> {
         if let Some(key) = map.keys().find(|k| !CONFIG_KEYS.contains(&k.as_str())) {
-            return Err(Error::UnknownConfigKey {
-                key: key.clone(),
-                known: CONFIG_KEYS.join(", "),
-            });
+            return Err(unknown_key(key));
         }
         let algorithm = match map.get("algorithm") {
             None => return Err(Error::MissingAlgorithm),
-            Some(v) => parse::<Algorithm>("algorithm", v, "one of \"adam\", \"adamw\", \"yogi\"")?,
+            Some(v) => parse::<Algorithm>("algorithm", v)?,
         };
         let mut c = Config::new(algorithm);
         for (key, v) in map {
             match key.as_str() {
-                "lr" => c.lr = parse("lr", v, "a finite number > 0")?,
-                "betas" => c.betas = parse("betas", v, "[b1, b2], each in [0, 1)")?,
-                "eps" => c.eps = parse("eps", v, "a number >= 0")?,
-                "eps_root" => c.eps_root = parse("eps_root", v, "a number >= 0")?,
-                "eps_mode" => c.eps_mode = parse("eps_mode", v, "\"torch\" or \"folded\"")?,
-                "weight_decay" => c.weight_decay = parse("weight_decay", v, "a number >= 0")?,
-                "amsgrad" => c.amsgrad = parse("amsgrad", v, "true or false")?,
-                "maximize" => c.maximize = parse("maximize", v, "true or false")?,
-                "bias_correction" => {
-                    c.bias_correction = parse("bias_correction", v, "true or false")?
-                }
-                "rescale_grad" => c.rescale_grad = parse("rescale_grad", v, "a number > 0")?,
-                "clip_gradient" => {
-                    c.clip_gradient = parse("clip_gradient", v, "null or a number > 0")?
-                }
-                "initial_accumulator" => {
-                    c.initial_accumulator = parse("initial_accumulator", v, "a number >= 0")?
-                }
+                "lr" => c.lr = parse("lr", v)?,
+                "betas" => c.betas = parse("betas", v)?,
+                "eps" => c.eps = parse("eps", v)?,
+                "eps_root" => c.eps_root = parse("eps_root", v)?,
+                "eps_mode" => c.eps_mode = parse("eps_mode", v)?,
+                "weight_decay" => c.weight_decay = parse("weight_decay", v)?,
+                "amsgrad" => c.amsgrad = parse("amsgrad", v)?,
+                "maximize" => c.maximize = parse("maximize", v)?,
+                "bias_correction" => c.bias_correction = parse("bias_correction", v)?,
+                "rescale_grad" => c.rescale_grad = parse("rescale_grad", v)?,
+                "clip_gradient" => c.clip_gradient = parse("clip_gradient", v)?,
+                "initial_accumulator" => c.initial_accumulator = parse("initial_accumulator", v)?,
+                "loss_scale" => c.loss_scale = parse_loss_scale(v)?,
+                "skip_nonfinite" => c.skip_nonfinite = parse("skip_nonfinite", v)?,
+                "max_grad_norm" => c.max_grad_norm = parse("max_grad_norm", v)?,
                 _ => {} // "algorithm", read above
             }
         }
@@ -288,48 +402,185 @@ impl<'de> Deserialize<'de> for Config {
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(
-    key: &'static str,
-    v: &Value,
-    expected: &'static str,
-) -> Result<T> {
+/// A JSON object as a map, with every failure after the opening brace pinned to its key: the
+/// values are first taken as raw text (so a syntax error is caught while the key is known),
+/// then parsed one by one (so `1e999`, out of f64's range, is refused naming its key).
+/// `prefix` is `""` for the config, `"loss_scale."` for the object inside it (whose fields'
+/// errors are named `loss_scale.<field>`).
+fn parse_object(text: &str, prefix: &str) -> Result<Map<String, Value>> {
+    let current = std::cell::RefCell::new(None);
+    let mut de = serde_json::Deserializer::from_str(text);
+    let entries = serde::de::DeserializeSeed::deserialize(RawEntries(&current), &mut de)
+        .and_then(|entries| de.end().map(|()| entries));
+    let entries = entries.map_err(|e| match current.take() {
+        Some(key) => invalid_value(&format!("{prefix}{key}"), format!("malformed JSON ({e})")),
+        None if prefix.is_empty() => Error::ConfigJson(e.to_string()),
+        None => invalid_value(
+            prefix.trim_end_matches('.'),
+            format!("malformed JSON ({e})"),
+        ),
+    })?;
+    let mut map = Map::new();
+    for (key, raw) in entries {
+        let full = format!("{prefix}{key}");
+        let value = if full == "loss_scale" && raw.get().trim_start().starts_with('{') {
+            Value::Object(parse_object(raw.get(), "loss_scale.")?)
+        } else {
+            serde_json::from_str(raw.get())
+                .map_err(|e| invalid_value(&full, format!("{} ({e})", raw.get())))?
+        };
+        if map.insert(key.clone(), value).is_some() {
+            return Err(invalid_value(
+                &full,
+                "a second value for the same key".into(),
+            ));
+        }
+    }
+    Ok(map)
+}
+
+/// The fields of `loss_scale` by their full names, as errors name them.
+const LOSS_SCALE_FIELDS: [&str; 5] = [
+    "loss_scale.init_scale",
+    "loss_scale.growth_factor",
+    "loss_scale.backoff_factor",
+    "loss_scale.growth_interval",
+    "loss_scale.dynamic",
+];
+
+/// The error for a value of `key` (a full name) that does not parse: an unknown key is
+/// reported as such.
+fn invalid_value(key: &str, value: String) -> Error {
+    match CONFIG_KEYS
+        .iter()
+        .chain(&LOSS_SCALE_FIELDS)
+        .find(|&&k| k == key)
+    {
+        Some(&key) => Error::InvalidConfig {
+            key,
+            value,
+            expected: expected(key),
+        },
+        None => unknown_key(key),
+    }
+}
+
+fn unknown_key(key: &str) -> Error {
+    let known = match key.strip_prefix("loss_scale.") {
+        Some(_) => LOSS_SCALE_FIELDS.join(", "),
+        None => CONFIG_KEYS.join(", "),
+    };
+    Error::UnknownConfigKey {
+        key: key.to_string(),
+        known,
+    }
+}
+
+/// Deserializes a JSON object into its entries with raw values, recording in `.0` the key
+/// whose value is being read, so that an error can name it.
+struct RawEntries<'a>(&'a std::cell::RefCell<Option<String>>);
+
+type Entries = Vec<(String, Box<serde_json::value::RawValue>)>;
+
+impl<'de> serde::de::DeserializeSeed<'de> for RawEntries<'_> {
+    type Value = Entries;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Entries, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for RawEntries<'_> {
+    type Value = Entries;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Entries, A::Error> {
+        let mut entries = Vec::new();
+        // The key stays recorded until the next one: an error just after a value (`0.1.2`, a
+        // missing comma) is still about that value.
+        while let Some(key) = map.next_key::<String>()? {
+            *self.0.borrow_mut() = Some(key.clone());
+            let value = map.next_value()?;
+            entries.push((key, value));
+        }
+        *self.0.borrow_mut() = None;
+        Ok(entries)
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(key: &'static str, v: &Value) -> Result<T> {
     serde_json::from_value(v.clone()).map_err(|_| Error::InvalidConfig {
         key,
         value: v.to_string(),
-        expected,
+        expected: expected(key),
     })
 }
 
-fn check(
-    key: &'static str,
-    x: f64,
-    expected: &'static str,
-    ok: impl Fn(f64) -> bool,
-) -> Result<()> {
+/// `loss_scale`: null, or an object of [`LOSS_SCALE_KEYS`] (missing ones take torch's
+/// defaults); each bad field is named `loss_scale.<field>`.
+fn parse_loss_scale(v: &Value) -> Result<Option<LossScale>> {
+    let map = match v {
+        Value::Null => return Ok(None),
+        Value::Object(map) => map,
+        _ => return Err(invalid_value("loss_scale", v.to_string())),
+    };
+    if let Some(key) = map.keys().find(|k| !LOSS_SCALE_KEYS.contains(&k.as_str())) {
+        return Err(unknown_key(&format!("loss_scale.{key}")));
+    }
+    let mut ls = LossScale::default();
+    for (key, v) in map {
+        match key.as_str() {
+            "init_scale" => ls.init_scale = parse("loss_scale.init_scale", v)?,
+            "growth_factor" => ls.growth_factor = parse("loss_scale.growth_factor", v)?,
+            "backoff_factor" => ls.backoff_factor = parse("loss_scale.backoff_factor", v)?,
+            // serde refuses `2000.0` and `-1` for a u64: an integer without fraction.
+            "growth_interval" => ls.growth_interval = parse("loss_scale.growth_interval", v)?,
+            _ => ls.dynamic = parse("loss_scale.dynamic", v)?,
+        }
+    }
+    Ok(Some(ls))
+}
+
+/// Each key's domain, in words: the `expected` of every error about it.
+fn expected(key: &str) -> &'static str {
+    match key {
+        "loss_scale" => {
+            "null or an object with init_scale, growth_factor, backoff_factor, growth_interval, dynamic"
+        }
+        "loss_scale.init_scale" => "a finite number > 0 whose f32 and reciprocal are finite",
+        "loss_scale.growth_factor" => "a finite number > 1",
+        "loss_scale.backoff_factor" => "a number in (0, 1)",
+        "loss_scale.growth_interval" => "an integer >= 1 (a JSON number without fraction)",
+        "skip_nonfinite" | "loss_scale.dynamic" => "true or false",
+        "max_grad_norm" => "null or a finite number > 0",
+        "algorithm" => "one of \"adam\", \"adamw\", \"yogi\"",
+        "lr" => LR_DOMAIN,
+        "betas" => "[b1, b2], each in [0, 1)",
+        "eps_mode" => "\"torch\" or \"folded\"",
+        "amsgrad" | "maximize" | "bias_correction" => "true or false",
+        "rescale_grad" => "a finite number > 0",
+        "clip_gradient" => "null or a finite number > 0",
+        _ => "a finite number >= 0", // eps, eps_root, weight_decay, initial_accumulator
+    }
+}
+
+fn check(key: &'static str, x: f64, ok: impl Fn(f64) -> bool) -> Result<()> {
     if ok(x) {
         Ok(())
     } else {
         Err(Error::InvalidConfig {
             key,
             value: x.to_string(),
-            expected,
+            expected: expected(key),
         })
     }
 }
 
-fn check_non_negative(key: &'static str, x: f64) -> Result<()> {
-    check(key, x, "a finite number >= 0", |x| {
-        x.is_finite() && x >= 0.0
-    })
+/// The one domain of a learning rate, in the config and per step: finite and >= 0 (torch
+/// allows 0, and schedules end there).
+pub(crate) fn check_lr(lr: f64) -> Result<()> {
+    check("lr", lr, |x| x.is_finite() && x >= 0.0)
 }
 
-/// A learning rate given per step may be 0 (schedules end there; torch allows it).
-pub(crate) fn check_step_lr(lr: f64) -> Result<()> {
-    check("lr", lr, "a finite number >= 0", |x| {
-        x.is_finite() && x >= 0.0
-    })
-}
-
-pub(crate) fn check_lr(key: &'static str, lr: f64) -> Result<()> {
-    check(key, lr, "a finite number > 0", |x| x.is_finite() && x > 0.0)
-}
+/// What [`check_lr`] accepts, in words, for every message about a learning rate.
+pub(crate) const LR_DOMAIN: &str = "a finite number >= 0";

@@ -1,8 +1,11 @@
 //! The one error type of the public API.
+//!
+//! Owns: how every refusal is worded. Every variant names the key, tensor or limit at fault.
 
 /// Everything the public API can refuse. Each variant names the key, tensor or limit at fault,
 /// the value it got and what was expected.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A configuration key has a value outside its domain (NaN, out of range, wrong type).
     #[error("config key `{key}`: got {value}, expected {expected}")]
@@ -153,6 +156,14 @@ pub enum Error {
         checkpoint: Vec<String>,
         optimizer: Vec<String>,
     },
+    /// A check of the library's own work failed (a bug in wgpu-optim, not in the input): please
+    /// report it with the message.
+    #[error("internal error in wgpu-optim (please report): {0}")]
+    Internal(String),
+    /// The device refused to create a buffer, pipeline or bind group (out of memory, or a
+    /// validation error such as a destroyed user buffer); `what` names the object.
+    #[error("creating {what} failed: {reason}")]
+    Creation { what: String, reason: String },
     /// Two parameters share a name, which a file keyed by name cannot hold.
     #[error("parameter name `{0}` appears more than once (names must be unique)")]
     DuplicateName(String),

@@ -1,5 +1,7 @@
 //! Files, for [`crate::replay`] and [`crate::checkpoint`]: reading, writing atomically, and the
 //! safetensors helpers they share (f32 tensors in, f32 tensors out, the `config` metadata).
+//!
+//! Owns: bytes on disk. May not touch the GPU or the optimizer.
 
 use std::collections::HashMap;
 use std::fs;
@@ -179,30 +181,30 @@ pub(crate) fn serialize(
     })
 }
 
-/// [`Config::from_json`], also naming the key when the text holds Python's non-finite floats
-/// (`json.dumps` writes `NaN`, `Infinity` and `-Infinity`, which JSON does not have).
+/// Reads the file at `path` and parses it with `parse`, which gets the path to name in errors.
+pub(crate) fn read_with<T>(path: &Path, parse: impl FnOnce(&[u8], &str) -> Result<T>) -> Result<T> {
+    parse(&read(path)?, &path.display().to_string())
+}
+
+/// [`Config::from_json`], also showing the value when the text holds Python's non-finite floats
+/// (`json.dumps` writes `NaN`, `Infinity` and `-Infinity`, which JSON does not have): they are
+/// read as strings, so the error names the key and shows the token as the file had it.
 pub(crate) fn config_from_json(text: &str) -> Result<Config> {
-    let first = match Config::from_json(text) {
-        Err(Error::ConfigJson(e)) => e,
-        other => return other,
-    };
     let Some(quoted) = quote_non_finite(text) else {
-        return Err(Error::ConfigJson(first));
+        return Config::from_json(text);
     };
-    match Config::from_json(&quoted) {
-        // The quoted token is what the key got: show it as the file had it.
-        Err(Error::InvalidConfig {
+    Config::from_json(&quoted).map_err(|e| match e {
+        Error::InvalidConfig {
             key,
             value,
             expected,
-        }) => Err(Error::InvalidConfig {
+        } => Error::InvalidConfig {
             key,
             value: value.replace('"', ""),
             expected,
-        }),
-        Err(e @ (Error::UnknownConfigKey { .. } | Error::MissingAlgorithm)) => Err(e),
-        _ => Err(Error::ConfigJson(first)),
-    }
+        },
+        e => e,
+    })
 }
 
 /// `text` with every bare `NaN`, `Infinity` and `-Infinity` outside strings put in quotes, or
@@ -264,7 +266,10 @@ mod tests {
             ),
             "{e}"
         );
+        // Any malformed value names its key (issue 8); only text that is no object at all does not.
         let e = config_from_json(r#"{"algorithm": "adam", "lr": }"#).unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig { key: "lr", .. }), "{e}");
+        let e = config_from_json(r#"[1, 2]"#).unwrap_err();
         assert!(matches!(e, Error::ConfigJson(_)), "{e}");
     }
 }

@@ -1,4 +1,6 @@
 //! Assigning tensors to parameter groups by name.
+//!
+//! Owns: name patterns. May not touch configs or the GPU.
 
 /// The names BERT (and HuggingFace's examples) exclude from weight decay, matched as
 /// substrings: `any(nd in name for nd in no_decay)`.

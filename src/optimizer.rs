@@ -1,147 +1,69 @@
-//! The optimizer: validates the user's buffers once, plans the dispatches once, and records
-//! one step into the caller's `CommandEncoder` each time it is asked.
+//! The runtime optimizer: builds its pipelines, state and bind groups once from validated spans
+//! and their plan, then records one step into the caller's `CommandEncoder` each time it is
+//! asked, with each group's learning rate and schedule.
 //!
-//! Every parameter tensor is a *segment* of a *span*: a parameter in its own buffers is a span
-//! of one segment; a flat buffer of many tensors ([`FlatParameters`], [`Arena`]) is one span of
-//! many. A span is dispatched once per binding-size chunk, whatever its number of tensors.
+//! Owns: the step counter, the learning rates, the recorded dispatches. May not validate the
+//! user's layout (`params.rs`), decide what a dispatch covers (`plan.rs`) or build wgpu
+//! descriptors itself (`gpu.rs`); state I/O is in `state.rs`.
 
 use crate::config::{self, Config};
 use crate::error::{Error, Result};
-use crate::kernels::{
-    self, Bindings, Dispatch, GROUPS_BYTES, HINTS_BYTES, Kernels, Range, Variant, Width,
+use crate::gpu::{self, Dispatch, Finish, Kernels, Range, Variant};
+use crate::params::{
+    self, FlatParameters, Location, OptimizerOptions, Parameter, SpanInput, TensorInfo,
 };
-use crate::reference::TensorState;
+use crate::plan::{self, PlanLimits, Planned, SpanLayout};
+use crate::protocol::{
+    self, BIAS_ROW, Chunk, DeviceScalars, GROUPS_BYTES, HINTS_BYTES, MAX_HINTS, Slot, StepUniforms,
+    Width,
+};
 use crate::schedule::Schedule;
 use crate::state::StateBuffers;
-use crate::uniforms::{Chunk, MAX_GROUPS, MAX_HINTS, StepUniforms};
-
-/// Steps that can be recorded before the queue is submitted. Each step writes its uniforms to
-/// its own slot of a ring with `Queue::write_buffer`, which lands at the next submit; more
-/// unsubmitted steps than this would overwrite a slot still waiting to be read.
-pub const MAX_STEPS_PER_SUBMIT: u64 = 64;
-
-/// A range of f32 elements in a user's buffer: `len` elements starting `offset` elements in.
-#[derive(Clone, Debug)]
-pub struct BufferView {
-    pub buffer: wgpu::Buffer,
-    /// In elements (f32), from the start of the buffer.
-    pub offset: u64,
-    /// In elements (f32).
-    pub len: u64,
-}
-
-impl BufferView {
-    pub fn new(buffer: &wgpu::Buffer, offset: u64, len: u64) -> Self {
-        BufferView {
-            buffer: buffer.clone(),
-            offset,
-            len,
-        }
-    }
-
-    /// The whole buffer as f32 elements.
-    pub fn whole(buffer: &wgpu::Buffer) -> Self {
-        Self::new(buffer, 0, buffer.size() / 4)
-    }
-}
-
-/// One parameter tensor in buffers of its own: its name (as in a PyTorch state dict), its
-/// values, its gradient and its parameter group. Both buffers need `BufferUsages::STORAGE`;
-/// the gradient must be in another buffer.
-#[derive(Clone, Debug)]
-pub struct Parameter {
-    pub name: String,
-    pub param: BufferView,
-    pub grad: BufferView,
-    /// Index into the optimizer's groups; 0 unless set with [`Parameter::in_group`].
-    pub group: usize,
-}
-
-impl Parameter {
-    pub fn new(name: impl Into<String>, param: BufferView, grad: BufferView) -> Self {
-        Parameter {
-            name: name.into(),
-            param,
-            grad,
-            group: 0,
-        }
-    }
-
-    pub fn in_group(mut self, group: usize) -> Self {
-        self.group = group;
-        self
-    }
-}
-
-/// One tensor of a flat buffer: `len` elements at `offset` (in elements, from the start of the
-/// flat views), in parameter group `group`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FlatTensor {
-    pub name: String,
-    pub offset: u64,
-    pub len: u64,
-    pub group: usize,
-}
-
-/// Many tensors in one parameter view and one gradient view with the same layout: updated by
-/// one dispatch per binding-size chunk. Elements that belong to no tensor are never written.
-#[derive(Clone, Debug)]
-pub struct FlatParameters {
-    pub param: BufferView,
-    pub grad: BufferView,
-    pub tensors: Vec<FlatTensor>,
-}
-
-/// Knobs that change how the step is dispatched, never what it computes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct OptimizerOptions {
-    /// Invocations per workgroup. Default 256.
-    pub workgroup_size: u32,
-    /// Elements bound per dispatch. `None`: as many as the device's
-    /// `max_storage_buffer_binding_size` allows. A value must be a positive multiple of
-    /// [`Optimizer::chunk_granularity`] and no larger than the default.
-    pub chunk_elements: Option<u64>,
-}
-
-impl Default for OptimizerOptions {
-    fn default() -> Self {
-        OptimizerOptions {
-            workgroup_size: 256,
-            chunk_elements: None,
-        }
-    }
-}
-
-/// A parameter tensor as the optimizer keeps it: where its state lives.
-struct Tensor {
-    name: String,
-    group: usize,
-    span: usize,
-    offset: u64,
-    len: u64,
-}
 
 /// A contiguous range of param and grad elements with its state, dispatched as a whole.
-struct Span {
-    state: StateBuffers,
+pub(crate) struct Span {
+    pub state: StateBuffers,
     dispatches: Vec<Dispatch>,
 }
 
 /// A fused Adam / AdamW / Yogi optimizer over the user's parameter buffers.
 ///
 /// It borrows the user's `Device` and `Queue` when it needs them, keeps clones of the
-/// parameter and gradient buffers (wgpu buffers are reference counted) and owns the state.
+/// parameter and gradient buffers and of the device (wgpu handles are reference counted), and
+/// owns the state.
 pub struct Optimizer {
     groups: Vec<Config>,
     /// Each group's base learning rate, and the schedule that scales it per step.
     lrs: Vec<f64>,
     schedules: Vec<Option<Schedule>>,
-    step: u64,
+    pub(crate) step: u64,
     kernels: Kernels,
+    /// For the small upload buffer each step records (see [`Optimizer::step`]).
+    device: wgpu::Device,
     step_uniforms: wgpu::Buffer,
-    slot_stride: u64,
-    tensors: Vec<Tensor>,
-    spans: Vec<Span>,
+    /// The iteration's numbers on the device (`DeviceScalars`) and the norm pass's partials.
+    pub(crate) device_state: wgpu::Buffer,
+    /// Binds the device state for the `finish` pass.
+    finish_bind_group: wgpu::BindGroup,
+    /// With t on the device: each group's (first u32, steps) of bias factors in the table.
+    bias: Vec<(u32, u32)>,
+    tensors: Vec<TensorInfo>,
+    locations: Vec<Location>,
+    pub(crate) spans: Vec<Span>,
+}
+
+impl std::fmt::Debug for Optimizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.debug_struct("Optimizer")
+            .field("groups", &self.groups)
+            .field("lrs", &self.lrs)
+            .field("schedules", &self.schedules)
+            .field("step", &self.step)
+            .field("variant", &self.kernels.variant)
+            .field("tensors", &self.tensors)
+            .field("dispatches", &self.dispatch_count())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Optimizer {
@@ -164,10 +86,12 @@ impl Optimizer {
     /// builds the pipelines and bind groups. Nothing is recorded or submitted.
     ///
     /// `groups` are like `torch.optim` param_groups: each a full [`Config`]; they must agree on
-    /// `algorithm`, `amsgrad`, `maximize` and `initial_accumulator` (one kernel runs them all),
-    /// and may differ in everything else. At most [`MAX_GROUPS`]. Tensors are numbered
-    /// `parameters` first, then the tensors of each of `flats` in order (for
-    /// [`Optimizer::read_state`] and friends).
+    /// `algorithm`, `amsgrad`, `maximize` and `initial_accumulator` (one kernel runs them all)
+    /// and on the optimizer-wide `loss_scale`, `skip_nonfinite` and `max_grad_norm`, and may
+    /// differ in everything else. At most 16 ([`crate::MAX_GROUPS`]). Tensors are
+    /// numbered `parameters` first, then the tensors of each of `flats` in order (for
+    /// [`Optimizer::read_state`] and friends). What the device refuses while building (out of
+    /// memory, a destroyed buffer) is [`Error::Creation`].
     pub fn with_groups(
         device: &wgpu::Device,
         groups: &[Config],
@@ -175,242 +99,81 @@ impl Optimizer {
         flats: &[FlatParameters],
         options: OptimizerOptions,
     ) -> Result<Self> {
-        check_groups(groups)?;
+        params::check_groups(groups)?;
         let limits = device.limits();
-        check_limits(&limits, options.workgroup_size)?;
-        let chunk_len = chunk_len(&limits, options)?;
-
-        // Every span with its segments (start, end, group), sorted, relative to the span.
-        let mut plans: Vec<(BufferView, BufferView, Vec<[u64; 3]>)> = Vec::new();
-        let mut tensors = Vec::new();
-        for p in parameters {
-            check_views(&p.name, &p.param, &p.grad)?;
-            check_group(&p.name, p.group, groups.len())?;
-            tensors.push(Tensor {
-                name: p.name.clone(),
-                group: p.group,
-                span: plans.len(),
-                offset: 0,
-                len: p.param.len,
-            });
-            plans.push((
-                p.param.clone(),
-                p.grad.clone(),
-                vec![[0, p.param.len, p.group as u64]],
-            ));
-        }
-        for (k, flat) in flats.iter().enumerate() {
-            check_views(&format!("flat #{k}"), &flat.param, &flat.grad)?;
-            let mut segments = Vec::new();
-            for t in &flat.tensors {
-                check_group(&t.name, t.group, groups.len())?;
-                if t.offset
-                    .checked_add(t.len)
-                    .is_none_or(|end| end > flat.param.len)
-                {
-                    return Err(Error::OutOfBounds {
-                        tensor: t.name.clone(),
-                        which: "flat",
-                        offset: t.offset,
-                        len: t.len,
-                        buffer_bytes: flat.param.len * 4,
-                    });
-                }
-                tensors.push(Tensor {
-                    name: t.name.clone(),
-                    group: t.group,
-                    span: plans.len(),
-                    offset: t.offset,
-                    len: t.len,
-                });
-                if t.len > 0 {
-                    segments.push([t.offset, t.offset + t.len, t.group as u64]);
-                }
-            }
-            segments.sort();
-            if let Some(w) = segments.windows(2).find(|w| w[0][1] > w[1][0]) {
-                let name = |s: [u64; 3]| {
-                    let t = flat.tensors.iter().find(|t| t.offset == s[0] && t.len > 0);
-                    t.map_or(String::new(), |t| t.name.clone())
-                };
-                return Err(Error::OverlappingTensors {
-                    first: name(w[0]),
-                    second: name(w[1]),
-                });
-            }
-            plans.push((flat.param.clone(), flat.grad.clone(), segments));
-        }
-
+        params::check_limits(&limits, options.workgroup_size)?;
+        let chunk_len = params::chunk_len(&limits, options)?;
+        let (spans, tensors) = params::spans(groups.len(), parameters, flats)?;
         let variant = Variant::new(groups, options.workgroup_size);
-        let segmented_workgroup_size = variant.segmented_workgroup_size();
-        let kernels = Kernels::new(device, variant);
-        let uniform_align = limits.min_uniform_buffer_offset_alignment as u64;
-        let slot_stride = GROUPS_BYTES.next_multiple_of(uniform_align);
-        let step_uniforms = kernels::uniform_buffer(
-            device,
-            "wgpu-optim step uniforms",
-            slot_stride * MAX_STEPS_PER_SUBMIT,
-        );
-
-        // Plan every dispatch first, so that their Chunk entries share one uniform buffer and
-        // their segment tables one storage buffer.
-        let align = storage_alignment(&limits);
-        let granularity = Optimizer::chunk_granularity(&limits);
-        let mut table: Vec<u32> = Vec::new();
-        let planned: Vec<Vec<Planned>> = plans
+        let plan_limits = PlanLimits {
+            chunk_len,
+            align: params::storage_alignment(&limits),
+            workgroup_size: options.workgroup_size,
+            segmented_workgroup_size: variant.segmented().workgroup_size,
+            max_hints: MAX_HINTS,
+        };
+        let (planned, mut table, partials) = plan_all(&spans, &plan_limits)?;
+        // With skipping, t lives on the device: each group's bias factors go in the table.
+        let bias: Vec<(u32, u32)> = groups
             .iter()
-            .map(|(param, grad, segments)| {
-                // A dispatch over several tensors has at most MAX_HINTS workgroups: one window of
-                // hints. Vec4 dispatches need a quarter of the workgroups of scalar ones.
-                let lanes = if vec4_aligned(param, grad, segments) {
-                    4
+            .map(|g| {
+                let rows = if variant.skip {
+                    protocol::bias_table(g)
                 } else {
-                    1
+                    Vec::new()
                 };
-                let hinted = MAX_HINTS * segmented_workgroup_size as u64 * lanes;
-                let chunk_len = if segments.len() > 1 {
-                    chunk_len.min(hinted / granularity * granularity)
-                } else {
-                    chunk_len
-                };
-                plan(
-                    param,
-                    grad,
-                    segments,
-                    chunk_len,
-                    align,
-                    [options.workgroup_size, segmented_workgroup_size],
-                    &mut table,
-                )
+                let at = (table.len() as u32, (rows.len() / BIAS_ROW) as u32);
+                table.extend(rows);
+                at
             })
             .collect();
-        let chunk_stride = (size_of::<Chunk>() as u64).next_multiple_of(uniform_align);
-        let mut chunk_bytes = vec![0u8; chunk_stride as usize * planned.iter().flatten().count()];
-        for (i, d) in planned.iter().flatten().enumerate() {
-            let at = i * chunk_stride as usize;
-            chunk_bytes[at..at + size_of::<Chunk>()].copy_from_slice(bytemuck::bytes_of(&d.chunk));
-        }
-        let chunk_uniforms = kernels::buffer_init(
+        let finish = Finish::new(&groups[0], partials);
+        // Everything the device creates, in error scopes: out of memory, or a user buffer that
+        // fails validation (destroyed, say), comes back as an error instead of reaching wgpu's
+        // uncaptured-error handler (which panics by default) after an `Ok`.
+        gpu::create_scoped(
             device,
-            "wgpu-optim chunks",
-            wgpu::BufferUsages::UNIFORM,
-            &chunk_bytes,
-        );
-        let table = kernels::buffer_init(
-            device,
-            "wgpu-optim segments",
-            wgpu::BufferUsages::STORAGE,
-            bytemuck::cast_slice(&table),
-        );
-        // Each segmented dispatch's hints at its own aligned offset; every window of
-        // HINTS_BYTES fits in the buffer (windows may overlap: the shader reads only its own).
-        let mut hint_offsets = Vec::new();
-        let mut hint_bytes: Vec<u8> = Vec::new();
-        for d in planned.iter().flatten() {
-            hint_offsets.push(hint_bytes.len() as u64);
-            hint_bytes.extend(bytemuck::cast_slice(&d.hints));
-            hint_bytes.resize(
-                (hint_bytes.len() as u64).next_multiple_of(uniform_align) as usize,
-                0,
-            );
-        }
-        hint_bytes.resize(hint_bytes.len() + HINTS_BYTES as usize, 0);
-        let hints = kernels::buffer_init(
-            device,
-            "wgpu-optim workgroup hints",
-            wgpu::BufferUsages::UNIFORM,
-            &hint_bytes,
-        );
-        // amsgrad off: the max_exp_avg_sq binding is never read, but must be bound.
-        let unused = kernels::state_buffer(device, "wgpu-optim unused max_exp_avg_sq", 4, 0.0);
-
-        let mut chunk_index = 0u64;
-        let spans = plans
-            .iter()
-            .zip(&planned)
-            .enumerate()
-            .map(|(i, ((param, grad, _), planned))| {
-                let name = match parameters.get(i) {
-                    Some(p) => p.name.clone(),
-                    None => format!("flat{}", i - parameters.len()),
-                };
-                let state = StateBuffers::new(device, &groups[0], &name, param.len);
-                let dispatches = planned
-                    .iter()
-                    .map(|d| {
-                        let state_range = |buffer| Range {
-                            buffer,
-                            offset: d.state.0,
-                            size: d.state.1,
-                        };
-                        let bindings = Bindings {
-                            step_uniforms: &step_uniforms,
-                            chunk: Range {
-                                buffer: &chunk_uniforms,
-                                offset: chunk_index * chunk_stride,
-                                size: size_of::<Chunk>() as u64,
-                            },
-                            param: Range {
-                                buffer: &param.buffer,
-                                offset: d.param.0,
-                                size: d.param.1,
-                            },
-                            grad: Range {
-                                buffer: &grad.buffer,
-                                offset: d.grad.0,
-                                size: d.grad.1,
-                            },
-                            exp_avg: state_range(&state.exp_avg),
-                            exp_avg_sq: state_range(&state.exp_avg_sq),
-                            max_exp_avg_sq: match &state.max_exp_avg_sq {
-                                Some(b) => state_range(b),
-                                None => Range {
-                                    buffer: &unused,
-                                    offset: 0,
-                                    size: 16,
-                                },
-                            },
-                            table: &table,
-                            hints: Range {
-                                buffer: &hints,
-                                offset: hint_offsets[chunk_index as usize],
-                                size: HINTS_BYTES,
-                            },
-                        };
-                        chunk_index += 1;
-                        Dispatch {
-                            width: d.width,
-                            segmented: d.segmented,
-                            bind_group: kernels::bind_group(device, &kernels, &bindings),
-                            grid: kernels::workgroup_grid(
-                                d.chunk.count as u64,
-                                d.workgroup_size,
-                                limits.max_compute_workgroups_per_dimension,
-                            ),
-                        }
-                    })
-                    .collect();
-                Span { state, dispatches }
-            })
-            .collect();
-
-        Ok(Optimizer {
-            lrs: groups.iter().map(|g| g.lr).collect(),
-            schedules: vec![None; groups.len()],
-            groups: groups.to_vec(),
-            step: 0,
-            kernels,
-            step_uniforms,
-            slot_stride,
-            tensors,
-            spans,
-        })
+            "the optimizer's state, pipelines and bind groups",
+            || {
+                let kernels = Kernels::new(device, variant, Some(finish));
+                let step_uniforms =
+                    gpu::uniform_buffer(device, "wgpu-optim step uniforms", GROUPS_BYTES);
+                let device_state = device_state(device, &groups[0], partials);
+                let (built, finish_bind_group) = build_spans(
+                    device,
+                    &kernels,
+                    [&step_uniforms, &device_state],
+                    &groups[0],
+                    &spans,
+                    &planned,
+                    &table,
+                );
+                let (tensors, locations) = tensors.into_iter().unzip();
+                Ok(Optimizer {
+                    lrs: groups.iter().map(|g| g.lr).collect(),
+                    schedules: vec![None; groups.len()],
+                    groups: groups.to_vec(),
+                    step: 0,
+                    kernels,
+                    device: device.clone(),
+                    step_uniforms,
+                    device_state,
+                    finish_bind_group,
+                    bias,
+                    tensors,
+                    locations,
+                    spans: built,
+                })
+            },
+        )
     }
 
     /// Records one step over every parameter into `encoder`, in one compute pass, and
-    /// advances the step counter. The step's uniforms are written with `queue` and take
-    /// effect at the next submit: up to [`MAX_STEPS_PER_SUBMIT`] steps may be recorded before
-    /// it. The gradients must be written before the encoder's work runs.
+    /// advances the step counter. The step's numbers (learning rates, bias corrections) travel
+    /// in a small buffer copied in `encoder` just before the pass, so any number of steps may
+    /// be recorded before a submit, in one encoder or several, each reading its own. The
+    /// gradients must be written before the encoder's work runs. (`queue` is unused since the
+    /// numbers moved into the encoder; it stays for the signature's stability.)
     pub fn step(&mut self, queue: &wgpu::Queue, encoder: &mut wgpu::CommandEncoder) {
         self.step_with_timestamps(queue, encoder, None);
     }
@@ -423,23 +186,31 @@ impl Optimizer {
         encoder: &mut wgpu::CommandEncoder,
         timestamp_writes: Option<wgpu::ComputePassTimestampWrites>,
     ) {
+        let _ = queue;
         self.step += 1;
-        let slot = (self.step - 1) % MAX_STEPS_PER_SUBMIT;
-        let mut uniforms = [StepUniforms::default(); MAX_GROUPS];
-        for (g, u) in uniforms.iter_mut().enumerate().take(self.groups.len()) {
-            *u = StepUniforms::new(&self.groups[g], self.step, self.lr_at(g, self.step));
-        }
-        queue.write_buffer(
+        let uniforms: Vec<StepUniforms> = (0..self.groups.len())
+            .map(|g| {
+                let (config, lr) = (&self.groups[g], self.lr_at(g, self.step));
+                if self.kernels.variant.skip {
+                    let (base, len) = self.bias[g];
+                    StepUniforms::with_device_step(config, lr, base, len)
+                } else {
+                    StepUniforms::new(config, self.step, lr)
+                }
+            })
+            .collect();
+        gpu::upload(
+            &self.device,
+            encoder,
             &self.step_uniforms,
-            slot * self.slot_stride,
-            bytemuck::cast_slice(&uniforms[..self.groups.len()]),
+            bytemuck::cast_slice(&uniforms),
         );
-        let mut dispatches = self.spans.iter().flat_map(|s| &s.dispatches);
-        kernels::record(
+        let dispatches: Vec<&Dispatch> = self.spans.iter().flat_map(|s| &s.dispatches).collect();
+        gpu::record(
             encoder,
             &self.kernels,
-            (slot * self.slot_stride) as u32,
-            &mut dispatches,
+            &dispatches,
+            &self.finish_bind_group,
             timestamp_writes,
         );
     }
@@ -458,7 +229,7 @@ impl Optimizer {
     /// Sets the base learning rate of every group for the following steps (finite, >= 0; a
     /// schedule scales it).
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
-        config::check_step_lr(lr)?;
+        config::check_lr(lr)?;
         self.lrs.fill(lr);
         Ok(())
     }
@@ -466,8 +237,8 @@ impl Optimizer {
     /// Sets the base learning rate of group `group` for the following steps (finite, >= 0).
     /// Only the per-step uniforms change; nothing is re-recorded.
     pub fn set_group_lr(&mut self, group: usize, lr: f64) -> Result<()> {
-        config::check_step_lr(lr)?;
-        check_group("set_group_lr", group, self.groups.len())?;
+        config::check_lr(lr)?;
+        params::check_group("set_group_lr", group, self.groups.len())?;
         self.lrs[group] = lr;
         Ok(())
     }
@@ -476,7 +247,7 @@ impl Optimizer {
     /// where `base_lr` is the group's base learning rate (its config's `lr`, or the last
     /// [`Optimizer::set_group_lr`]). `None` removes the schedule.
     pub fn set_schedule(&mut self, group: usize, schedule: Option<Schedule>) -> Result<()> {
-        check_group("set_schedule", group, self.groups.len())?;
+        params::check_group("set_schedule", group, self.groups.len())?;
         if let Some(s) = &schedule {
             s.validate()?;
         }
@@ -502,7 +273,9 @@ impl Optimizer {
             .map_or(base, |s| s.lr(base, t))
     }
 
-    /// Steps recorded so far (`t` of the last one; 0 before the first).
+    /// Iterations recorded so far (0 before the first): what schedules count. Without
+    /// skipping it is also t, the steps applied; with skipping t lives on the device
+    /// ([`Optimizer::read_status`]).
     pub fn step_count(&self) -> u64 {
         self.step
     }
@@ -522,48 +295,15 @@ impl Optimizer {
         self.tensors.iter().map(|t| t.name.as_str())
     }
 
-    /// The state buffers that hold tensor `index`, and the element offset of its state in them,
-    /// for an engine that reads them itself.
-    pub fn state_buffers(&self, index: usize) -> Result<(&StateBuffers, u64)> {
-        let t = self.tensor(index)?;
-        Ok((&self.spans[t.span].state, t.offset))
-    }
-
-    /// Copies the state of tensor `index` back to the host. The copies are submitted at
-    /// once; the future resolves when the device is polled past them (`Device::poll`), which
-    /// the caller arranges. See [`Optimizer::read_state_blocking`].
-    pub fn read_state(
-        &self,
-        device: &wgpu::Device,
-        queue: &wgpu::Queue,
-        index: usize,
-    ) -> impl Future<Output = Result<TensorState>> + use<> {
-        let read = self.tensor(index).map(|t| {
-            self.spans[t.span]
-                .state
-                .read(device, queue, t.offset, t.len)
-        });
-        async move { read?.await }
-    }
-
-    /// [`Optimizer::read_state`], waiting on the device.
-    pub fn read_state_blocking(
-        &self,
-        device: &wgpu::Device,
-        queue: &wgpu::Queue,
-        index: usize,
-    ) -> Result<TensorState> {
-        let future = self.read_state(device, queue, index);
-        device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Readback(e.to_string()))?;
-        pollster::block_on(future)
+    /// Every tensor (name, length, group), numbered as [`Optimizer::with_groups`] says.
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
     }
 
     /// The smallest unit of [`OptimizerOptions::chunk_elements`] on this device, and the
-    /// alignment (in elements) at which an [`Arena`] places its tensors.
+    /// alignment (in elements) at which an [`crate::Arena`] places its tensors.
     pub fn chunk_granularity(limits: &wgpu::Limits) -> u64 {
-        (storage_alignment(limits) / 4).max(4)
+        plan::granularity(params::storage_alignment(limits))
     }
 
     /// Dispatches one step records.
@@ -571,467 +311,195 @@ impl Optimizer {
         self.spans.iter().map(|s| s.dispatches.len()).sum()
     }
 
-    fn tensor(&self, index: usize) -> Result<&Tensor> {
-        self.tensors.get(index).ok_or_else(|| {
-            Error::NoSuchParameter(format!("{index} (it has {})", self.tensors.len()))
-        })
+    pub(crate) fn tensor(&self, index: usize) -> Result<(&TensorInfo, Location)> {
+        match self.tensors.get(index) {
+            Some(t) => Ok((t, self.locations[index])),
+            None => Err(Error::NoSuchParameter(format!(
+                "{index} (it has {})",
+                self.tensors.len()
+            ))),
+        }
     }
 }
 
-/// A flat parameter buffer and a gradient buffer with the same layout, allocated for a list of
-/// tensors: each tensor starts at a multiple of [`Optimizer::chunk_granularity`] elements, so
-/// that its views can also be bound on their own (`min_storage_buffer_offset_alignment`).
-pub struct Arena {
-    pub param: wgpu::Buffer,
-    pub grad: wgpu::Buffer,
-    tensors: Vec<FlatTensor>,
-}
-
-impl Arena {
-    /// Lays out `(name, len, group)` tensors in order. The buffers have `STORAGE`,
-    /// `COPY_DST` and `COPY_SRC` usage and start zeroed.
-    pub fn new(device: &wgpu::Device, tensors: &[(&str, u64, usize)]) -> Result<Self> {
-        let align = Optimizer::chunk_granularity(&device.limits());
-        let mut end = 0u64;
-        let tensors: Vec<FlatTensor> = tensors
-            .iter()
-            .map(|&(name, len, group)| {
-                let offset = end.next_multiple_of(align);
-                end = offset + len;
-                FlatTensor {
-                    name: name.to_string(),
-                    offset,
-                    len,
-                    group,
-                }
-            })
-            .collect();
-        let max = device.limits().max_buffer_size;
-        if end * 4 > max {
-            return Err(Error::DeviceLimit {
-                limit: "max_buffer_size",
-                have: max,
-                need: end * 4,
-                context: " for the arena (request the adapter's limits)".into(),
-            });
-        }
-        let buffer = |label| {
-            device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: (end * 4).max(16),
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_DST
-                    | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: false,
-            })
+/// Plans every span, checks each plan's invariants (cheap, no walk over elements: a planner
+/// bug becomes an error, not a wrong step), gathers the segment rows into one table and
+/// numbers the partial sums of the `grad_norm` pass (their count is the third value).
+fn plan_all(
+    spans: &[SpanInput],
+    limits: &PlanLimits,
+) -> Result<(Vec<Vec<Planned>>, Vec<u32>, u32)> {
+    let mut table = Vec::new();
+    let mut planned = Vec::new();
+    let mut partials = 0u32;
+    for s in spans {
+        let span = SpanLayout {
+            param_offset: s.param.offset,
+            grad_offset: s.grad.offset,
+            len: s.param.len,
+            segments: &s.segments,
         };
-        Ok(Arena {
-            param: buffer("wgpu-optim arena params"),
-            grad: buffer("wgpu-optim arena grads"),
-            tensors,
-        })
-    }
-
-    /// The tensors with their offsets, in the order given.
-    pub fn tensors(&self) -> &[FlatTensor] {
-        &self.tensors
-    }
-
-    /// Tensor `index`'s parameter view, for the engine to read and write.
-    pub fn param_view(&self, index: usize) -> Option<BufferView> {
-        let t = self.tensors.get(index)?;
-        Some(BufferView::new(&self.param, t.offset, t.len))
-    }
-
-    /// Tensor `index`'s gradient view, for the engine's backward pass to fill.
-    pub fn grad_view(&self, index: usize) -> Option<BufferView> {
-        let t = self.tensors.get(index)?;
-        Some(BufferView::new(&self.grad, t.offset, t.len))
-    }
-
-    /// The arena as flat parameters, for [`Optimizer::with_groups`].
-    pub fn flat(&self) -> FlatParameters {
-        FlatParameters {
-            param: BufferView::whole(&self.param),
-            grad: BufferView::whole(&self.grad),
-            tensors: self.tensors.clone(),
+        let mut dispatches = plan::plan_span(&span, limits);
+        plan::check(&span, limits, &dispatches).map_err(Error::Internal)?;
+        for d in &mut dispatches {
+            d.chunk.segments = table.len() as u32;
+            table.extend(d.rows.iter().flatten());
+            // `grad_norm` writes one partial sum per workgroup.
+            d.chunk.partials_base = partials;
+            partials += d.chunk.count.div_ceil(d.workgroup_size);
         }
+        planned.push(dispatches);
     }
+    Ok((planned, table, partials))
 }
 
-/// In a workgroup's segment hint: all its elements lie inside one segment, whose group the
-/// low bits hold.
-const WHOLE_BLOCK: u32 = 1 << 31;
+/// The state of each span and a bind group per planned dispatch. The dispatches' `Chunk`s
+/// share one uniform buffer, their rows one table, their hint windows one uniform buffer.
+fn build_spans(
+    device: &wgpu::Device,
+    kernels: &Kernels,
+    [step_uniforms, device_state]: [&wgpu::Buffer; 2],
+    config: &Config,
+    spans: &[SpanInput],
+    planned: &[Vec<Planned>],
+    table: &[u32],
+) -> (Vec<Span>, wgpu::BindGroup) {
+    let limits = device.limits();
+    let uniform_align = limits.min_uniform_buffer_offset_alignment as u64;
+    let all = || planned.iter().flatten();
+    let chunk_stride = (size_of::<Chunk>() as u64).next_multiple_of(uniform_align);
+    // At least one entry: the `finish` pass binds the first.
+    let mut chunk_bytes = vec![0u8; chunk_stride as usize * all().count().max(1)];
+    for (i, d) in all().enumerate() {
+        let at = i * chunk_stride as usize;
+        chunk_bytes[at..at + size_of::<Chunk>()].copy_from_slice(bytemuck::bytes_of(&d.chunk));
+    }
+    let uniform = wgpu::BufferUsages::UNIFORM;
+    let chunks = gpu::buffer_init(device, "wgpu-optim chunks", uniform, &chunk_bytes);
+    let storage = wgpu::BufferUsages::STORAGE;
+    let table = gpu::buffer_init(
+        device,
+        "wgpu-optim segments",
+        storage,
+        bytemuck::cast_slice(table),
+    );
+    // Each segmented dispatch's hints at its own aligned offset; every window of HINTS_BYTES
+    // fits in the buffer (windows may overlap: the shader reads only its own).
+    let mut hint_offsets = Vec::new();
+    let mut hint_bytes: Vec<u8> = Vec::new();
+    for d in all() {
+        hint_offsets.push(hint_bytes.len() as u64);
+        hint_bytes.extend(bytemuck::cast_slice(&d.hints));
+        let aligned = (hint_bytes.len() as u64).next_multiple_of(uniform_align);
+        hint_bytes.resize(aligned as usize, 0);
+    }
+    hint_bytes.resize(hint_bytes.len() + HINTS_BYTES as usize, 0);
+    let hints = gpu::buffer_init(device, "wgpu-optim workgroup hints", uniform, &hint_bytes);
+    // amsgrad off: the max_exp_avg_sq binding is never read, but must be bound.
+    let unused = gpu::state_buffer(device, "wgpu-optim unused max_exp_avg_sq", 4, 0.0);
 
-/// What one dispatch binds (byte offset and size of each range) and updates.
-struct Planned {
-    width: Width,
-    segmented: bool,
-    workgroup_size: u32,
-    /// Per-workgroup hints of a segmented dispatch.
-    hints: Vec<u32>,
-    chunk: Chunk,
-    param: (u64, u64),
-    grad: (u64, u64),
-    state: (u64, u64),
-}
-
-/// Splits a span into chunks of at most `chunk_len` elements; each chunk becomes a vec4
-/// dispatch over its body (when param and grad start 16-byte aligned and every segment starts
-/// at a multiple of 4) and a scalar one over the rest. Views are bound from the aligned offset
-/// below their start. Segment tables and workgroup hints are appended to `table`.
-fn plan(
-    param: &BufferView,
-    grad: &BufferView,
-    segments: &[[u64; 3]],
-    chunk_len: u64,
-    align: u64,
-    // for one-tensor and for segmented dispatches
-    [workgroup_size, segmented_workgroup_size]: [u32; 2],
-    table: &mut Vec<u32>,
-) -> Vec<Planned> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    while start < param.len {
-        let len = chunk_len.min(param.len - start);
-        let end = start + len;
-        // This chunk's segments, relative to its start.
-        let local: Vec<[u64; 3]> = segments
-            .iter()
-            .filter(|s| s[0] < end && s[1] > start)
-            .map(|s| [s[0].max(start) - start, s[1].min(end) - start, s[2]])
-            .collect();
-        // (binding offset in bytes, first element within the binding)
-        let bind = |view: &BufferView| {
-            let byte = (view.offset + start) * 4;
-            let offset = byte / align * align;
-            (offset, (byte - offset) / 4)
-        };
-        let (param_offset, param_base) = bind(param);
-        let (grad_offset, grad_base) = bind(grad);
-        let aligned =
-            param_base % 4 == 0 && grad_base % 4 == 0 && local.iter().all(|s| s[0] % 4 == 0);
-        let body = if aligned { len / 4 * 4 } else { 0 };
-        let segments_at = table.len() as u32;
-        for s in &local {
-            table.extend([s[0] as u32, s[1] as u32, s[2] as u32, 0]);
-        }
-        let mut dispatch = |width: Width, first: u64, count: u64| {
-            // Nothing to do where no segment overlaps [first, first + count).
-            if count == 0 || !local.iter().any(|s| s[0] < first + count && s[1] > first) {
-                return;
-            }
-            let lanes = width.lanes();
-            // One tensor covering the whole dispatch: its group is in the Chunk, no table.
-            let single = local
+    // The `finish` pass reads and writes only `device`; the rest is bound to stand-ins, one
+    // buffer each (a buffer bound read-write may not be bound again in the same dispatch).
+    let stand_ins = Slot::ALL.map(|slot| {
+        gpu::state_buffer(
+            device,
+            &format!("wgpu-optim finish stand-in {slot:?}"),
+            4,
+            0.0,
+        )
+    });
+    let finish_ranges = Slot::ALL.map(|slot| match slot {
+        Slot::Groups => Range::whole(step_uniforms),
+        Slot::Chunk => Range {
+            buffer: &chunks,
+            offset: 0,
+            size: size_of::<Chunk>() as u64,
+        },
+        Slot::Table => Range::whole(&table),
+        Slot::Hints => Range {
+            buffer: &hints,
+            offset: 0,
+            size: HINTS_BYTES,
+        },
+        Slot::Device => Range::whole(device_state),
+        _ => Range::whole(&stand_ins[slot as usize]),
+    });
+    let finish_label = format!("{} finish", kernels.variant.label(Width::Scalar));
+    let finish = gpu::bind_group(device, kernels, &finish_label, &finish_ranges);
+    let mut index = 0;
+    let spans = spans
+        .iter()
+        .zip(planned)
+        .map(|(span, planned)| {
+            let state = StateBuffers::new(device, config, &span.name, span.param.len);
+            let dispatches = planned
                 .iter()
-                .find(|s| s[0] <= first && s[1] >= first + count);
-            let mut hints = Vec::new();
-            let workgroup_size = match single {
-                Some(_) => workgroup_size,
-                None => segmented_workgroup_size,
-            };
-            if single.is_none() {
-                // For each workgroup, WHOLE_BLOCK | group when one segment holds all of its
-                // elements (the shader's fast path), else the first segment ending past them.
-                let per_block = workgroup_size as u64 * lanes;
-                let mut s = 0;
-                for b in 0..(count / lanes).div_ceil(workgroup_size as u64) {
-                    let e = first + b * per_block;
-                    let block_end = (e + per_block).min(first + count);
-                    while s + 1 < local.len() && local[s][1] <= e {
-                        s += 1;
-                    }
-                    hints.push(if local[s][0] <= e && local[s][1] >= block_end {
-                        WHOLE_BLOCK | local[s][2] as u32
-                    } else {
-                        s as u32
+                .enumerate()
+                .map(|(k, d)| {
+                    let range = |buffer, (offset, size)| Range {
+                        buffer,
+                        offset,
+                        size,
+                    };
+                    let state_range = |b| range(b, d.state);
+                    let ranges = Slot::ALL.map(|slot| match slot {
+                        Slot::Groups => Range::whole(step_uniforms),
+                        Slot::Chunk => {
+                            range(&chunks, (index * chunk_stride, size_of::<Chunk>() as u64))
+                        }
+                        Slot::Param => range(&span.param.buffer, d.param),
+                        Slot::Grad => range(&span.grad.buffer, d.grad),
+                        Slot::ExpAvg => state_range(&state.exp_avg),
+                        Slot::ExpAvgSq => state_range(&state.exp_avg_sq),
+                        Slot::MaxExpAvgSq => match &state.max_exp_avg_sq {
+                            Some(b) => state_range(b),
+                            None => Range::whole(&unused),
+                        },
+                        Slot::Table => Range::whole(&table),
+                        Slot::Hints => range(&hints, (hint_offsets[index as usize], HINTS_BYTES)),
+                        Slot::Device => Range::whole(device_state),
                     });
-                }
-            }
-            out.push(Planned {
-                width,
-                segmented: single.is_none(),
-                workgroup_size,
-                chunk: Chunk {
-                    count: (count / lanes) as u32,
-                    param_base: ((param_base + first) / lanes) as u32,
-                    grad_base: ((grad_base + first) / lanes) as u32,
-                    state_base: (first / lanes) as u32,
-                    first_element: first as u32,
-                    segments: segments_at,
-                    segment_count: local.len() as u32,
-                    group: single.map_or(0, |s| s[2] as u32),
-                    ..Chunk::default()
-                },
-                param: (param_offset, param_base * 4 + len * 4),
-                grad: (grad_offset, grad_base * 4 + len * 4),
-                state: (start * 4, len * 4),
-                hints,
-            });
-        };
-        dispatch(Width::Vec4, 0, body);
-        dispatch(Width::Scalar, body, len - body);
-        start = end;
-    }
-    out
-}
-
-/// Whether a span's chunks run the vec4 kernel: param, grad and every tensor 16-byte aligned.
-fn vec4_aligned(param: &BufferView, grad: &BufferView, segments: &[[u64; 3]]) -> bool {
-    param.offset % 4 == 0 && grad.offset % 4 == 0 && segments.iter().all(|s| s[0] % 4 == 0)
-}
-
-/// Binding offsets are multiples of this (and of 16, so that vec4 views stay aligned).
-fn storage_alignment(limits: &wgpu::Limits) -> u64 {
-    (limits.min_storage_buffer_offset_alignment as u64).max(16)
-}
-
-fn chunk_len(limits: &wgpu::Limits, options: OptimizerOptions) -> Result<u64> {
-    let granularity = Optimizer::chunk_granularity(limits);
-    let align = storage_alignment(limits);
-    // A view starts up to align - 4 bytes into its binding, and indices must fit in u32.
-    let fits = (limits.max_storage_buffer_binding_size.saturating_sub(align) / 4).min(1 << 30);
-    let max = fits / granularity * granularity;
-    if max == 0 {
-        return Err(Error::DeviceLimit {
-            limit: "max_storage_buffer_binding_size",
-            have: limits.max_storage_buffer_binding_size,
-            need: align + granularity * 4,
-            context: String::new(),
-        });
-    }
-    match options.chunk_elements {
-        None => Ok(max),
-        Some(c) if c > 0 && c % granularity == 0 && c <= max => Ok(c),
-        Some(c) => Err(Error::InvalidOption {
-            name: "chunk_elements",
-            value: c.to_string(),
-            expected: format!("a positive multiple of {granularity} up to {max}"),
-        }),
-    }
-}
-
-/// Each group valid; at most MAX_GROUPS; the kernel-wide keys equal in all.
-fn check_groups(groups: &[Config]) -> Result<()> {
-    if groups.is_empty() || groups.len() > MAX_GROUPS {
-        return Err(Error::InvalidOption {
-            name: "groups",
-            value: groups.len().to_string(),
-            expected: format!("1 to {MAX_GROUPS} parameter groups"),
-        });
-    }
-    for (i, g) in groups.iter().enumerate() {
-        g.validate()?;
-        let first = &groups[0];
-        let differs = [
-            ("algorithm", g.algorithm != first.algorithm),
-            ("amsgrad", g.amsgrad != first.amsgrad),
-            ("maximize", g.maximize != first.maximize),
-            (
-                "initial_accumulator",
-                g.initial_accumulator != first.initial_accumulator,
-            ),
-        ];
-        if let Some((key, _)) = differs.iter().find(|(_, d)| *d) {
-            return Err(Error::GroupMismatch { group: i, key });
-        }
-    }
-    Ok(())
-}
-
-fn check_group(tensor: &str, group: usize, groups: usize) -> Result<()> {
-    if group < groups {
-        Ok(())
-    } else {
-        Err(Error::InvalidOption {
-            name: "group",
-            value: format!("{group} (for `{tensor}`)"),
-            expected: format!("a group index below {groups}"),
-        })
-    }
-}
-
-fn check_limits(limits: &wgpu::Limits, workgroup_size: u32) -> Result<()> {
-    let need = |limit, have: u64, need: u64| {
-        if have >= need {
-            Ok(())
-        } else {
-            Err(Error::DeviceLimit {
-                limit,
-                have,
-                need,
-                context: String::new(),
-            })
-        }
-    };
-    need(
-        "max_storage_buffers_per_shader_stage",
-        limits.max_storage_buffers_per_shader_stage as u64,
-        6,
-    )?;
-    need(
-        "max_uniform_buffers_per_shader_stage",
-        limits.max_uniform_buffers_per_shader_stage as u64,
-        3,
-    )?;
-    need(
-        "max_uniform_buffer_binding_size",
-        limits.max_uniform_buffer_binding_size,
-        HINTS_BYTES,
-    )?;
-    need(
-        "max_dynamic_uniform_buffers_per_pipeline_layout",
-        limits.max_dynamic_uniform_buffers_per_pipeline_layout as u64,
-        1,
-    )?;
-    if workgroup_size == 0 {
-        return Err(Error::InvalidOption {
-            name: "workgroup_size",
-            value: "0".into(),
-            expected: "at least 1".into(),
-        });
-    }
-    need(
-        "max_compute_workgroup_size_x",
-        limits.max_compute_workgroup_size_x as u64,
-        workgroup_size as u64,
-    )?;
-    need(
-        "max_compute_invocations_per_workgroup",
-        limits.max_compute_invocations_per_workgroup as u64,
-        workgroup_size as u64,
-    )
-}
-
-// A view never exceeds its buffer, and a buffer never exceeds max_buffer_size: the state
-// buffers, as long as the views, always fit.
-fn check_views(name: &str, param: &BufferView, grad: &BufferView) -> Result<()> {
-    let tensor = || name.to_string();
-    if param.len != grad.len {
-        return Err(Error::LengthMismatch {
-            tensor: tensor(),
-            param: param.len,
-            grad: grad.len,
-        });
-    }
-    for (which, view) in [("param", &param), ("grad", &grad)] {
-        let usage = view.buffer.usage();
-        if !usage.contains(wgpu::BufferUsages::STORAGE) {
-            return Err(Error::MissingUsage {
-                tensor: tensor(),
-                which,
-                needed: "STORAGE",
-                has: format!("{usage:?}"),
-            });
-        }
-        let end = view
-            .offset
-            .checked_add(view.len)
-            .and_then(|e| e.checked_mul(4));
-        if end.is_none_or(|end| end > view.buffer.size()) {
-            return Err(Error::OutOfBounds {
-                tensor: tensor(),
-                which,
-                offset: view.offset,
-                len: view.len,
-                buffer_bytes: view.buffer.size(),
-            });
-        }
-    }
-    if param.buffer == grad.buffer {
-        return Err(Error::AliasedBuffers { tensor: tensor() });
-    }
-    Ok(())
-}
-
-// Restoring a saved state (`checkpoint.rs` builds on these).
-impl Optimizer {
-    /// Elements of parameter `index`.
-    pub fn parameter_len(&self, index: usize) -> Result<u64> {
-        Ok(self.tensor(index)?.len)
-    }
-
-    /// The parameter group of parameter `index`.
-    pub fn parameter_group(&self, index: usize) -> Result<usize> {
-        Ok(self.tensor(index)?.group)
-    }
-
-    /// Overwrites the state of parameter `index` with `state`. Checks first that every vector
-    /// has the parameter's length and that `max_exp_avg_sq` is present exactly when amsgrad is
-    /// on; on error nothing is written. The writes go through `queue` and land before the work
-    /// of the next submit: load between submits, not while steps are recorded and unsubmitted.
-    pub fn load_state(
-        &mut self,
-        queue: &wgpu::Queue,
-        index: usize,
-        state: &TensorState,
-    ) -> Result<()> {
-        let tensor = self.tensor(index)?;
-        let name = &tensor.name;
-        let check = |kind: &str, data: &[f32]| {
-            if data.len() as u64 == tensor.len {
-                Ok(())
-            } else {
-                Err(Error::Shape {
-                    tensor: format!("{kind}.{name}"),
-                    shape: vec![data.len()],
-                    expected: format!("{} elements, like parameter `{name}`", tensor.len),
+                    index += 1;
+                    let variant = if d.segmented {
+                        kernels.variant.segmented()
+                    } else {
+                        kernels.variant
+                    };
+                    let label = format!("{} {}: dispatch {k}", variant.label(d.width), span.name);
+                    Dispatch {
+                        width: d.width,
+                        segmented: d.segmented,
+                        bind_group: gpu::bind_group(device, kernels, &label, &ranges),
+                        grid: gpu::workgroup_grid(
+                            d.chunk.count as u64,
+                            d.workgroup_size,
+                            limits.max_compute_workgroups_per_dimension,
+                        ),
+                    }
                 })
-            }
-        };
-        check("exp_avg", &state.exp_avg)?;
-        check("exp_avg_sq", &state.exp_avg_sq)?;
-        match (&state.max_exp_avg_sq, self.config().amsgrad) {
-            (Some(vmax), true) => check("max_exp_avg_sq", vmax)?,
-            (None, false) => {}
-            (None, true) => {
-                return Err(Error::MissingTensor {
-                    tensor: format!("max_exp_avg_sq.{name}"),
-                    expected: "the running maximum of exp_avg_sq, as amsgrad is on".into(),
-                });
-            }
-            (Some(_), false) => {
-                return Err(Error::UnexpectedTensor {
-                    tensor: format!("max_exp_avg_sq.{name}"),
-                    expected: "no max_exp_avg_sq, as amsgrad is off".into(),
-                });
-            }
-        }
-        self.spans[tensor.span]
-            .state
-            .write(queue, tensor.offset, state);
-        Ok(())
-    }
-
-    /// Sets the step counter: the next step is `step + 1` (its bias correction uses it).
-    pub fn set_step_count(&mut self, step: u64) {
-        self.step = step;
-    }
+                .collect();
+            Span { state, dispatches }
+        })
+        .collect();
+    (spans, finish)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grid_spills_into_y_past_the_dimension_limit() {
-        assert_eq!(kernels::workgroup_grid(0, 64, 65535), [1, 0]);
-        assert_eq!(kernels::workgroup_grid(1, 64, 65535), [1, 1]);
-        assert_eq!(kernels::workgroup_grid(64 * 65535, 64, 65535), [65535, 1]);
-        assert_eq!(
-            kernels::workgroup_grid(64 * 65535 + 1, 64, 65535),
-            [65535, 2]
-        );
-        // Every unit is covered, and by fewer than one extra row of workgroups.
-        for units in [1u64, 255, 256, 257, 1 << 24, (1 << 30) + 3] {
-            let [x, y] = kernels::workgroup_grid(units, 16, 65535);
-            let covered = x as u64 * y as u64 * 16;
-            assert!(
-                covered >= units && covered - units < x as u64 * 16,
-                "{units}"
-            );
-            assert!(x <= 65535 && y <= 65535);
-        }
-    }
+/// The device's iteration state: `DeviceScalars` (S = `init_scale` and its f32 inverse, no
+/// growth, t = 0) followed by room for `partials` partial sums (at least one, so that the
+/// binding is never shorter than the shader's struct).
+fn device_state(device: &wgpu::Device, config: &Config, partials: u32) -> wgpu::Buffer {
+    let scale = config.loss_scale.map_or(1.0, |l| l.init_scale as f32);
+    let inv_scale = (1.0 / scale as f64) as f32;
+    let scalars = DeviceScalars {
+        loss_scale: scale,
+        inv_scale,
+        step_inv_scale: inv_scale,
+        clip_coef: 1.0,
+        ..DeviceScalars::default()
+    };
+    let mut bytes = bytemuck::bytes_of(&scalars).to_vec();
+    bytes.resize(bytes.len() + 8 * partials.max(1) as usize, 0);
+    let usage =
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    gpu::buffer_init(device, "wgpu-optim device state", usage, &bytes)
 }

@@ -3,8 +3,12 @@
 //! Arithmetic is f64 on f32 inputs; the state is rounded to f32 as soon as it is computed,
 //! because that is what every stored copy of it (GPU buffers, checkpoints, PyTorch) holds.
 //! The GPU path is tested against this function.
+//!
+//! Owns: the update formula on the CPU (the WGSL family is the other place it lives). May not
+//! touch the GPU or depend on how the kernel is dispatched.
 
 use crate::config::{Algorithm, Config, EpsMode};
+use crate::protocol::decoupled_decay;
 
 /// The optimizer state of one parameter tensor, with PyTorch's names.
 #[derive(Clone, Debug, PartialEq)]
@@ -48,6 +52,7 @@ pub fn step(
     assert_eq!(state.exp_avg_sq.len(), n);
     let [b1, b2] = config.betas;
     let wd = config.weight_decay;
+    let lr_wd = decoupled_decay(config, lr) as f32 as f64;
     let bc1 = 1.0 - b1.powf(t as f64);
     let bc2 = 1.0 - b2.powf(t as f64);
     for i in 0..n {
@@ -60,11 +65,13 @@ pub fn step(
         if config.maximize {
             g = -g;
         }
-        // 4: weight decay, coupled or decoupled.
+        // 4: weight decay, coupled or decoupled (`p - (lr * wd) * p`, lr * wd in f32 as the
+        // kernel has it; skipped at 0, where it would turn an infinite p into NaN).
         if wd != 0.0 {
             match config.algorithm {
                 Algorithm::Adam | Algorithm::Yogi => g += wd * p,
-                Algorithm::AdamW => p *= 1.0 - lr * wd,
+                Algorithm::AdamW if lr_wd != 0.0 => p -= lr_wd * p,
+                Algorithm::AdamW => {}
             }
         }
         // 5: exp_avg.
@@ -119,4 +126,124 @@ fn sign(x: f64) -> f64 {
     } else {
         0.0
     }
+}
+
+/// The optimizer-wide state of the iterations (`docs/semantics.md`, "Before the per-element
+/// step"): the loss scale S and its growth tracker, and t, the count of applied steps.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct IterationState {
+    /// S (1 without `loss_scale`), in f32 as torch's `GradScaler` keeps it.
+    pub loss_scale: f32,
+    pub growth_tracker: u32,
+    /// t: the steps applied so far (skipped iterations do not count).
+    pub step: u64,
+}
+
+impl IterationState {
+    /// Before the first iteration: S = `init_scale`, no growth, t = 0.
+    pub fn new(config: &Config) -> Self {
+        IterationState {
+            loss_scale: config.loss_scale.map_or(1.0, |l| l.init_scale as f32),
+            growth_tracker: 0,
+            step: 0,
+        }
+    }
+}
+
+/// What one iteration found before its step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct IterationReport {
+    /// A NaN or infinity in the unscaled gradient (only looked for when skipping is on).
+    pub found_inf: bool,
+    /// The global L2 norm of the unscaled gradient, in f64 (only with `max_grad_norm`; else 0).
+    pub global_norm: f64,
+    /// The factor the gradient was clipped by (1 without clipping).
+    pub clip_coef: f32,
+    /// Whether the step ran (t moved).
+    pub applied: bool,
+}
+
+/// One tensor of an iteration: its group, values, (scaled) gradient and state.
+#[derive(Debug)]
+pub struct IterationTensor<'a> {
+    pub group: usize,
+    pub param: &'a mut [f32],
+    pub grad: &'a [f32],
+    pub state: &'a mut TensorState,
+}
+
+/// One iteration over every tensor, as `docs/semantics.md` defines it: unscale (`f32(1 / S)`,
+/// products rounded to f32 as the device rounds them), found_inf, skip or clip (the clip
+/// factor applied to the unscaled gradient in f32, as `clip_grad_norm_` does), the per-element
+/// [`step`] of each tensor's group with the applied count t, then the loss scale's update.
+/// The optimizer-wide keys are `groups[0]`'s; `lrs[g]` is group g's learning rate.
+pub fn iteration(
+    groups: &[Config],
+    lrs: &[f64],
+    tensors: &mut [IterationTensor],
+    state: &mut IterationState,
+) -> IterationReport {
+    let wide = &groups[0];
+    // torch's `unscale_`: f32(1 / f64(S)).
+    let inv_scale = (1.0 / state.loss_scale as f64) as f32;
+    let unscaled: Vec<Vec<f32>> = tensors
+        .iter()
+        .map(|t| {
+            if wide.loss_scale.is_some() {
+                t.grad.iter().map(|&g| g * inv_scale).collect()
+            } else {
+                t.grad.to_vec()
+            }
+        })
+        .collect();
+    let found_inf = wide.skips() && unscaled.iter().flatten().any(|g| !g.is_finite());
+    let mut report = IterationReport {
+        found_inf,
+        global_norm: 0.0,
+        clip_coef: 1.0,
+        applied: !found_inf,
+    };
+    if let Some(c) = wide.max_grad_norm {
+        let sum: f64 = unscaled
+            .iter()
+            .flatten()
+            .map(|&g| g as f64 * g as f64)
+            .sum();
+        report.global_norm = sum.sqrt();
+        // torch's clamp keeps a NaN (a non-finite gradient without skipping): so does this.
+        let coef = c / (report.global_norm + 1e-6);
+        report.clip_coef = if coef.is_nan() {
+            f32::NAN
+        } else {
+            coef.min(1.0) as f32
+        };
+    }
+    if !found_inf {
+        state.step += 1;
+        for (t, g) in tensors.iter_mut().zip(unscaled) {
+            let g: Vec<f32> = match wide.max_grad_norm {
+                Some(_) => g.iter().map(|&x| x * report.clip_coef).collect(),
+                None => g,
+            };
+            let config = &groups[t.group];
+            step(config, state.step, lrs[t.group], t.param, &g, t.state);
+        }
+    }
+    // torch's `_amp_update_scale_`: S is an f32, moved by `f32(f64(S) * factor)`.
+    let scale_by = |s: f32, factor: f64| (s as f64 * factor) as f32;
+    if let Some(ls) = wide.loss_scale.filter(|l| l.dynamic) {
+        if found_inf {
+            state.loss_scale = scale_by(state.loss_scale, ls.backoff_factor);
+            state.growth_tracker = 0;
+        } else if state.growth_tracker as u64 + 1 >= ls.growth_interval {
+            let grown = scale_by(state.loss_scale, ls.growth_factor);
+            if grown.is_finite() {
+                state.loss_scale = grown;
+            }
+            state.growth_tracker = 0;
+        } else {
+            state.growth_tracker += 1;
+        }
+    }
+    report
 }

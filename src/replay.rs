@@ -1,4 +1,4 @@
-//! Replay: run a recorded gradient trace through the GPU optimizer, as `shared/spec/replay-format.md`
+//! Replay: run a recorded gradient trace through the GPU optimizer, as `docs/replay-format.md`
 //! defines it.
 //!
 //! A **trace** is a safetensors file with metadata `config` (the JSON of [`Config::from_json`]),
@@ -10,7 +10,9 @@
 //!
 //! The **result** holds, for every name, `param.<name>` after T steps, `exp_avg.<name>`,
 //! `exp_avg_sq.<name>` and, with amsgrad, `max_exp_avg_sq.<name>`, all f32 with the param's
-//! shape; metadata `step` = T (decimal) and `config` = the effective configuration.
+//! shape; metadata `step` = t, the applied steps (T unless iterations were skipped),
+//! `skipped` = T - t, `config` = the effective configuration and, with `loss_scale`, the final
+//! `loss_scale`.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), wgpu_optim::Error> {
@@ -22,17 +24,21 @@
 //!
 //! Parsing validates everything before any GPU work: the config (unknown keys, missing
 //! `algorithm`, NaN and out-of-range values), dtypes (f32 only), shapes, that every gradient
-//! is present, the length and values of `lr`, and that params and gradients are finite (a NaN
-//! or infinity in a trace leaves nothing to compare). Every error names the tensor, key or file.
+//! is present, the length and values of `lr`, that params are finite, and that gradients are
+//! too unless `loss_scale` or `skip_nonfinite` is set (then a non-finite gradient skips its
+//! iteration). Every error names the tensor, key or file.
+//!
+//! Owns: the trace and result formats. May not reach into the optimizer beyond its public API.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use crate::config::Config;
+use crate::config::{self, Config};
 use crate::error::{Error, Result};
 use crate::file::{self, F32Tensor, Safetensors};
-use crate::kernels;
-use crate::optimizer::{BufferView, Optimizer, Parameter};
+use crate::gpu;
+use crate::optimizer::Optimizer;
+use crate::params::{BufferView, Parameter};
 use crate::reference::{self, TensorState};
 
 /// A named f32 tensor with its shape (`[]` for 0-d, which has one element).
@@ -67,11 +73,16 @@ pub struct Trace {
 
 /// What a replay produces: the parameters and the state after the trace's last step.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct ReplayResult {
     /// The effective configuration (every key, defaults filled in).
     pub config: Config,
-    /// Steps taken (T).
+    /// Steps applied: T less the iterations skipped for a non-finite gradient.
     pub step: u64,
+    /// Iterations skipped (T - `step`).
+    pub skipped: u64,
+    /// The final loss scale S, with `loss_scale`.
+    pub loss_scale: Option<f32>,
     /// The parameters after the last step, in the trace's order and shapes.
     pub params: Vec<NamedTensor>,
     /// The state of each parameter, in the same order.
@@ -81,8 +92,7 @@ pub struct ReplayResult {
 impl Trace {
     /// Reads and validates a trace file.
     pub fn read(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        Self::from_bytes(&file::read(path)?, &path.display().to_string())
+        file::read_with(path.as_ref(), Self::from_bytes)
     }
 
     /// Parses and validates a trace; `file` names it in errors.
@@ -150,7 +160,25 @@ impl Trace {
                         expected: format!("{shape:?}, the shape of `{param}`"),
                     });
                 }
-                file::check_finite(tensor, &data)?;
+                // With skipping, non-finite gradients are what skips an iteration.
+                if !config.skips() {
+                    file::check_finite(tensor, &data).map_err(|e| match e {
+                        Error::TensorValue {
+                            tensor,
+                            index,
+                            value,
+                            ..
+                        } => Error::TensorValue {
+                            tensor,
+                            index,
+                            value,
+                            expected: "a finite number (a non-finite gradient needs \
+                                       `loss_scale` or `skip_nonfinite`, which skip its iteration)"
+                                .into(),
+                        },
+                        e => e,
+                    })?;
+                }
                 step.push(data);
             }
             by_step.push(step);
@@ -166,12 +194,15 @@ impl Trace {
                         expected: format!("[{steps}], one learning rate per step"),
                     });
                 }
-                if let Some(index) = data.iter().position(|x| !(x.is_finite() && *x > 0.0)) {
+                if let Some(index) = data
+                    .iter()
+                    .position(|&x| config::check_lr(x as f64).is_err())
+                {
                     return Err(Error::TensorValue {
                         tensor: tensor.to_string(),
                         index,
                         value: data[index],
-                        expected: "a finite learning rate > 0".into(),
+                        expected: format!("a learning rate: {}", config::LR_DOMAIN),
                     });
                 }
                 Some(data)
@@ -239,7 +270,7 @@ impl Trace {
         }
         let buffer = |kind: &str, p: &NamedTensor| {
             let label = format!("wgpu-optim replay {kind}.{}", p.name);
-            kernels::state_buffer(device, &label, p.data.len() as u64, 0.0)
+            gpu::state_buffer(device, &label, p.data.len() as u64, 0.0)
         };
         let param_buffers: Vec<_> = self.params.iter().map(|p| buffer("param", p)).collect();
         let grad_buffers: Vec<_> = self.params.iter().map(|p| buffer("grad", p)).collect();
@@ -273,39 +304,54 @@ impl Trace {
             optimizer.set_lr(self.lr_at(t))?;
             optimizer.step_blocking(device, queue)?;
         }
+        let status = optimizer.read_status_blocking(device, queue)?;
 
         let mut params = Vec::with_capacity(self.params.len());
         let mut state = Vec::with_capacity(self.params.len());
         for (i, (p, b)) in self.params.iter().zip(&param_buffers).enumerate() {
-            let data = kernels::read_f32_blocking(device, queue, b, 0, p.data.len() as u64)
+            let data = gpu::read_f32_blocking(device, queue, b, 0, p.data.len() as u64)
                 .map_err(Error::Readback)?;
             params.push(NamedTensor::new(p.name.clone(), &p.shape, data));
             state.push(optimizer.read_state_blocking(device, queue, i)?);
         }
         Ok(ReplayResult {
             config: self.config.clone(),
-            step: self.steps(),
+            step: status.applied_steps,
+            skipped: self.steps() - status.applied_steps,
+            loss_scale: self.config.loss_scale.map(|_| status.loss_scale),
             params,
             state,
         })
     }
 
-    /// Replays the trace on the CPU reference ([`reference::step`]), for comparison.
+    /// Replays the trace on the CPU reference ([`reference::iteration`]), for comparison.
     pub fn run_reference(&self) -> ReplayResult {
         let mut params = self.params.clone();
         let mut state: Vec<TensorState> = params
             .iter()
             .map(|p| TensorState::new(&self.config, p.data.len()))
             .collect();
+        let mut iterations = reference::IterationState::new(&self.config);
+        let groups = [self.config.clone()];
         for (t, grads) in (1..).zip(&self.grads) {
-            let lr = self.lr_at(t);
-            for ((p, g), s) in params.iter_mut().zip(grads).zip(&mut state) {
-                reference::step(&self.config, t, lr, &mut p.data, g, s);
-            }
+            let mut tensors: Vec<reference::IterationTensor> = params
+                .iter_mut()
+                .zip(grads)
+                .zip(&mut state)
+                .map(|((p, grad), state)| reference::IterationTensor {
+                    group: 0,
+                    param: &mut p.data,
+                    grad,
+                    state,
+                })
+                .collect();
+            reference::iteration(&groups, &[self.lr_at(t)], &mut tensors, &mut iterations);
         }
         ReplayResult {
             config: self.config.clone(),
-            step: self.steps(),
+            step: iterations.step,
+            skipped: self.steps() - iterations.step,
+            loss_scale: self.config.loss_scale.map(|_| iterations.loss_scale),
             params,
             state,
         }
@@ -328,10 +374,15 @@ impl ReplayResult {
                 push("max_exp_avg_sq", vmax);
             }
         }
-        let metadata = HashMap::from([
+        let mut metadata = HashMap::from([
             ("step".to_string(), self.step.to_string()),
+            ("skipped".to_string(), self.skipped.to_string()),
             ("config".to_string(), self.config.to_json()),
         ]);
+        if let Some(s) = self.loss_scale {
+            // The f32 widened to f64, printed shortest (as Python's repr of torch's value).
+            metadata.insert("loss_scale".to_string(), (s as f64).to_string());
+        }
         file::serialize(&tensors, metadata)
     }
 

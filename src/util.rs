@@ -1,5 +1,7 @@
-//! Getting a device, for examples, tests and the benchmark. A training engine brings its own
-//! `Device`; this shows what to ask for.
+//! Helpers for examples, tests, tools and engines: getting a device (a training engine brings
+//! its own; this shows what to ask for) and reading a buffer back.
+//!
+//! Owns: conveniences around the public API. The wgpu calls themselves are in `gpu.rs`.
 
 use crate::error::{Error, Result};
 
@@ -15,45 +17,7 @@ pub fn request_device_blocking() -> Result<(wgpu::Adapter, wgpu::Device, wgpu::Q
 
 /// The async form of [`request_device_blocking`].
 pub async fn request_device() -> Result<(wgpu::Adapter, wgpu::Device, wgpu::Queue)> {
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapter = match std::env::var("WGPU_ADAPTER_NAME") {
-        Ok(wanted) => {
-            let wanted = wanted.to_lowercase();
-            let adapters = instance.enumerate_adapters(wgpu::Backends::all()).await;
-            let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
-            adapters
-                .into_iter()
-                .find(|a| a.get_info().name.to_lowercase().contains(&wanted))
-                .ok_or_else(|| {
-                    Error::NoAdapter(format!(
-                        "WGPU_ADAPTER_NAME={wanted} matches none of {names:?}"
-                    ))
-                })?
-        }
-        Err(_) => instance
-            .request_adapter(&wgpu::RequestAdapterOptions {
-                power_preference: wgpu::PowerPreference::from_env().unwrap_or_default(),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| {
-                Error::NoAdapter(format!(
-                    "{e} (without a GPU, install Mesa's software Vulkan driver: \
-                     apt-get install mesa-vulkan-drivers libvulkan1)"
-                ))
-            })?,
-    };
-    let (device, queue) = adapter
-        .request_device(&wgpu::DeviceDescriptor {
-            label: Some("wgpu-optim"),
-            required_features: adapter.features() & wgpu::Features::TIMESTAMP_QUERY,
-            required_limits: adapter.limits(),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| Error::NoAdapter(e.to_string()))?;
-    Ok((adapter, device, queue))
+    crate::gpu::request_device().await
 }
 
 /// Copies `len` f32 values of `buffer`, starting `byte_offset` bytes in, back to the host: the
@@ -68,7 +32,7 @@ pub fn read_f32(
     len: u64,
 ) -> impl Future<Output = Result<Vec<f32>>> + use<> {
     let checked = check_readable(buffer, byte_offset, len)
-        .map(|()| crate::kernels::read_f32(device, queue, buffer, byte_offset, len));
+        .map(|()| crate::gpu::read_f32(device, queue, buffer, byte_offset, len));
     async move { checked?.await.map_err(Error::Readback) }
 }
 

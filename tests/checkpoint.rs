@@ -57,7 +57,7 @@ impl Model {
 
     fn lens(&self) -> Vec<u64> {
         (0..self.names.len())
-            .map(|i| self.optimizer.parameter_len(i).unwrap())
+            .map(|i| self.optimizer.tensors()[i].len)
             .collect()
     }
 
@@ -329,14 +329,7 @@ fn a_checkpoint_written_by_pytorch_loads_and_continues() {
         let g_max = (1..=steps)
             .map(|k| max_abs(&cont.f32(&format!("grad.{k}.{name}")).1))
             .fold(0f32, f32::max);
-        let p_tol = Tolerance {
-            abs: steps as f32 * (f32::EPSILON * max_abs(&want("param")) + 1e-4 * 3e-3),
-            rel: 0.0,
-        };
-        let m_tol = |w: &[f32], scale: f32| Tolerance {
-            abs: 1e-5 * max_abs(w).max(scale),
-            rel: 1e-5,
-        };
+        let p_tol = Tolerance::param(steps, max_abs(&want("param")), 3e-3);
         let vmax = states[i].max_exp_avg_sq.as_ref().unwrap();
         let checks = [
             compare(
@@ -350,21 +343,21 @@ fn a_checkpoint_written_by_pytorch_loads_and_continues() {
                 &format!("exp_avg.{name}"),
                 &states[i].exp_avg,
                 &want("exp_avg"),
-                m_tol(&want("exp_avg"), g_max),
+                Tolerance::exp_avg(max_abs(&want("exp_avg")), g_max),
                 0,
             ),
             compare(
                 &format!("exp_avg_sq.{name}"),
                 &states[i].exp_avg_sq,
                 &want("exp_avg_sq"),
-                m_tol(&want("exp_avg_sq"), g_max * g_max),
+                Tolerance::exp_avg_sq(max_abs(&want("exp_avg_sq")), g_max),
                 0,
             ),
             compare(
                 &format!("max_exp_avg_sq.{name}"),
                 vmax,
                 &want("max_exp_avg_sq"),
-                m_tol(&want("max_exp_avg_sq"), g_max * g_max),
+                Tolerance::exp_avg_sq(max_abs(&want("max_exp_avg_sq")), g_max),
                 0,
             ),
         ];
@@ -801,4 +794,112 @@ fn several_groups_resume_bit_exact_with_their_own_lrs() {
         "{err}"
     );
     assert_eq!(other.step_count(), 0);
+}
+
+#[test]
+fn a_checkpoint_saved_at_lr_zero_loads() {
+    // A schedule that decays to 0 ends there; the checkpoint of that run must load (lr >= 0 is
+    // the one learning-rate domain of the library and of torch).
+    let (device, queue) = gpu();
+    let config = Config::adamw();
+    let sizes = [5, 17, 1];
+    let mut model = Model::new(&config, &NAMES, &init(&sizes, 3));
+    model.step(&grads, 1e-3);
+    model.step(&grads, 0.0);
+    let path = scratch("lr-zero").join("optimizer.safetensors");
+    checkpoint::save(&model.optimizer, device, queue, &path).unwrap();
+    let mut fresh = Model::new(&config, &NAMES, &init(&sizes, 3));
+    fresh.optimizer.set_lr(1.0).unwrap();
+    checkpoint::load(&mut fresh.optimizer, queue, &path).unwrap();
+    assert_eq!(fresh.optimizer.lr(), 0.0);
+    assert_eq!(fresh.optimizer.step_count(), 2);
+    for (a, b) in fresh.states().iter().zip(model.states()) {
+        assert!(same_bits(a, &b));
+    }
+}
+
+#[test]
+fn loss_scaled_runs_with_skips_resume_bit_exact() {
+    // With loss scaling, skipping and clipping, the device holds t, S and its growth tracker:
+    // the checkpoint saves them (and the iterations schedules count), and resuming gives the
+    // same bits as running through.
+    let (device, queue) = gpu();
+    let config = Config::adamw()
+        .lr(1e-2)
+        .max_grad_norm(Some(1.0))
+        .loss_scale(Some(
+            wgpu_optim::LossScale::default()
+                .init_scale(2f64.powi(20))
+                .growth_interval(2),
+        ));
+    let scaled = |t: u64, i: usize, len: u64| {
+        let mut g: Vec<f32> = grads(t, i, len).iter().map(|x| x * 1024.0).collect();
+        if (t == 2 || t == 6) && i == 0 {
+            g[0] = f32::INFINITY;
+        }
+        g
+    };
+    let sizes = [33, 1, 7];
+    let mut through = Model::new(&config, &NAMES, &init(&sizes, 9));
+    for _ in 0..8 {
+        through.step(&scaled, 1e-2);
+    }
+    let mut first = Model::new(&config, &NAMES, &init(&sizes, 9));
+    for _ in 0..4 {
+        first.step(&scaled, 1e-2);
+    }
+    let path = scratch("loss-scaled").join("optimizer.safetensors");
+    checkpoint::save(&first.optimizer, device, queue, &path).unwrap();
+    let saved = Checkpoint::read(&path).unwrap();
+    assert_eq!(
+        (saved.step(), saved.iterations()),
+        (3, 4),
+        "iteration 2 was skipped"
+    );
+    let (device_scale, tracker) = saved.loss_scale().unwrap();
+    let status = first.optimizer.read_status_blocking(device, queue).unwrap();
+    assert_eq!(
+        (device_scale, tracker),
+        (status.loss_scale, status.growth_tracker)
+    );
+
+    let mut resumed = Model::new(&config, &NAMES, &init(&sizes, 9));
+    for (b, p) in resumed.params.iter().zip(first.params()) {
+        write(b, 0, &p);
+    }
+    checkpoint::load(&mut resumed.optimizer, queue, &path).unwrap();
+    assert_eq!(resumed.optimizer.step_count(), 4);
+    for _ in 0..4 {
+        resumed.step(&scaled, 1e-2);
+    }
+    let bits = |v: Vec<Vec<f32>>| v.into_iter().map(|x| bits(&x)).collect::<Vec<_>>();
+    assert_eq!(bits(resumed.params()), bits(through.params()));
+    for (a, b) in resumed.states().iter().zip(through.states()) {
+        assert!(same_bits(a, &b));
+    }
+    let (a, b) = (
+        resumed
+            .optimizer
+            .read_status_blocking(device, queue)
+            .unwrap(),
+        through
+            .optimizer
+            .read_status_blocking(device, queue)
+            .unwrap(),
+    );
+    assert_eq!(a.applied_steps, 6);
+    assert_eq!(
+        (a.applied_steps, a.loss_scale, a.growth_tracker),
+        (b.applied_steps, b.loss_scale, b.growth_tracker)
+    );
+
+    // A checkpoint of such an optimizer without its loss scale is refused, naming the key.
+    let mut raw = Raw::read(&path);
+    raw.metadata.remove("loss_scale");
+    match Checkpoint::from_bytes(&raw.bytes(), "no scale") {
+        Err(Error::MissingMetadata {
+            key: "loss_scale", ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
 }

@@ -16,7 +16,7 @@ fn new(config: Config, parameters: &[Parameter]) -> Result<Optimizer, Error> {
 #[test]
 fn invalid_config_values_name_the_key() {
     let bad: Vec<(Config, &str)> = vec![
-        (Config::adam().lr(0.0), "lr"),
+        (Config::adam().lr(-1e-3), "lr"),
         (Config::adam().lr(f64::NAN), "lr"),
         (Config::adam().lr(f64::INFINITY), "lr"),
         (Config::adam().betas(1.0, 0.999), "betas"),
@@ -115,6 +115,111 @@ fn json_config_parses_fills_defaults_and_rejects_bad_keys() {
 }
 
 #[test]
+fn a_learning_rate_of_zero_is_valid_everywhere() {
+    // torch accepts lr = 0 (`0.0 <= lr`), and linear decay to 0 is HuggingFace's default.
+    Config::adam().lr(0.0).validate().unwrap();
+    let c = Config::from_json(r#"{"algorithm": "adamw", "lr": 0}"#).unwrap();
+    assert_eq!(c.lr, 0.0);
+    let (p, g) = param(8);
+    let parameters = [Parameter::new(
+        "w",
+        BufferView::whole(&p),
+        BufferView::whole(&g),
+    )];
+    let mut optimizer = new(Config::adamw().lr(0.0), &parameters).unwrap();
+    optimizer.set_group_lr(0, 0.0).unwrap();
+    let (device, queue) = gpu();
+    common::write(&p, 0, &[1.0; 8]);
+    common::write(&g, 0, &[0.5; 8]);
+    optimizer.step_blocking(device, queue).unwrap();
+    // lr 0: the parameters stay, the moments move.
+    assert_eq!(common::read(&p, 0, 8), vec![1.0; 8]);
+    let state = optimizer.read_state_blocking(device, queue, 0).unwrap();
+    assert!(state.exp_avg.iter().all(|&m| m > 0.0));
+}
+
+#[test]
+fn malformed_json_values_name_their_key() {
+    // Numbers too large for f64, syntax errors inside a value, and a key given twice: each
+    // error names the key (serde_json alone would say "number out of range at line 1").
+    for (text, key) in [
+        (r#"{"algorithm": "adam", "lr": 1e999}"#, "lr"),
+        (r#"{"algorithm": "adam", "lr": -1e999}"#, "lr"),
+        (r#"{"algorithm": "adam", "eps": 1e400}"#, "eps"),
+        (r#"{"algorithm": "adam", "betas": [0.9, 1e999]}"#, "betas"),
+        (
+            r#"{"algorithm": "adam", "weight_decay": 1e999, "lr": 0.1}"#,
+            "weight_decay",
+        ),
+        (
+            r#"{"algorithm": "adam", "clip_gradient": 1e999}"#,
+            "clip_gradient",
+        ),
+        (r#"{"algorithm": "adam", "lr": }"#, "lr"),
+        (r#"{"algorithm": "adam", "lr": 0.1.2}"#, "lr"),
+        (r#"{"algorithm": "adam", "lr": 0.1, "lr": 0.2}"#, "lr"),
+        (r#"{"lr": 1e999, "algorithm": "adam"}"#, "lr"),
+    ] {
+        match Config::from_json(text) {
+            Err(e @ Error::InvalidConfig { key: k, .. }) => {
+                assert_eq!(k, key, "{text}");
+                assert!(e.to_string().contains(&format!("`{key}`")), "{e}");
+            }
+            other => panic!("{text}: expected InvalidConfig for {key}, got {other:?}"),
+        }
+    }
+    // An unknown key is reported as unknown, even when its value is malformed too.
+    assert!(matches!(
+        Config::from_json(r#"{"algorithm": "adam", "learning_rate": 1e999}"#),
+        Err(Error::UnknownConfigKey { key, .. }) if key == "learning_rate"
+    ));
+    // The config embedded in a replay trace or a checkpoint goes through the same parser.
+    let e = wgpu_optim::replay::Trace::from_bytes(
+        &trace_with_config(r#"{"algorithm": "adam", "lr": 1e999}"#),
+        "trace",
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig { key: "lr", .. }), "{e}");
+}
+
+/// A minimal valid trace file whose metadata `config` is `config`.
+fn trace_with_config(config: &str) -> Vec<u8> {
+    let data = [0u8; 4];
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &data).unwrap();
+    let metadata = std::collections::HashMap::from([("config".to_string(), config.to_string())]);
+    safetensors::serialize(
+        [("param.w", view.clone()), ("grad.1.w", view)],
+        Some(metadata),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_buffer_the_device_refuses_is_an_error_not_a_panic() {
+    // A destroyed buffer passes every host check (usage, size) but fails the device's
+    // validation when bound: the optimizer must return that as an error, not return Ok and
+    // leave the failure to wgpu's uncaptured-error handler (a panic by default).
+    let (p, g) = param(64);
+    p.destroy();
+    let parameters = [Parameter::new(
+        "w",
+        BufferView::whole(&p),
+        BufferView::whole(&g),
+    )];
+    match new(Config::adam(), &parameters) {
+        Err(Error::Creation { what, reason }) => {
+            assert!(what.contains("optimizer"), "{what}");
+            assert!(!reason.is_empty());
+        }
+        other => panic!(
+            "expected Error::Creation, got {:?}",
+            other.map(|_| "an optimizer")
+        ),
+    }
+}
+
+#[test]
 fn bad_parameters_are_typed_errors() {
     let (p, g) = param(16);
     let no_storage = buffer(16, wgpu::BufferUsages::COPY_DST);
@@ -210,10 +315,7 @@ fn bad_options_are_typed_errors() {
     )];
     let granularity = Optimizer::chunk_granularity(&device.limits());
     for chunk in [0, granularity + 1, granularity / 2, u64::MAX] {
-        let options = OptimizerOptions {
-            chunk_elements: Some(chunk),
-            ..Default::default()
-        };
+        let options = OptimizerOptions::default().chunk_elements(Some(chunk));
         let err = Optimizer::with_options(device, Config::adam(), &parameters, options)
             .err()
             .unwrap();
@@ -228,10 +330,7 @@ fn bad_options_are_typed_errors() {
             "{chunk}: {err}"
         );
     }
-    let options = OptimizerOptions {
-        workgroup_size: 0,
-        ..Default::default()
-    };
+    let options = OptimizerOptions::default().workgroup_size(0);
     let err = Optimizer::with_options(device, Config::adam(), &parameters, options)
         .err()
         .unwrap();
@@ -246,10 +345,7 @@ fn bad_options_are_typed_errors() {
         "{err}"
     );
     let too_big = device.limits().max_compute_invocations_per_workgroup * 2;
-    let options = OptimizerOptions {
-        workgroup_size: too_big,
-        ..Default::default()
-    };
+    let options = OptimizerOptions::default().workgroup_size(too_big);
     let err = Optimizer::with_options(device, Config::adam(), &parameters, options)
         .err()
         .unwrap();
@@ -346,4 +442,184 @@ fn a_device_without_the_needed_limits_is_refused() {
         ),
         "{err}"
     );
+}
+
+#[test]
+fn the_public_types_are_send_sync_and_debug() {
+    // An engine keeps the optimizer in its own structs, across threads.
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Optimizer>();
+    send_sync::<wgpu_optim::Arena>();
+    send_sync::<wgpu_optim::StateBuffers>();
+    send_sync::<Error>();
+    let (p, g) = param(8);
+    let optimizer = new(
+        Config::adam(),
+        &[Parameter::new(
+            "w",
+            BufferView::whole(&p),
+            BufferView::whole(&g),
+        )],
+    )
+    .unwrap();
+    let debug = format!("{optimizer:?}");
+    assert!(
+        debug.contains("Optimizer") && debug.contains("\"w\""),
+        "{debug}"
+    );
+}
+
+#[test]
+fn loss_scaling_and_clipping_keys_parse_and_refuse_naming_the_key() {
+    use wgpu_optim::LossScale;
+    let c = Config::from_json(
+        r#"{"algorithm": "adamw", "loss_scale": {"init_scale": 1024, "growth_interval": 3},
+            "max_grad_norm": 1.0}"#,
+    )
+    .unwrap();
+    let ls = c.loss_scale.unwrap();
+    assert_eq!(
+        ls,
+        LossScale::default().init_scale(1024.0).growth_interval(3)
+    );
+    assert_eq!(
+        (ls.growth_factor, ls.backoff_factor, ls.dynamic),
+        (2.0, 0.5, true)
+    );
+    assert_eq!(c.max_grad_norm, Some(1.0));
+    assert!(!c.skip_nonfinite && c.skips() && c.has_pre_step());
+    // Round trip through the effective configuration.
+    assert_eq!(Config::from_json(&c.to_json()).unwrap(), c);
+    let plain = Config::from_json(r#"{"algorithm": "adam", "loss_scale": null}"#).unwrap();
+    assert!(!plain.skips() && !plain.has_pre_step());
+
+    for (text, key) in [
+        (
+            r#"{"algorithm": "adam", "max_grad_norm": 0}"#,
+            "max_grad_norm",
+        ),
+        (
+            r#"{"algorithm": "adam", "max_grad_norm": -1}"#,
+            "max_grad_norm",
+        ),
+        (
+            r#"{"algorithm": "adam", "max_grad_norm": 1e999}"#,
+            "max_grad_norm",
+        ),
+        (
+            r#"{"algorithm": "adam", "skip_nonfinite": 1}"#,
+            "skip_nonfinite",
+        ),
+        (r#"{"algorithm": "adam", "loss_scale": 5}"#, "loss_scale"),
+        (
+            r#"{"algorithm": "adam", "loss_scale": {"growth_factor": 1}}"#,
+            "loss_scale.growth_factor",
+        ),
+        (
+            r#"{"algorithm": "adam", "loss_scale": {"backoff_factor": 1}}"#,
+            "loss_scale.backoff_factor",
+        ),
+        (
+            r#"{"algorithm": "adam", "loss_scale": {"backoff_factor": 0}}"#,
+            "loss_scale.backoff_factor",
+        ),
+        (
+            r#"{"algorithm": "adam", "loss_scale": {"growth_interval": 0}}"#,
+            "loss_scale.growth_interval",
+        ),
+        (
+            r#"{"algorithm": "adam", "loss_scale": {"growth_interval": 2.5}}"#,
+            "loss_scale.growth_interval",
+        ),
+        (
+            r#"{"algorithm": "adam", "loss_scale": {"growth_interval": 2000.0}}"#,
+            "loss_scale.growth_interval",
+        ),
+        (
+            r#"{"algorithm": "adam", "loss_scale": {"init_scale": 0}}"#,
+            "loss_scale.init_scale",
+        ),
+        (
+            r#"{"algorithm": "adam", "loss_scale": {"init_scale": 1e300}}"#,
+            "loss_scale.init_scale",
+        ),
+        (
+            r#"{"algorithm": "adam", "loss_scale": {"dynamic": "yes"}}"#,
+            "loss_scale.dynamic",
+        ),
+    ] {
+        match Config::from_json(text) {
+            Err(e @ Error::InvalidConfig { key: k, .. }) => {
+                assert_eq!(k, key, "{text}");
+                assert!(e.to_string().contains(key), "{e}");
+            }
+            other => panic!("{text}: expected InvalidConfig for {key}, got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        Config::from_json(r#"{"algorithm": "adam", "loss_scale": {"scale": 2}}"#),
+        Err(Error::UnknownConfigKey { key, .. }) if key == "loss_scale.scale"
+    ));
+    // The same through the builder.
+    let bad = Config::adam().loss_scale(Some(LossScale::default().growth_factor(0.5)));
+    assert!(matches!(
+        bad.validate(),
+        Err(Error::InvalidConfig {
+            key: "loss_scale.growth_factor",
+            ..
+        })
+    ));
+
+    // Optimizer-wide keys: every group must agree.
+    let (device, _) = gpu();
+    for (key, other) in [
+        (
+            "loss_scale",
+            Config::adam().loss_scale(Some(LossScale::default())),
+        ),
+        ("skip_nonfinite", Config::adam().skip_nonfinite(true)),
+        ("max_grad_norm", Config::adam().max_grad_norm(Some(1.0))),
+    ] {
+        let groups = [Config::adam(), other];
+        match Optimizer::with_groups(device, &groups, &[], &[], OptimizerOptions::default()) {
+            Err(Error::GroupMismatch { group: 1, key: k }) => assert_eq!(k, key),
+            other => panic!("{key}: {:?}", other.map(|_| "an optimizer")),
+        }
+    }
+}
+
+#[test]
+fn loss_scale_fields_are_checked_like_top_level_keys() {
+    // Inside `loss_scale` too: a field given twice and a number out of f64's range are refused
+    // naming `loss_scale.<field>`, malformed JSON inside the object naming `loss_scale` (the
+    // object is read as a whole first); an unknown field lists the known ones.
+    for (text, key) in [
+        (
+            r#"{"algorithm": "adam", "loss_scale": {"init_scale": 2, "init_scale": 4}}"#,
+            "loss_scale.init_scale",
+        ),
+        (
+            r#"{"algorithm": "adam", "loss_scale": {"growth_factor": 1e999}}"#,
+            "loss_scale.growth_factor",
+        ),
+        (
+            r#"{"algorithm": "adam", "loss_scale": {"backoff_factor": 0.5.5}}"#,
+            "loss_scale",
+        ),
+    ] {
+        match Config::from_json(text) {
+            Err(Error::InvalidConfig { key: k, .. }) => assert_eq!(k, key, "{text}"),
+            other => panic!("{text}: expected InvalidConfig for {key}, got {other:?}"),
+        }
+    }
+    match Config::from_json(r#"{"algorithm": "adam", "loss_scale": {"scale": 2}}"#) {
+        Err(Error::UnknownConfigKey { key, known }) => {
+            assert_eq!(key, "loss_scale.scale");
+            assert!(
+                known.contains("loss_scale.growth_interval") && !known.contains("betas"),
+                "{known}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
 }

@@ -199,3 +199,49 @@ fn yogi_moves_v_additively() {
     assert!(v.iter().all(|&v| v < 10.0 && v > 9.0), "v left (9, 10)");
     assert!(relative_change(&cpu_run, &gpu_run) < 1e-4);
 }
+
+#[test]
+fn decoupled_decay_keeps_its_precision_at_small_lr_times_wd() {
+    // AdamW's decay is `p - (lr * wd) * p` with lr * wd as its own f32. The old form,
+    // `p * f32(1 - lr * wd)`, rounds lr * wd to a multiple of 2^-24: at 1e-7 it decays 19% too
+    // much (a 0.16 to 0.32 ulp shift, which flips the rounding of about a quarter of the
+    // elements) and under ~3e-8 it does nothing. With a zero gradient the step is the decay
+    // alone (m = 0), so the GPU must match the reference's f32(p - f32(lr * wd) * p) exactly:
+    // both round once from values that differ by under 2^-24 of the decay term.
+    let (device, queue) = gpu();
+    let n = 4096;
+    let mut rng = Rng::new(11);
+    let init: Vec<f32> = (0..n).map(|_| (4.0 * rng.uniform() - 2.0) as f32).collect();
+    // (lr, wd, elements that must move): at lr * wd = 3e-8 only p just under a power of two
+    // (half an ulp under 3e-8 |p|) can move, about 1 in 200.
+    for (lr, wd, min_moved) in [
+        (1e-6, 0.1, n / 2),
+        (1e-6, 0.05, n / 2),
+        (3e-7, 0.1, 1),
+        (1e-4, 1e-3, n / 2),
+    ] {
+        let config = Config::adamw().lr(lr).weight_decay(wd);
+        let (pb, gb) = (buffer(n as u64, STORAGE), buffer(n as u64, STORAGE));
+        write(&pb, 0, &init);
+        write(&gb, 0, &vec![0.0; n]);
+        let parameters = [Parameter::new(
+            "p",
+            BufferView::whole(&pb),
+            BufferView::whole(&gb),
+        )];
+        let mut optimizer = Optimizer::new(device, config.clone(), &parameters).unwrap();
+        optimizer.step_blocking(device, queue).unwrap();
+        let mut want = init.clone();
+        let mut state = TensorState::new(&config, n);
+        reference::step(&config, 1, lr, &mut want, &vec![0.0; n], &mut state);
+        let got = read(&pb, 0, n as u64);
+        let differ = got.iter().zip(&want).filter(|(g, w)| g != w).count();
+        assert_eq!(
+            differ, 0,
+            "lr {lr} wd {wd}: {differ} of {n} elements differ"
+        );
+        // The decay is there: elements whose decay exceeds half an ulp moved.
+        let moved = got.iter().zip(&init).filter(|(g, p)| g != p).count();
+        assert!(moved >= min_moved, "lr {lr} wd {wd}: only {moved} moved");
+    }
+}

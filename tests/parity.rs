@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Rng, STORAGE, Tolerance, buffer, compare, gpu, max_abs, read, write};
+use common::{Rng, STORAGE, Tolerance, buffer, compare, gpu, max_abs, read, write, yogi_ties};
 use wgpu_optim::{
     BufferView, Config, EpsMode, Optimizer, OptimizerOptions, Parameter, TensorState, reference,
 };
@@ -195,38 +195,20 @@ fn run(
     }
 
     let mut errors = Vec::new();
-    // Tolerances, from float32 rounding (u = 2^-24 ~ 6e-8 per operation):
-    // - exp_avg, exp_avg_sq, max_exp_avg_sq are weighted sums of the gradient history; each
-    //   step adds a few roundings, and old errors decay by b1 (b2), so the error stays within
-    //   ~30u (b = 0.9) to ~100u of the largest gradient (squared, for v): 1e-5 of it covers
-    //   that, while a skipped or doubled step moves them by (1 - b) ~ 10% of it.
-    // - param: each step rounds p (at most 2u |p| apart between the two paths) and the update
-    //   lr * m / (sqrt(v) + eps) inherits the moments' ~1e-5 relative error, so the error
-    //   grows by at most 2u * |p|max + 1e-5 * 10 * lr per step. A skipped step moves p by about
-    //   lr * |m / sqrt(v)| (~ 0.1 lr .. lr), far above that.
-    // Yogi's sign(v - g^2) can resolve a near-tie differently in f32 and f64, flipping one
-    // element's v by 2 (1 - b2) g^2; such ties occur once in ~1e7 element-steps, so Yogi may
-    // have up to 1e-4 of a large tensor's elements off, and none of a small one's.
+    // Tolerances: wgpu_optim::testing::Tolerance derives them from float32 rounding, and
+    // lets Yogi resolve a few near-ties of sign(v - g^2) differently (`yogi_ties`).
     let allowed = |len: u64| {
         if case.config.algorithm == wgpu_optim::Algorithm::Yogi {
-            len as usize / 10_000
+            yogi_ties(len)
         } else {
             0
         }
     };
     for i in 0..n {
-        let moment = |want: &[f32], scale: f32| Tolerance {
-            abs: 1e-5 * max_abs(want).max(scale),
-            rel: 1e-5,
-        };
-        let (m_scale, v_scale) = (g_max[i], g_max[i] * g_max[i]);
+        let g = g_max[i];
         let what = |buf: &str| format!("{} [size {}, {buf}]", case.name, sizes[i]);
         let got = read(&param_buffers[i], param_offsets[i], sizes[i]);
-        let param_tol = Tolerance {
-            abs: steps as f32
-                * (2.0 * f32::EPSILON / 2.0 * max_abs(&params[i]) + 1e-4 * lr_max as f32),
-            rel: 0.0,
-        };
+        let param_tol = Tolerance::param(steps, max_abs(&params[i]), lr_max);
         let state = optimizer.read_state_blocking(device, queue, i).unwrap();
         let want = &states[i];
         let checks = [
@@ -241,25 +223,25 @@ fn run(
                 &what("exp_avg"),
                 &state.exp_avg,
                 &want.exp_avg,
-                moment(&want.exp_avg, m_scale),
+                Tolerance::exp_avg(max_abs(&want.exp_avg), g),
                 allowed(sizes[i]),
             ),
             compare(
                 &what("exp_avg_sq"),
                 &state.exp_avg_sq,
                 &want.exp_avg_sq,
-                moment(&want.exp_avg_sq, v_scale),
+                Tolerance::exp_avg_sq(max_abs(&want.exp_avg_sq), g),
                 allowed(sizes[i]),
             ),
         ];
         errors.extend(checks.into_iter().filter_map(Result::err));
         match (&state.max_exp_avg_sq, &want.max_exp_avg_sq) {
-            (Some(g), Some(w)) => errors.extend(
+            (Some(got), Some(w)) => errors.extend(
                 compare(
                     &what("max_exp_avg_sq"),
-                    g,
+                    got,
                     w,
-                    moment(w, v_scale),
+                    Tolerance::exp_avg_sq(max_abs(w), g),
                     allowed(sizes[i]),
                 )
                 .err(),
@@ -326,10 +308,7 @@ fn chunked_bindings() {
     ];
     let mut errors = Vec::new();
     for chunks in [1, 3] {
-        let options = OptimizerOptions {
-            chunk_elements: Some(granularity * chunks),
-            ..Default::default()
-        };
+        let options = OptimizerOptions::default().chunk_elements(Some(granularity * chunks));
         for (k, case) in cases().iter().enumerate().step_by(4) {
             for layout in [Layout::Separate, Layout::Packed] {
                 errors.extend(run(case, &sizes, layout, options, 5, 200 + k as u64));
@@ -345,10 +324,7 @@ fn more_than_65535_workgroups() {
     // that lavapipe can step quickly: vec4 units here, and single elements when the views are
     // unaligned (Packed).
     let workgroup_size = 16;
-    let options = OptimizerOptions {
-        workgroup_size,
-        chunk_elements: None,
-    };
+    let options = OptimizerOptions::default().workgroup_size(workgroup_size);
     let limit = gpu().0.limits().max_compute_workgroups_per_dimension as u64;
     let vec4_size = limit * workgroup_size as u64 * 4 + 4 * 17 + 3;
     let scalar_size = limit * workgroup_size as u64 + 99;
@@ -428,9 +404,66 @@ fn several_steps_recorded_before_one_submit() {
     }
     queue.submit([encoder.finish()]);
     let got = read(&pb, 0, n as u64);
-    let tol = Tolerance {
-        abs: 5.0 * (f32::EPSILON * max_abs(&param) + 1e-4 * 1e-2),
-        rel: 0.0,
-    };
+    let tol = Tolerance::param(5, max_abs(&param), 1e-2);
     compare("param", &got, &param, tol, 0).unwrap();
+}
+
+#[test]
+fn any_number_of_steps_recorded_before_one_submit() {
+    // Each step's numbers are copied in the encoder just before its pass, so 150 steps (more
+    // than the 64 uniform slots of the old ring, which wrapped silently) recorded into one
+    // encoder give the same bits as 150 steps submitted one by one.
+    let (device, queue) = gpu();
+    let config = Config::adamw().lr(1e-2).weight_decay(0.1);
+    let steps = 150u64;
+    let mut rng = Rng::new(8);
+    let n = 257;
+    let init = rng.normals(n, 1.0);
+    let grad = rng.normals(n, 1.0);
+    let build = || {
+        let (pb, gb) = (buffer(n as u64, STORAGE), buffer(n as u64, STORAGE));
+        write(&pb, 0, &init);
+        write(&gb, 0, &grad);
+        let parameters = [Parameter::new(
+            "p",
+            BufferView::whole(&pb),
+            BufferView::whole(&gb),
+        )];
+        (
+            Optimizer::new(device, config.clone(), &parameters).unwrap(),
+            pb,
+        )
+    };
+    let lr = |t: u64| 1e-2 * (1.0 + (t as f64).sin()) / 2.0;
+    let (mut batched, batched_param) = build();
+    let mut encoder = device.create_command_encoder(&Default::default());
+    for t in 1..=steps {
+        batched.set_lr(lr(t)).unwrap();
+        batched.step(queue, &mut encoder);
+    }
+    queue.submit([encoder.finish()]);
+    let (mut single, single_param) = build();
+    for t in 1..=steps {
+        single.set_lr(lr(t)).unwrap();
+        single.step_blocking(device, queue).unwrap();
+    }
+    let bits = |x: Vec<f32>| x.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    assert_eq!(
+        bits(read(&batched_param, 0, n as u64)),
+        bits(read(&single_param, 0, n as u64))
+    );
+    let (a, b) = (
+        batched.read_state_blocking(device, queue, 0).unwrap(),
+        single.read_state_blocking(device, queue, 0).unwrap(),
+    );
+    assert_eq!(bits(a.exp_avg), bits(b.exp_avg));
+    assert_eq!(bits(a.exp_avg_sq), bits(b.exp_avg_sq));
+    // And both are the reference's trajectory.
+    let mut param = init.clone();
+    let mut state = TensorState::new(&config, n);
+    for t in 1..=steps {
+        reference::step(&config, t, lr(t), &mut param, &grad, &mut state);
+    }
+    let tol = Tolerance::param(steps, max_abs(&param), 1e-2);
+    compare("param", &read(&single_param, 0, n as u64), &param, tol, 0).unwrap();
 }

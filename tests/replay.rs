@@ -1,4 +1,4 @@
-//! Replay (`shared/spec/replay-format.md`): the committed PyTorch traces reproduced on the GPU,
+//! Replay (`docs/replay-format.md`): the committed PyTorch traces reproduced on the GPU,
 //! traces made here from the CPU reference for the options torch lacks, and every bad input
 //! refused with a typed error (through the library) or a message and exit status (through
 //! `examples/replay.rs`, run as a subprocess).
@@ -57,28 +57,44 @@ fn check_result(case: &str, trace: &Trace, got: &Raw, want: &Raw, errors: &mut V
         ));
         return f64::INFINITY;
     }
-    if got.metadata["step"] != trace.steps().to_string() {
+    // Applied steps, skipped iterations and the final loss scale: exactly the expected ones
+    // (older expected files carry only `step`, which is then T).
+    let want_step = want
+        .metadata
+        .get("step")
+        .cloned()
+        .unwrap_or(trace.steps().to_string());
+    if got.metadata["step"] != want_step {
         errors.push(format!(
-            "{case}: step {}, want {}",
-            got.metadata["step"],
-            trace.steps()
+            "{case}: step {}, want {want_step}",
+            got.metadata["step"]
         ));
     }
+    for key in ["skipped", "loss_scale"] {
+        let number = |m: &std::collections::HashMap<String, String>| {
+            m.get(key).map(|v| v.parse::<f64>().unwrap_or(f64::NAN))
+        };
+        if want.metadata.contains_key(key) && number(&got.metadata) != number(&want.metadata) {
+            errors.push(format!(
+                "{case}: {key} {:?}, want {:?}",
+                got.metadata.get(key),
+                want.metadata[key]
+            ));
+        }
+    }
     let config = &trace.config;
-    let steps = trace.steps() as f32;
+    let steps: u64 = want_step.parse().unwrap();
+    let processed = processed_grad_max(trace);
     let lr_max = (1..=trace.steps())
         .map(|t| trace.lr_at(t))
-        .fold(config.lr, f64::max) as f32;
+        .fold(config.lr, f64::max);
     let mut worst = 0f64;
     for (i, p) in trace.params.iter().enumerate() {
         let p_max = max_abs(&p.data).max(max_abs(&want.f32(&format!("param.{}", p.name)).1));
-        // The largest processed gradient: rescaled, clipped, plus coupled L2 decay.
+        // The largest processed gradient: unscaled and norm-clipped in the iterations that
+        // were applied, rescaled, clipped, plus coupled L2 decay.
         let clip = config.clip_gradient.unwrap_or(f64::INFINITY) as f32;
-        let mut g_max = trace
-            .grads
-            .iter()
-            .map(|g| (max_abs(&g[i]) * config.rescale_grad as f32).min(clip))
-            .fold(0f32, f32::max);
+        let mut g_max = (processed[i] * config.rescale_grad as f32).min(clip);
         if config.algorithm != Algorithm::AdamW {
             g_max += config.weight_decay as f32 * p_max;
         }
@@ -95,18 +111,9 @@ fn check_result(case: &str, trace: &Trace, got: &Raw, want: &Raw, errors: &mut V
                 continue;
             }
             let tol = match kind {
-                "param" => Tolerance {
-                    abs: steps * (f32::EPSILON * max_abs(&w) + 1e-4 * lr_max),
-                    rel: 0.0,
-                },
-                "exp_avg" => Tolerance {
-                    abs: 1e-5 * max_abs(&w).max(g_max),
-                    rel: 1e-5,
-                },
-                _ => Tolerance {
-                    abs: 1e-5 * max_abs(&w).max(g_max * g_max),
-                    rel: 1e-5,
-                },
+                "param" => Tolerance::param(steps, max_abs(&w), lr_max),
+                "exp_avg" => Tolerance::exp_avg(max_abs(&w), g_max),
+                _ => Tolerance::exp_avg_sq(max_abs(&w), g_max),
             };
             for (a, b) in g.iter().zip(&w) {
                 let allowed = tol.abs as f64 + tol.rel as f64 * b.abs() as f64;
@@ -116,6 +123,41 @@ fn check_result(case: &str, trace: &Trace, got: &Raw, want: &Raw, errors: &mut V
         }
     }
     worst
+}
+
+/// For each tensor, the largest gradient the per-element step saw: unscaled by the loss scale
+/// and multiplied by the clip factor, in the iterations that were applied (by the reference).
+fn processed_grad_max(trace: &Trace) -> Vec<f32> {
+    use wgpu_optim::reference::{IterationState, IterationTensor, iteration};
+    let mut params = trace.params.clone();
+    let mut states: Vec<wgpu_optim::TensorState> = params
+        .iter()
+        .map(|p| wgpu_optim::TensorState::new(&trace.config, p.data.len()))
+        .collect();
+    let mut state = IterationState::new(&trace.config);
+    let mut g_max = vec![0f32; params.len()];
+    let groups = [trace.config.clone()];
+    for (t, grads) in (1..).zip(&trace.grads) {
+        let inv_scale = 1.0 / state.loss_scale;
+        let mut tensors: Vec<IterationTensor> = params
+            .iter_mut()
+            .zip(grads)
+            .zip(&mut states)
+            .map(|((p, grad), state)| IterationTensor {
+                group: 0,
+                param: &mut p.data,
+                grad,
+                state,
+            })
+            .collect();
+        let report = iteration(&groups, &[trace.lr_at(t)], &mut tensors, &mut state);
+        if report.applied {
+            for (m, g) in g_max.iter_mut().zip(grads) {
+                *m = m.max(max_abs(g) * inv_scale * report.clip_coef);
+            }
+        }
+    }
+    g_max
 }
 
 #[test]
@@ -134,6 +176,43 @@ fn torch_traces_are_reproduced() {
         overall = overall.max(worst);
     }
     eprintln!("all torch cases: worst error {overall:.3e} of the tolerance");
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+}
+
+/// `scripts/torch_trace.py make-amp-test-data`: torch.amp.GradScaler and clip_grad_norm_ runs
+/// with iterations skipped for overflow (see tests/data/torch/README.md).
+const TORCH_AMP_CASES: [&str; 6] = [
+    "amp_adamw_overflow",
+    "amp_adam_clip",
+    "clip_adamw_schedule",
+    "amp_static_adam_amsgrad",
+    "amp_odd_factors",
+    "skip_adamw_nonfinite",
+];
+
+#[test]
+fn torch_amp_traces_are_reproduced() {
+    // Scaled gradients with overflows, clipping, skipped iterations: the GPU lands where torch
+    // did, with the same applied steps, skipped iterations and final loss scale; and so does
+    // the CPU reference.
+    let (device, queue) = gpu();
+    let mut errors = Vec::new();
+    for case in TORCH_AMP_CASES {
+        let trace = Trace::read(torch_data().join(format!("{case}.trace.safetensors")))
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        let want = Raw::read(&torch_data().join(format!("{case}.expected.safetensors")));
+        let got = Raw::parse(&trace.run(device, queue).unwrap().to_bytes().unwrap());
+        let worst = check_result(case, &trace, &got, &want, &mut errors);
+        let reference = Raw::parse(&trace.run_reference().to_bytes().unwrap());
+        check_result(
+            &format!("{case} (reference)"),
+            &trace,
+            &reference,
+            &want,
+            &mut errors,
+        );
+        eprintln!("{case}: worst error {worst:.3e} of the tolerance");
+    }
     assert!(errors.is_empty(), "{}", errors.join("\n"));
 }
 
@@ -262,6 +341,35 @@ fn options_torch_lacks_match_the_reference() {
         check_result(case, &parsed, &got, &want, &mut errors);
     }
     assert!(errors.is_empty(), "{}", errors.join("\n"));
+}
+
+#[test]
+fn an_lr_tensor_that_decays_to_zero_replays() {
+    // HuggingFace's default schedule ends at exactly 0: such a trace must replay, and the last
+    // step (lr 0) must move the moments but not the parameters.
+    let (device, queue) = gpu();
+    let steps = 6;
+    let lr: Vec<f32> = (0..steps)
+        .map(|k| 1e-2 * (steps - 1 - k) as f32 / (steps - 1) as f32)
+        .collect();
+    assert_eq!(lr.last(), Some(&0.0));
+    let trace = generated(Config::adamw().weight_decay(0.1), Some(lr), 77);
+    let parsed = Trace::from_bytes(&trace.to_bytes().unwrap(), "decay to zero").unwrap();
+    let result = parsed.run(device, queue).unwrap();
+    let got = Raw::parse(&result.to_bytes().unwrap());
+    let want = Raw::parse(&parsed.run_reference().to_bytes().unwrap());
+    let mut errors = Vec::new();
+    check_result("decay to zero", &parsed, &got, &want, &mut errors);
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+    // One step fewer, then the lr-0 step by hand on the reference: parameters unchanged.
+    let mut shorter = parsed.clone();
+    shorter.grads.pop();
+    shorter.lr.as_mut().unwrap().pop();
+    let before = Raw::parse(&shorter.run_reference().to_bytes().unwrap());
+    for p in &parsed.params {
+        let key = format!("param.{}", p.name);
+        assert_eq!(before.f32(&key).1, want.f32(&key).1, "{key} moved at lr 0");
+    }
 }
 
 #[test]
@@ -452,8 +560,9 @@ fn bad_cases() -> Vec<BadCase> {
             |e| matches!(e, Error::Shape { tensor, .. } if tensor == "lr"),
         ),
         (
-            "zero lr",
-            Box::new(|raw: &mut Raw| raw.set_f32("lr", &[3], &[1e-2, 0.0, 1e-3])),
+            // lr 0 is valid (torch allows it; schedules end there): a negative one is not.
+            "negative lr",
+            Box::new(|raw: &mut Raw| raw.set_f32("lr", &[3], &[1e-2, -1e-3, 1e-3])),
             |e| matches!(e, Error::TensorValue { tensor, index: 1, .. } if tensor == "lr"),
         ),
         (

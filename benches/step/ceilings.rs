@@ -7,8 +7,12 @@
 //!   form is the same shader with the `AMSGRAD` override constant.
 //!
 //! Both try several workgroup shapes (`SHAPES`) and keep the fastest, picked in the same run.
+//! Their pipelines are built by the library's own wgpu code (`testing::auxiliary_pipeline`, the
+//! layout taken from the shader), in one place here (`pipelines`).
 
 use std::num::NonZeroU64;
+
+use wgpu_optim::testing::{auxiliary_pipeline, workgroup_grid};
 
 use crate::gpu::Gpu;
 use crate::timing::{Kernel, Quartiles, Timer};
@@ -24,14 +28,6 @@ pub const TRAFFIC_SCALE: f32 = 1.0 / 1024.0;
 /// invocation (the step's own shape is (256, 1)) suits GPUs; lavapipe (one CPU thread per
 /// workgroup) may prefer large workgroups that move several.
 const SHAPES: [(u32, u32); 6] = [(64, 1), (256, 1), (1024, 1), (256, 4), (1024, 4), (1024, 8)];
-
-/// Workgroups for `units` invocations: x up to `max_per_dim`, the rest in y (as the library
-/// dispatches its step).
-pub fn workgroup_grid(units: u64, workgroup_size: u32, max_per_dim: u32) -> [u32; 2] {
-    let groups = units.div_ceil(workgroup_size as u64);
-    let x = groups.min(max_per_dim as u64).max(1);
-    [x as u32, groups.div_ceil(x) as u32]
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Which {
@@ -57,6 +53,13 @@ pub struct StepBuffers<'a> {
     pub max_exp_avg_sq: Option<&'a wgpu::Buffer>,
 }
 
+/// A ceiling's pipeline in one workgroup shape, and its bind groups.
+struct Shaped {
+    shape: (u32, u32),
+    pipeline: wgpu::ComputePipeline,
+    chunks: Vec<(wgpu::BindGroup, u64)>,
+}
+
 /// One ceiling kernel over fixed buffers, in chunks the device can bind.
 pub struct Ceiling {
     pub which: Which,
@@ -64,10 +67,10 @@ pub struct Ceiling {
     pub len: u64,
     /// Bytes one run moves.
     pub bytes: u64,
-    /// One pipeline per shape of `SHAPES` the device allows.
-    pipelines: Vec<((u32, u32), wgpu::ComputePipeline)>,
-    /// One bind group per chunk, and the vec4s it covers.
-    chunks: Vec<(wgpu::BindGroup, u64)>,
+    /// One pipeline per shape of `SHAPES` the device allows, with its bind groups: one per
+    /// chunk, and the vec4s it covers (a layout taken from a shader binds with its own
+    /// pipeline only).
+    pipelines: Vec<Shaped>,
     /// The index in `pipelines` of the shape `record` uses.
     pub shape: usize,
 }
@@ -75,15 +78,12 @@ pub struct Ceiling {
 impl Ceiling {
     /// `dst = src` over `len` f32 (a multiple of 4).
     pub fn copy(gpu: &Gpu, src: &wgpu::Buffer, dst: &wgpu::Buffer, len: u64) -> Self {
-        let (layout, pipelines) =
-            pipelines(gpu, "bench copy", COPY_WGSL, "copy", &[true, false], &[]);
-        let chunks = bind_chunks(gpu, "bench copy", &layout, &[Some(src), Some(dst)], len);
+        let buffers = [Some(src), Some(dst)];
         Ceiling {
             which: Which::Copy,
             len,
             bytes: 8 * len,
-            pipelines,
-            chunks,
+            pipelines: pipelines(gpu, "bench copy", COPY_WGSL, "copy", &[], &buffers, len),
             shape: 0,
         }
     }
@@ -95,14 +95,6 @@ impl Ceiling {
             ("AMSGRAD", if amsgrad { 1.0 } else { 0.0 }),
             ("SCALE", TRAFFIC_SCALE as f64),
         ];
-        let (layout, pipelines) = pipelines(
-            gpu,
-            "bench traffic",
-            TRAFFIC_WGSL,
-            "traffic",
-            &[false, true, false, false, false],
-            &constants,
-        );
         // Without amsgrad, vmax is a placeholder the shader never touches.
         let buffers = [
             Some(b.param),
@@ -111,13 +103,20 @@ impl Ceiling {
             Some(b.exp_avg_sq),
             b.max_exp_avg_sq,
         ];
-        let chunks = bind_chunks(gpu, "bench traffic", &layout, &buffers, len);
+        let label = "bench traffic";
         Ceiling {
             which: Which::Traffic,
             len,
             bytes: len * if amsgrad { 36 } else { 28 },
-            pipelines,
-            chunks,
+            pipelines: pipelines(
+                gpu,
+                label,
+                TRAFFIC_WGSL,
+                "traffic",
+                &constants,
+                &buffers,
+                len,
+            ),
             shape: 0,
         }
     }
@@ -128,7 +127,7 @@ impl Ceiling {
     }
 
     pub fn shape_name(&self, shape: usize) -> String {
-        let (size, per_invocation) = self.pipelines[shape].0;
+        let (size, per_invocation) = self.pipelines[shape].shape;
         format!("workgroup {size}, {per_invocation} vec4/invocation")
     }
 
@@ -168,13 +167,17 @@ impl Kernel for Ceiling {
         encoder: &mut wgpu::CommandEncoder,
         timestamp_writes: Option<wgpu::ComputePassTimestampWrites>,
     ) {
-        let ((size, per_invocation), pipeline) = &self.pipelines[self.shape];
+        let Shaped {
+            shape: (size, per_invocation),
+            pipeline,
+            chunks,
+        } = &self.pipelines[self.shape];
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some(self.which.name()),
             timestamp_writes,
         });
         pass.set_pipeline(pipeline);
-        for (bind_group, vec4s) in &self.chunks {
+        for (bind_group, vec4s) in chunks {
             let invocations = vec4s.div_ceil(*per_invocation as u64);
             let [x, y] = workgroup_grid(
                 invocations,
@@ -187,55 +190,21 @@ impl Kernel for Ceiling {
     }
 }
 
-/// The benchmark's pipelines: one bind group layout of storage buffers (`read_only` for each
-/// binding in order) and a pipeline of `entry` for each shape of `SHAPES` the device allows,
-/// with `WORKGROUP_SIZE` and `VEC4_PER_INVOCATION` set, and `constants` besides.
+/// The benchmark's pipelines: `entry` of `source` in each shape of `SHAPES` the device allows,
+/// with `WORKGROUP_SIZE` and `VEC4_PER_INVOCATION` set and `constants` besides, each with its
+/// bind groups over the first `len` f32 of `buffers` (binding `i` is `buffers[i]`).
 fn pipelines(
     gpu: &Gpu,
     label: &str,
     source: &str,
     entry: &str,
-    read_only: &[bool],
     constants: &[(&str, f64)],
-) -> (
-    wgpu::BindGroupLayout,
-    Vec<((u32, u32), wgpu::ComputePipeline)>,
-) {
-    let device = &gpu.device;
-    let entries: Vec<wgpu::BindGroupLayoutEntry> = read_only
+    buffers: &[Option<&wgpu::Buffer>],
+    len: u64,
+) -> Vec<Shaped> {
+    SHAPES
         .iter()
-        .enumerate()
-        .map(|(binding, &read_only)| wgpu::BindGroupLayoutEntry {
-            binding: binding as u32,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer {
-                ty: wgpu::BufferBindingType::Storage { read_only },
-                has_dynamic_offset: false,
-                min_binding_size: None,
-            },
-            count: None,
-        })
-        .collect();
-    let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-        label: Some(label),
-        entries: &entries,
-    });
-    let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-        label: Some(label),
-        bind_group_layouts: &[Some(&layout)],
-        immediate_size: 0,
-    });
-    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-        label: Some(label),
-        source: wgpu::ShaderSource::Wgsl(source.into()),
-    });
-    let limits = &gpu.limits;
-    let pipelines = SHAPES
-        .iter()
-        .filter(|(size, _)| {
-            *size <= limits.max_compute_workgroup_size_x
-                && *size <= limits.max_compute_invocations_per_workgroup
-        })
+        .filter(|&&shape| allowed(&gpu.limits, shape))
         .map(|&(size, per_invocation)| {
             let mut all = vec![
                 ("WORKGROUP_SIZE", size as f64),
@@ -243,21 +212,21 @@ fn pipelines(
             ];
             all.extend_from_slice(constants);
             let label = format!("{label} ({size} x {per_invocation})");
-            let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(&label),
-                layout: Some(&pipeline_layout),
-                module: &module,
-                entry_point: Some(entry),
-                compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: &all,
-                    zero_initialize_workgroup_memory: false,
-                },
-                cache: None,
-            });
-            ((size, per_invocation), pipeline)
+            let pipeline = auxiliary_pipeline(&gpu.device, &label, source, entry, &all);
+            let layout = pipeline.get_bind_group_layout(0);
+            Shaped {
+                shape: (size, per_invocation),
+                chunks: bind_chunks(gpu, &label, &layout, buffers, len),
+                pipeline,
+            }
         })
-        .collect();
-    (layout, pipelines)
+        .collect()
+}
+
+/// Whether the device runs workgroups of this shape.
+fn allowed(limits: &wgpu::Limits, (size, _): (u32, u32)) -> bool {
+    size <= limits.max_compute_workgroup_size_x
+        && size <= limits.max_compute_invocations_per_workgroup
 }
 
 /// One bind group per chunk of the first `len` f32 (a multiple of 4) of `buffers`, in equal
@@ -311,9 +280,6 @@ fn bind_chunks(
 pub fn shape_count(limits: &wgpu::Limits) -> usize {
     SHAPES
         .iter()
-        .filter(|(size, _)| {
-            *size <= limits.max_compute_workgroup_size_x
-                && *size <= limits.max_compute_invocations_per_workgroup
-        })
+        .filter(|&&shape| allowed(limits, shape))
         .count()
 }

@@ -34,7 +34,8 @@ use gpu::Gpu;
 use output::{Adapter, Progress, Report, Row};
 use steps::{MULTI_TENSORS, Step, StepKernel, bytes_per_element, step_kernels};
 use timing::{Kernel, Quartiles, Slot, Timer, paired_rounds};
-use verify::{Inputs, Rng};
+use verify::Inputs;
+use wgpu_optim::testing::Rng;
 
 const SEED: u64 = 0x5eed_0004;
 
@@ -101,7 +102,7 @@ fn main() {
 
     // Check every kernel and pick the ceilings' shapes, size by size; then time everything in
     // rounds, so that each ratio's runs spread over the whole benchmark.
-    let mut rng = Rng(SEED);
+    let mut rng = Rng::new(SEED);
     let mut failures = Vec::new();
     let mut prepared = Vec::new();
     for &n in &sizes {
@@ -292,7 +293,7 @@ fn prepare<'a>(
     // The copy of as many bytes.
     progress.message(format!("{n} elements: copy shapes"));
     let len = (run_bytes / 8).next_multiple_of(4);
-    let src_values = rng.values(len, 0.01, 1.0, true);
+    let src_values = verify::values(rng, len, 0.01, 1.0, true);
     let src = gpu.storage_buffer("bench copy src", len);
     let dst = gpu.storage_buffer("bench copy dst", len);
     gpu.write(&src, 0, &src_values);

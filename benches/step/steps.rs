@@ -16,7 +16,7 @@ pub struct StepKernel {
     pub name: &'static str,
     pub config: Config,
     /// Yogi's `sign(v - g^2)` can resolve a near-tie differently in f32 and in the f64
-    /// reference (see `verify::step`).
+    /// reference (`wgpu_optim::testing::yogi_ties`).
     pub near_ties: bool,
 }
 
@@ -100,20 +100,17 @@ impl Step {
             (optimizer, vec![kernel.config.clone()])
         } else {
             // The multi-tensor path: one flat buffer, biases in a group without weight decay.
-            let flat = FlatParameters {
-                param: BufferView::new(&param, 0, elements),
-                grad: BufferView::new(grad, 0, elements),
-                tensors: ranges
+            let flat = FlatParameters::new(
+                BufferView::new(&param, 0, elements),
+                BufferView::new(grad, 0, elements),
+                ranges
                     .iter()
                     .enumerate()
-                    .map(|(i, &(offset, len))| FlatTensor {
-                        name: format!("tensor{i}"),
-                        offset,
-                        len,
-                        group: i % 2,
+                    .map(|(i, &(offset, len))| {
+                        FlatTensor::new(format!("tensor{i}"), offset, len).in_group(i % 2)
                     })
                     .collect(),
-            };
+            );
             let groups = vec![
                 kernel.config.clone(),
                 kernel.config.clone().weight_decay(0.0),

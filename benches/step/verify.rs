@@ -2,6 +2,7 @@
 //! a wrong one is reported and not timed. Steps are checked against the CPU reference
 //! (`wgpu_optim::reference`), the ceilings bit for bit against what they must write.
 
+use wgpu_optim::testing::{Rng, Tolerance, compare, max_abs, yogi_ties};
 use wgpu_optim::{TensorState, reference};
 
 use crate::ceilings::{Ceiling, StepBuffers, TRAFFIC_SCALE};
@@ -9,28 +10,15 @@ use crate::gpu::Gpu;
 use crate::steps::{Step, StepKernel};
 use crate::timing::Kernel;
 
-/// splitmix64.
-pub struct Rng(pub u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// `n` magnitudes uniform in [lo, hi), each with a random sign when `signed`.
-    pub fn values(&mut self, n: u64, lo: f32, hi: f32, signed: bool) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                let bits = self.next();
-                let x = lo + (hi - lo) * ((bits >> 40) as f32 / (1u64 << 24) as f32);
-                if signed && bits & 1 == 1 { -x } else { x }
-            })
-            .collect()
-    }
+/// `n` magnitudes uniform in [lo, hi), each with a random sign when `signed`.
+pub fn values(rng: &mut Rng, n: u64, lo: f32, hi: f32, signed: bool) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let bits = rng.next_u64();
+            let x = lo + (hi - lo) * ((bits >> 40) as f32 / (1u64 << 24) as f32);
+            if signed && bits & 1 == 1 { -x } else { x }
+        })
+        .collect()
 }
 
 /// The starting values of a size: random, never zero, the state in a trained-like range.
@@ -43,12 +31,12 @@ pub struct Inputs {
 impl Inputs {
     pub fn new(rng: &mut Rng, n: u64) -> Self {
         Inputs {
-            param: rng.values(n, 0.01, 1.0, true),
-            grad: rng.values(n, 0.01, 1.0, true),
+            param: values(rng, n, 0.01, 1.0, true),
+            grad: values(rng, n, 0.01, 1.0, true),
             state: TensorState {
-                exp_avg: rng.values(n, 0.001, 0.1, true),
-                exp_avg_sq: rng.values(n, 0.005, 0.75, false),
-                max_exp_avg_sq: Some(rng.values(n, 0.005, 0.75, false)),
+                exp_avg: values(rng, n, 0.001, 0.1, true),
+                exp_avg_sq: values(rng, n, 0.005, 0.75, false),
+                max_exp_avg_sq: Some(values(rng, n, 0.005, 0.75, false)),
             },
         }
     }
@@ -104,21 +92,9 @@ pub fn step(
         .read(&step.param, 0, inputs.param.len() as u64)
         .map_err(|e| fail(&e))?;
 
-    // Tolerances for one step from f32 rounding (u = 2^-24 per operation):
-    // - the moments: a few roundings of values the size of the largest one, and a missing
-    //   step would move them by (1 - b) of it: 1e-5 of the largest, 1e-5 relative;
-    // - param: p is rounded once or twice (4u of the largest |p|) and the update carries
-    //   the moments' ~1e-6 relative error: 1e-5 of the largest update. A missing step
-    //   would be off by a whole update.
-    // Yogi's sign(v - g^2) can resolve a near-tie differently in f32 and f64 (about once
-    // in 1e7 elements), flipping that v by 2 (1 - b2) g^2: it may miss on 1e-4 of them.
-    let allowed = |len: u64| {
-        if kernel.near_ties {
-            len as usize / 10_000
-        } else {
-            0
-        }
-    };
+    // One step's tolerances, derived once for every test and the benchmark
+    // (`wgpu_optim::testing::Tolerance`); Yogi may resolve a few near-ties the other way.
+    let g_max = max_abs(&inputs.grad);
     let mut errors = Vec::new();
     for (i, &(offset, len)) in step.tensors.iter().enumerate() {
         let config = &step.groups[step.group(i)];
@@ -138,33 +114,38 @@ pub fn step(
             .optimizer
             .read_state_blocking(&gpu.device, &gpu.queue, i)
             .map_err(|e| fail(&e))?;
-        let largest_update = want
-            .iter()
-            .zip(before)
-            .fold(0.0f32, |m, (w, b)| m.max((w - b).abs()));
-        let param_abs = 4.0 * f32::EPSILON / 2.0 * max_abs(before) + 1e-5 * largest_update;
-        let moment = |want: &[f32]| (1e-5 * max_abs(want), 1e-5);
+        let allowed = if kernel.near_ties { yogi_ties(len) } else { 0 };
         let mut checks = vec![
-            ("param", &got_param[range], &want[..], (param_abs, 0.0)),
+            (
+                "param",
+                &got_param[range],
+                &want[..],
+                Tolerance::param(1, max_abs(before), config.lr),
+            ),
             (
                 "exp_avg",
                 &got_state.exp_avg[..],
                 &state.exp_avg[..],
-                moment(&state.exp_avg),
+                Tolerance::exp_avg(max_abs(&state.exp_avg), g_max),
             ),
             (
                 "exp_avg_sq",
                 &got_state.exp_avg_sq[..],
                 &state.exp_avg_sq[..],
-                moment(&state.exp_avg_sq),
+                Tolerance::exp_avg_sq(max_abs(&state.exp_avg_sq), g_max),
             ),
         ];
         if let (Some(got), Some(want)) = (&got_state.max_exp_avg_sq, &state.max_exp_avg_sq) {
-            checks.push(("max_exp_avg_sq", got, want, moment(want)));
+            checks.push((
+                "max_exp_avg_sq",
+                got,
+                want,
+                Tolerance::exp_avg_sq(max_abs(want), g_max),
+            ));
         }
-        for (what, got, want, (abs, rel)) in checks {
-            if let Err(e) = compare(got, want, abs, rel, allowed(len)) {
-                errors.push(format!("{name}, tensor {i}, {what}: {e}"));
+        for (what, got, want, tol) in checks {
+            if let Err(e) = compare(what, got, want, tol, allowed) {
+                errors.push(format!("{name}, tensor {i}: {e}"));
             }
         }
     }
@@ -277,36 +258,4 @@ pub fn traffic_shapes(
         before = got;
     }
     (passed, failures)
-}
-
-fn max_abs(x: &[f32]) -> f32 {
-    x.iter().fold(0.0f32, |m, v| m.max(v.abs()))
-}
-
-/// Passes when at most `allowed` elements are off by more than `abs + rel * |want|` (a NaN
-/// or an infinity is always off).
-fn compare(got: &[f32], want: &[f32], abs: f32, rel: f32, allowed: usize) -> Result<(), String> {
-    if got.len() != want.len() {
-        return Err(format!("{} elements, want {}", got.len(), want.len()));
-    }
-    let bad: Vec<usize> = (0..got.len())
-        .filter(|&i| {
-            let (g, w) = (got[i], want[i]);
-            !(g.is_finite() && (g - w).abs() <= abs + rel * w.abs())
-        })
-        .collect();
-    if bad.len() <= allowed {
-        return Ok(());
-    }
-    let shown: Vec<String> = bad
-        .iter()
-        .take(3)
-        .map(|&i| format!("[{i}] got {:e} want {:e}", got[i], want[i]))
-        .collect();
-    Err(format!(
-        "{} of {} elements beyond {abs:e} + {rel:e}|want|: {}",
-        bad.len(),
-        got.len(),
-        shown.join(", ")
-    ))
 }

@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use wgpu_optim::kernels::read_f32_blocking;
+use wgpu_optim::util::read_f32_blocking;
 
 /// The device every test of a binary shares. Panics (fails the test) when there is no adapter:
 /// tests never skip for want of a GPU; without one, Mesa's lavapipe is the adapter.
@@ -22,34 +22,8 @@ pub fn gpu() -> &'static (wgpu::Device, wgpu::Queue) {
     })
 }
 
-/// splitmix64: small, seeded, reproducible.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Standard normal (Box-Muller); never exactly zero in practice.
-    pub fn normal(&mut self) -> f64 {
-        let u1 = self.uniform().max(1e-300);
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-    }
-    pub fn normals(&mut self, n: usize, scale: f64) -> Vec<f32> {
-        (0..n).map(|_| (self.normal() * scale) as f32).collect()
-    }
-}
+#[allow(unused_imports)]
+pub use wgpu_optim::testing::Rng;
 
 pub const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_DST)
@@ -77,55 +51,5 @@ pub fn read(buffer: &wgpu::Buffer, offset: u64, len: u64) -> Vec<f32> {
     read_f32_blocking(device, queue, buffer, offset * 4, len).expect("readback")
 }
 
-/// `|got - want| <= abs + rel * |want|` element-wise, via approx.
-#[derive(Clone, Copy, Debug)]
-pub struct Tolerance {
-    pub abs: f32,
-    pub rel: f32,
-}
-
-/// Compares element-wise and returns every mismatch (at most 5 shown) as one message.
-/// `allowed` mismatches pass: only Yogi uses it, for sign(v - g^2) ties (see parity.rs).
-pub fn compare(
-    what: &str,
-    got: &[f32],
-    want: &[f32],
-    tol: Tolerance,
-    allowed: usize,
-) -> Result<(), String> {
-    if got.len() != want.len() {
-        return Err(format!(
-            "{what}: got {} elements, want {}",
-            got.len(),
-            want.len()
-        ));
-    }
-    let bad: Vec<(usize, f32, f32)> = got
-        .iter()
-        .zip(want)
-        .enumerate()
-        .filter(|(_, (g, w))| {
-            !approx::relative_eq!(**g, **w, epsilon = tol.abs, max_relative = tol.rel)
-                && !(g.is_nan() && w.is_nan())
-        })
-        .map(|(i, (g, w))| (i, *g, *w))
-        .collect();
-    if bad.len() <= allowed {
-        return Ok(());
-    }
-    let shown: Vec<String> = bad
-        .iter()
-        .take(5)
-        .map(|(i, g, w)| format!("[{i}] got {g:e} want {w:e} (diff {:e})", (g - w).abs()))
-        .collect();
-    Err(format!(
-        "{what}: {} of {} elements differ beyond {tol:?}: {}",
-        bad.len(),
-        got.len(),
-        shown.join(", ")
-    ))
-}
-
-pub fn max_abs(x: &[f32]) -> f32 {
-    x.iter().fold(0.0f32, |m, v| m.max(v.abs()))
-}
+#[allow(unused_imports)]
+pub use wgpu_optim::testing::{Tolerance, compare, max_abs, yogi_ties};

@@ -1,0 +1,700 @@
+//! Everything that talks to wgpu's descriptor API: shader modules, pipelines, the bind group
+//! layout and bind groups (both from the binding table of `protocol.rs`), buffers, recording,
+//! readback, error scopes and the device request of `util.rs`. The only file that builds wgpu
+//! descriptors, so that a wgpu upgrade touches this file alone.
+//!
+//! Owns: how the protocol is bound and dispatched. May not decide what is dispatched (that is
+//! `plan.rs`) nor compute any step's numbers (`protocol.rs`).
+
+use std::num::NonZeroU64;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::protocol::{self, BINDINGS, BindingKind, Slot, Width};
+
+/// The WGSL family every variant is built from.
+const ADAM_FAMILY_WGSL: &str = include_str!("../shaders/adam_family.wgsl");
+
+/// The complete WGSL source for one element width: the generated prelude, then the family.
+pub(crate) fn wgsl_source(width: Width) -> String {
+    format!("{}{ADAM_FAMILY_WGSL}", protocol::wgsl_prelude(width))
+}
+
+/// The override constants that pick one variant of the family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Variant {
+    pub algorithm: crate::config::Algorithm,
+    pub amsgrad: bool,
+    pub maximize: bool,
+    pub clip: bool,
+    pub weight_decay: bool,
+    pub workgroup_size: u32,
+    pub segmented: bool,
+    /// Before the per-element step (optimizer-wide): unscale, skip, clip the global norm.
+    pub scale: bool,
+    pub skip: bool,
+    pub norm_clip: bool,
+}
+
+impl Variant {
+    /// The one-tensor variant for these groups (which agree on algorithm, amsgrad and
+    /// maximize).
+    pub fn new(groups: &[Config], workgroup_size: u32) -> Self {
+        Variant {
+            algorithm: groups[0].algorithm,
+            amsgrad: groups[0].amsgrad,
+            maximize: groups[0].maximize,
+            clip: groups.iter().any(|g| g.clip_gradient.is_some()),
+            weight_decay: groups.iter().any(|g| g.weight_decay != 0.0),
+            workgroup_size,
+            segmented: false,
+            scale: groups[0].loss_scale.is_some(),
+            skip: groups[0].skips(),
+            norm_clip: groups[0].max_grad_norm.is_some(),
+        }
+    }
+
+    /// Whether an iteration runs the `grad_norm` and `finish` passes before the step.
+    pub fn pre_step(&self) -> bool {
+        self.scale || self.skip || self.norm_clip
+    }
+
+    /// The same variant for segmented dispatches: smaller workgroups (64 at most), so that
+    /// fewer of them straddle a tensor boundary and take the search path.
+    pub fn segmented(self) -> Self {
+        Variant {
+            workgroup_size: self.workgroup_size.min(64),
+            segmented: true,
+            ..self
+        }
+    }
+
+    /// `(name, value)` pairs for `PipelineCompilationOptions::constants`.
+    pub fn constants(&self) -> [(&'static str, f64); 10] {
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
+        [
+            ("ALGORITHM", protocol::algorithm_code(self.algorithm) as f64),
+            ("AMSGRAD", flag(self.amsgrad)),
+            ("MAXIMIZE", flag(self.maximize)),
+            ("CLIP", flag(self.clip)),
+            ("WEIGHT_DECAY", flag(self.weight_decay)),
+            ("WORKGROUP_SIZE", self.workgroup_size as f64),
+            ("SEGMENTED", flag(self.segmented)),
+            ("SCALE", flag(self.scale)),
+            ("SKIP", flag(self.skip)),
+            ("NORM_CLIP", flag(self.norm_clip)),
+        ]
+    }
+
+    /// A label that says which variant a pipeline or bind group is, for validation messages.
+    pub fn label(&self, width: Width) -> String {
+        let mut label = format!("wgpu-optim {:?}", self.algorithm).to_lowercase();
+        for (on, name) in [
+            (self.amsgrad, "amsgrad"),
+            (self.maximize, "maximize"),
+            (self.clip, "clip"),
+            (self.weight_decay, "decay"),
+            (self.segmented, "segmented"),
+            (self.scale, "scale"),
+            (self.skip, "skip"),
+            (self.norm_clip, "norm-clip"),
+        ] {
+            if on {
+                label += " ";
+                label += name;
+            }
+        }
+        label
+            + if width == Width::Vec4 {
+                " vec4"
+            } else {
+                " scalar"
+            }
+    }
+}
+
+/// The pipelines of one variant: vec4 body or scalar tail, one tensor per dispatch or several
+/// (`SEGMENTED`), all sharing one bind group layout.
+pub(crate) struct Kernels {
+    pub variant: Variant,
+    layout: wgpu::BindGroupLayout,
+    /// Indexed by [`Kernels::index`].
+    pipelines: [wgpu::ComputePipeline; 4],
+    /// With a pass before the step: `grad_norm` (indexed alike) and `finish`.
+    pre_step: Option<([wgpu::ComputePipeline; 4], wgpu::ComputePipeline)>,
+}
+
+/// The `finish` pass's override constants: the optimizer-wide numbers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Finish {
+    pub partials: u32,
+    pub max_grad_norm: f32,
+    pub dynamic: bool,
+    pub growth: SplitFactor,
+    pub backoff: SplitFactor,
+    pub growth_interval: u32,
+}
+
+/// A factor f64 as the shader multiplies by it: `(hi + lo) * 2^exp`, `hi + lo` in [1, 2)
+/// with `hi` its f32 rounding and `lo` the f32 of the rest (48 bits in all).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct SplitFactor {
+    pub hi: f32,
+    pub lo: f32,
+    pub exp: i32,
+}
+
+impl SplitFactor {
+    pub fn new(factor: f64) -> Self {
+        // factor = m * 2^exp with m in [1, 2), exactly (a power of two scales exactly).
+        let exp = factor.log2().floor() as i32;
+        let m = factor / 2f64.powi(exp);
+        let (m, exp) = if m >= 2.0 {
+            (m / 2.0, exp + 1)
+        } else if m < 1.0 {
+            (m * 2.0, exp - 1)
+        } else {
+            (m, exp)
+        };
+        let hi = m as f32;
+        SplitFactor {
+            hi,
+            lo: (m - hi as f64) as f32,
+            exp,
+        }
+    }
+}
+
+impl Finish {
+    pub fn new(config: &Config, partials: u32) -> Self {
+        let ls = config.loss_scale.unwrap_or_default();
+        Finish {
+            partials,
+            max_grad_norm: config.max_grad_norm.unwrap_or(0.0) as f32,
+            dynamic: config.loss_scale.is_some_and(|l| l.dynamic),
+            growth: SplitFactor::new(ls.growth_factor),
+            backoff: SplitFactor::new(ls.backoff_factor),
+            growth_interval: ls.growth_interval.min(u32::MAX as u64) as u32,
+        }
+    }
+
+    pub fn constants(&self) -> [(&'static str, f64); 10] {
+        [
+            ("PARTIALS", self.partials as f64),
+            ("MAX_GRAD_NORM", self.max_grad_norm as f64),
+            ("DYNAMIC", if self.dynamic { 1.0 } else { 0.0 }),
+            ("GROWTH_HI", self.growth.hi as f64),
+            ("GROWTH_LO", self.growth.lo as f64),
+            ("GROWTH_EXP", self.growth.exp as f64),
+            ("BACKOFF_HI", self.backoff.hi as f64),
+            ("BACKOFF_LO", self.backoff.lo as f64),
+            ("BACKOFF_EXP", self.backoff.exp as f64),
+            ("GROWTH_INTERVAL", self.growth_interval as f64),
+        ]
+    }
+}
+
+/// Invocations of the `finish` pass's one workgroup.
+pub(crate) const FINISH_WORKGROUP_SIZE: u32 = 256;
+
+impl std::fmt::Debug for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.debug_struct("Kernels")
+            .field("variant", &self.variant)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Kernels {
+    /// The pipelines of `variant`; `finish` is given when the variant has a pass before the
+    /// step.
+    pub fn new(device: &wgpu::Device, variant: Variant, finish: Option<Finish>) -> Self {
+        let entries: Vec<wgpu::BindGroupLayoutEntry> = BINDINGS
+            .iter()
+            .enumerate()
+            .map(|(number, b)| wgpu::BindGroupLayoutEntry {
+                binding: number as u32,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: match b.kind {
+                        BindingKind::Uniform { .. } => wgpu::BufferBindingType::Uniform,
+                        BindingKind::Storage { read_only } => {
+                            wgpu::BufferBindingType::Storage { read_only }
+                        }
+                    },
+                    has_dynamic_offset: false,
+                    min_binding_size: match b.kind {
+                        BindingKind::Uniform { size } => NonZeroU64::new(size),
+                        BindingKind::Storage { .. } => None,
+                    },
+                },
+                count: None,
+            })
+            .collect();
+        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("wgpu-optim step bindings"),
+            entries: &entries,
+        });
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("wgpu-optim step"),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let modules = [Width::Vec4, Width::Scalar].map(|width| {
+            device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(&format!("wgpu-optim adam_family {width:?}")),
+                source: wgpu::ShaderSource::Wgsl(wgsl_source(width).into()),
+            })
+        });
+        let build = |label: &str, width: Width, entry: &str, constants: &[(&str, f64)]| {
+            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(label),
+                layout: Some(&pipeline_layout),
+                module: &modules[(width == Width::Scalar) as usize],
+                entry_point: Some(entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants,
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            })
+        };
+        let family = |entry: &str| {
+            let pipeline = |width: Width, segmented: bool| {
+                let v = if segmented {
+                    variant.segmented()
+                } else {
+                    variant
+                };
+                let label = format!("{} {entry}", v.label(width));
+                build(&label, width, entry, &v.constants())
+            };
+            [
+                pipeline(Width::Vec4, false),
+                pipeline(Width::Scalar, false),
+                pipeline(Width::Vec4, true),
+                pipeline(Width::Scalar, true),
+            ]
+        };
+        let pre_step = finish.filter(|_| variant.pre_step()).map(|finish| {
+            let v = Variant {
+                workgroup_size: FINISH_WORKGROUP_SIZE,
+                ..variant
+            };
+            let mut constants = v.constants().to_vec();
+            constants.extend(finish.constants());
+            let label = format!("{} finish", v.label(Width::Scalar));
+            (
+                family("grad_norm"),
+                build(&label, Width::Scalar, "finish", &constants),
+            )
+        });
+        Kernels {
+            variant,
+            pipelines: family("step"),
+            pre_step,
+            layout,
+        }
+    }
+
+    pub fn index(width: Width, segmented: bool) -> usize {
+        (width == Width::Scalar) as usize + 2 * segmented as usize
+    }
+    /// The `grad_norm` pipeline of a dispatch, and `finish` (with a pass before the step).
+    pub fn pre_step(&self) -> Option<(&[wgpu::ComputePipeline; 4], &wgpu::ComputePipeline)> {
+        self.pre_step.as_ref().map(|(norm, finish)| (norm, finish))
+    }
+}
+
+/// A byte range of a buffer to bind.
+#[derive(Clone, Debug)]
+pub(crate) struct Range<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    pub offset: u64,
+    pub size: u64,
+}
+
+impl<'a> Range<'a> {
+    /// The whole of `buffer`.
+    pub fn whole(buffer: &'a wgpu::Buffer) -> Self {
+        Range {
+            buffer,
+            offset: 0,
+            size: buffer.size(),
+        }
+    }
+}
+
+/// One dispatch's bind group: `ranges[slot as usize]` is bound at that slot's number, the
+/// binding table's order. `label` names the tensor or span and the dispatch.
+pub(crate) fn bind_group(
+    device: &wgpu::Device,
+    kernels: &Kernels,
+    label: &str,
+    ranges: &[Range; Slot::ALL.len()],
+) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry> = Slot::ALL
+        .iter()
+        .map(|&slot| {
+            let r = &ranges[slot as usize];
+            wgpu::BindGroupEntry {
+                binding: slot as u32,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: r.buffer,
+                    offset: r.offset,
+                    size: NonZeroU64::new(r.size),
+                }),
+            }
+        })
+        .collect();
+    device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(label),
+        layout: &kernels.layout,
+        entries: &entries,
+    })
+}
+
+/// Runs `create` inside validation and out-of-memory error scopes: whatever the device refuses
+/// comes back as [`Error::Creation`] naming `what`, rather than reaching the device's
+/// uncaptured-error handler (which panics by default). On native backends the scopes' answers
+/// are ready at once: nothing waits on the GPU.
+pub(crate) fn create_scoped<T>(
+    device: &wgpu::Device,
+    what: &str,
+    create: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let memory = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let created = create();
+    let memory = pollster::block_on(memory.pop());
+    let validation = pollster::block_on(validation.pop());
+    match memory.or(validation) {
+        Some(e) => Err(Error::Creation {
+            what: what.to_string(),
+            reason: e.to_string(),
+        }),
+        None => created,
+    }
+}
+
+/// Records one iteration into one compute pass: with a pass before the step, `grad_norm`
+/// over every dispatch and then `finish` (with `finish_bind_group`), then the step over every
+/// dispatch. `timestamp_writes`, if any, time the pass (the benchmark uses it).
+pub(crate) fn record(
+    encoder: &mut wgpu::CommandEncoder,
+    kernels: &Kernels,
+    dispatches: &[&Dispatch],
+    finish_bind_group: &wgpu::BindGroup,
+    timestamp_writes: Option<wgpu::ComputePassTimestampWrites>,
+) {
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some("wgpu-optim step"),
+        timestamp_writes,
+    });
+    if let Some((norm, finish)) = kernels.pre_step() {
+        dispatch_all(&mut pass, norm, dispatches);
+        pass.set_pipeline(finish);
+        pass.set_bind_group(0, finish_bind_group, &[]);
+        pass.dispatch_workgroups(1, 1, 1);
+    }
+    dispatch_all(&mut pass, &kernels.pipelines, dispatches);
+}
+
+/// Every dispatch with its width's and segmentation's pipeline of `pipelines`.
+fn dispatch_all(
+    pass: &mut wgpu::ComputePass,
+    pipelines: &[wgpu::ComputePipeline; 4],
+    dispatches: &[&Dispatch],
+) {
+    let mut current = None;
+    for d in dispatches {
+        let index = Kernels::index(d.width, d.segmented);
+        if current != Some(index) {
+            pass.set_pipeline(&pipelines[index]);
+            current = Some(index);
+        }
+        pass.set_bind_group(0, &d.bind_group, &[]);
+        pass.dispatch_workgroups(d.grid[0], d.grid[1], 1);
+    }
+}
+
+/// One recorded dispatch of a step.
+pub(crate) struct Dispatch {
+    pub width: Width,
+    pub segmented: bool,
+    pub bind_group: wgpu::BindGroup,
+    pub grid: [u32; 2],
+}
+
+/// Workgroups for `units` invocations: x up to `max_per_dim`, the rest in y.
+pub fn workgroup_grid(units: u64, workgroup_size: u32, max_per_dim: u32) -> [u32; 2] {
+    let groups = units.div_ceil(workgroup_size as u64);
+    let x = groups.min(max_per_dim as u64).max(1);
+    [x as u32, groups.div_ceil(x) as u32]
+}
+
+/// A storage buffer of `len` f32, every element `fill`; at least 16 bytes so that an empty
+/// tensor still has something to bind.
+pub(crate) fn state_buffer(
+    device: &wgpu::Device,
+    label: &str,
+    len: u64,
+    fill: f32,
+) -> wgpu::Buffer {
+    let size = (len * 4).max(16);
+    let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: fill != 0.0,
+    });
+    if fill != 0.0 {
+        // New buffers are zeroed; only a non-zero fill needs writing, a block at a time.
+        const BLOCK: usize = 1 << 16;
+        let block = vec![fill; BLOCK];
+        // A buffer the device could not create does not map: its error scope reports it.
+        if let Ok(mut view) = buffer.get_mapped_range_mut(..) {
+            let bytes = view.len();
+            for start in (0..bytes).step_by(BLOCK * 4) {
+                let end = (start + BLOCK * 4).min(bytes);
+                view.slice(start..end)
+                    .copy_from_slice(&bytemuck::cast_slice(&block)[..end - start]);
+            }
+        }
+        buffer.unmap();
+    }
+    buffer
+}
+
+/// Records into `encoder` a copy of `data` into the start of `target`, through a fresh buffer
+/// mapped at creation: the copy runs in encoder order, so each recorded step reads its own
+/// numbers however many are recorded before a submit (a `Queue::write_buffer` would land
+/// before the whole submit, and a reused upload buffer would need the host to know when the
+/// caller submits). `data.len()` is a multiple of 4.
+pub(crate) fn upload(
+    device: &wgpu::Device,
+    encoder: &mut wgpu::CommandEncoder,
+    target: &wgpu::Buffer,
+    data: &[u8],
+) {
+    let upload = buffer_init(
+        device,
+        "wgpu-optim step upload",
+        wgpu::BufferUsages::COPY_SRC,
+        data,
+    );
+    encoder.copy_buffer_to_buffer(&upload, 0, target, 0, data.len() as u64);
+}
+
+/// A uniform buffer of `size` bytes, written later by copies ([`upload`]).
+pub(crate) fn uniform_buffer(device: &wgpu::Device, label: &str, size: u64) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size,
+        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    })
+}
+
+/// A zeroed buffer of `bytes` (at least 16) that the engine reads and writes and the optimizer
+/// binds: an arena's flat parameters or gradients.
+pub(crate) fn engine_buffer(device: &wgpu::Device, label: &str, bytes: u64) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: bytes.max(16),
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    })
+}
+
+/// A compute pipeline with its own bind group layout (from the shader), for the benchmark's
+/// ceiling kernels: built here so that they go through the same code as the step's.
+pub fn auxiliary_pipeline(
+    device: &wgpu::Device,
+    label: &str,
+    wgsl: &str,
+    entry_point: &str,
+    constants: &[(&str, f64)],
+) -> wgpu::ComputePipeline {
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(label),
+        source: wgpu::ShaderSource::Wgsl(wgsl.into()),
+    });
+    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(label),
+        layout: None,
+        module: &module,
+        entry_point: Some(entry_point),
+        compilation_options: wgpu::PipelineCompilationOptions {
+            constants,
+            zero_initialize_workgroup_memory: false,
+        },
+        cache: None,
+    })
+}
+
+/// A device on the adapter that wgpu's environment variables pick, with the adapter's own
+/// limits and `TIMESTAMP_QUERY` where it has it (see `util::request_device`).
+pub(crate) async fn request_device() -> Result<(wgpu::Adapter, wgpu::Device, wgpu::Queue)> {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter = match std::env::var("WGPU_ADAPTER_NAME") {
+        Ok(wanted) => {
+            let wanted = wanted.to_lowercase();
+            let adapters = instance.enumerate_adapters(wgpu::Backends::all()).await;
+            let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+            adapters
+                .into_iter()
+                .find(|a| a.get_info().name.to_lowercase().contains(&wanted))
+                .ok_or_else(|| {
+                    Error::NoAdapter(format!(
+                        "WGPU_ADAPTER_NAME={wanted} matches none of {names:?}"
+                    ))
+                })?
+        }
+        Err(_) => instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::from_env().unwrap_or_default(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| {
+                Error::NoAdapter(format!(
+                    "{e} (without a GPU, install Mesa's software Vulkan driver: \
+                     apt-get install mesa-vulkan-drivers libvulkan1)"
+                ))
+            })?,
+    };
+    let (device, queue) = adapter
+        .request_device(&wgpu::DeviceDescriptor {
+            label: Some("wgpu-optim"),
+            required_features: adapter.features() & wgpu::Features::TIMESTAMP_QUERY,
+            required_limits: adapter.limits(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| Error::NoAdapter(e.to_string()))?;
+    Ok((adapter, device, queue))
+}
+
+/// A buffer holding `data`, with `usage` (UNIFORM, or STORAGE for read-only tables).
+pub(crate) fn buffer_init(
+    device: &wgpu::Device,
+    label: &str,
+    usage: wgpu::BufferUsages,
+    data: &[u8],
+) -> wgpu::Buffer {
+    let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: (data.len() as u64).max(16),
+        usage,
+        mapped_at_creation: true,
+    });
+    // A buffer the device could not create does not map: its error scope reports it.
+    if !data.is_empty()
+        && let Ok(mut view) = buffer.get_mapped_range_mut(..data.len() as u64)
+    {
+        view.copy_from_slice(data);
+    }
+    buffer.unmap();
+    buffer
+}
+
+/// Copies `len` f32 from `buffer` at byte `offset` into a fresh staging buffer, submits, and
+/// asks to map it. The returned future resolves once the device is polled past the copy.
+pub(crate) fn read_f32(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    buffer: &wgpu::Buffer,
+    offset: u64,
+    len: u64,
+) -> impl Future<Output = Result<Vec<f32>, String>> + use<> {
+    let staging = (len > 0).then(|| {
+        let staging = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgpu-optim readback"),
+            size: len * 4,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, len * 4);
+        queue.submit([encoder.finish()]);
+        let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |result| {
+            sender.send(result).ok();
+        });
+        (staging, receiver)
+    });
+    async move {
+        let Some((staging, receiver)) = staging else {
+            return Ok(Vec::new());
+        };
+        match receiver.receive().await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(e.to_string()),
+            None => return Err("the map callback was dropped".into()),
+        }
+        let data = match staging.get_mapped_range(..) {
+            Ok(view) => bytemuck::cast_slice(&view).to_vec(),
+            Err(e) => return Err(e.to_string()),
+        };
+        staging.unmap();
+        Ok(data)
+    }
+}
+
+/// Blocks on the device until `read_f32`'s copy is done, then returns the values.
+pub(crate) fn read_f32_blocking(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    buffer: &wgpu::Buffer,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<f32>, String> {
+    let future = read_f32(device, queue, buffer, offset, len);
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| e.to_string())?;
+    pollster::block_on(future)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_spills_into_y_past_the_dimension_limit() {
+        assert_eq!(workgroup_grid(0, 64, 65535), [1, 0]);
+        assert_eq!(workgroup_grid(1, 64, 65535), [1, 1]);
+        assert_eq!(workgroup_grid(64 * 65535, 64, 65535), [65535, 1]);
+        assert_eq!(workgroup_grid(64 * 65535 + 1, 64, 65535), [65535, 2]);
+        // Every unit is covered, and by fewer than one extra row of workgroups.
+        for units in [1u64, 255, 256, 257, 1 << 24, (1 << 30) + 3] {
+            let [x, y] = workgroup_grid(units, 16, 65535);
+            let covered = x as u64 * y as u64 * 16;
+            assert!(
+                covered >= units && covered - units < x as u64 * 16,
+                "{units}"
+            );
+            assert!(x <= 65535 && y <= 65535);
+        }
+    }
+
+    #[test]
+    fn split_factors_hold_48_bits_of_the_factor() {
+        for factor in [2.0, 0.5, 0.4, 1000.0, 1.0001, 3e10, 1e-20, 1.5, 0.999] {
+            let f = SplitFactor::new(factor);
+            assert!((1.0..2.0).contains(&f.hi) || f.hi == 2.0, "{factor}: {f:?}");
+            let back = (f.hi as f64 + f.lo as f64) * 2f64.powi(f.exp);
+            assert!((back - factor).abs() <= 1e-14 * factor, "{factor}: {back}");
+            assert!(
+                (f.lo as f64).abs() <= f.hi as f64 * 2f64.powi(-23),
+                "{factor}: {f:?}"
+            );
+        }
+    }
+}

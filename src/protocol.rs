@@ -1,0 +1,636 @@
+//! The protocol between the host and `shaders/adam_family.wgsl`, defined once: the structs
+//! both sides read (`StepUniforms`, `Chunk`), the constants (group count, hint window, the
+//! whole-block flag), the binding table, and the WGSL prelude generated from them, so that the
+//! shader cannot disagree with the host on a number or a binding. Also the host's f64 math for
+//! the per-step numbers.
+//!
+//! Owns: everything both sides must agree on. May not touch: wgpu (see `gpu.rs`, which builds
+//! the bind group layout and every bind group from [`BINDINGS`]).
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::config::{Algorithm, Config, EpsMode};
+
+/// Mirrors `StepUniforms` in `shaders/adam_family.wgsl` field for field (a test checks the
+/// offsets with naga). Only 4-byte scalars; padded to a multiple of 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Pod, Zeroable)]
+pub(crate) struct StepUniforms {
+    /// `a_t`: the learning rate with the bias correction folded in.
+    pub step_size: f32,
+    /// eps as it enters `sqrt(..) + eps` after folding (`eps * sqrt(bc2)` in torch mode).
+    pub eps: f32,
+    /// eps_root as it enters `sqrt(v + eps_root)` after folding (`eps_root * bc2` in torch mode).
+    pub eps_root: f32,
+    pub beta1: f32,
+    /// `1 - b1`, computed in f64: in f32 inside the shader it would cost precision.
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    /// `1 - b2`, computed in f64 (in f32, `1 - 0.999` is off by ~1e-5 relative).
+    pub one_minus_beta2: f32,
+    /// Coupled L2 coefficient (Adam, Yogi); 0 turns the decay off for this group.
+    pub weight_decay: f32,
+    /// Decoupled decay `lr_t * weight_decay` (AdamW), applied as `p - lr_weight_decay * p`:
+    /// as its own f32 it keeps full precision, where `f32(1 - lr_t * wd)` would round it to a
+    /// multiple of 2^-24 (19% too strong at 1e-7, nothing under 3e-8). 0: no decay.
+    pub lr_weight_decay: f32,
+    pub rescale_grad: f32,
+    /// Clamp bound `c`, read only when `clips` is 1.
+    pub clip_gradient: f32,
+    /// 1 when this group clips: in a kernel where another group clips, this one must not.
+    pub clips: u32,
+    /// With skipping (t on the device): where this group's bias factors start in the table
+    /// (u32 index), how many steps they cover, and whether eps and eps_root take them.
+    pub bias_base: u32,
+    pub bias_len: u32,
+    pub eps_scaled: u32,
+    pub _pad: u32,
+}
+
+impl StepUniforms {
+    /// The numbers for step `t` (1-based) at learning rate `lr`, as in the spec's "Folding the
+    /// bias correction into per-step scalars".
+    pub fn new(config: &Config, t: u64, lr: f64) -> Self {
+        let [b1, b2] = config.betas;
+        let (step_size, eps, eps_root) = if config.bias_correction {
+            let bc1 = 1.0 - b1.powf(t as f64);
+            let bc2 = 1.0 - b2.powf(t as f64);
+            let step_size = lr * bc2.sqrt() / bc1;
+            match config.eps_mode {
+                EpsMode::Torch => (step_size, config.eps * bc2.sqrt(), config.eps_root * bc2),
+                EpsMode::Folded => (step_size, config.eps, config.eps_root),
+            }
+        } else {
+            (lr, config.eps, config.eps_root)
+        };
+        StepUniforms {
+            step_size: step_size as f32,
+            eps: eps as f32,
+            eps_root: eps_root as f32,
+            beta1: b1 as f32,
+            one_minus_beta1: (1.0 - b1) as f32,
+            beta2: b2 as f32,
+            one_minus_beta2: (1.0 - b2) as f32,
+            weight_decay: config.weight_decay as f32,
+            lr_weight_decay: decoupled_decay(config, lr) as f32,
+            rescale_grad: config.rescale_grad as f32,
+            clip_gradient: config.clip_gradient.unwrap_or(0.0) as f32,
+            clips: config.clip_gradient.is_some() as u32,
+            bias_base: 0,
+            bias_len: 0,
+            eps_scaled: 0,
+            _pad: 0,
+        }
+    }
+
+    /// The numbers when t lives on the device (skipping is on): `lr`, `eps` and `eps_root` as
+    /// they are, and where the group's bias factors ([`bias_table`]) start in the table and
+    /// how many steps they cover; the kernel multiplies them in by the device's t.
+    pub fn with_device_step(config: &Config, lr: f64, bias_base: u32, bias_len: u32) -> Self {
+        StepUniforms {
+            step_size: lr as f32,
+            eps: config.eps as f32,
+            eps_root: config.eps_root as f32,
+            bias_base,
+            bias_len,
+            eps_scaled: (config.bias_correction && config.eps_mode == EpsMode::Torch) as u32,
+            // The rest does not depend on t.
+            ..StepUniforms::new(config, 1, lr)
+        }
+    }
+}
+
+/// u32 per step in a group's bias table: the f32 bits of (sqrt(bc2) / bc1, sqrt(bc2), bc2, 0).
+pub(crate) const BIAS_ROW: usize = 4;
+
+/// The most steps a bias table covers; past it, the factors are taken as 1 (only b2 above
+/// ~0.99998 has factors that still differ from 1 in f32 after 2^20 steps).
+pub(crate) const MAX_BIAS_STEPS: u64 = 1 << 20;
+
+/// The bias factors of `config` for t = 1, 2, ... as u32 rows (the f32 bits of
+/// `(sqrt(bc2) / bc1, sqrt(bc2), bc2, 0)`, computed in f64 like [`StepUniforms::new`]), up to
+/// the first t where all three round to 1 in f32 (from there on they stay 1), at most
+/// [`MAX_BIAS_STEPS`]. Empty without bias correction.
+pub(crate) fn bias_table(config: &Config) -> Vec<u32> {
+    let mut rows = Vec::new();
+    if !config.bias_correction {
+        return rows;
+    }
+    let [b1, b2] = config.betas;
+    for t in 1..=MAX_BIAS_STEPS {
+        let bc1 = 1.0 - b1.powf(t as f64);
+        let bc2 = 1.0 - b2.powf(t as f64);
+        let row = [(bc2.sqrt() / bc1) as f32, bc2.sqrt() as f32, bc2 as f32];
+        if row == [1.0; 3] {
+            break;
+        }
+        rows.extend(row.map(f32::to_bits));
+        rows.push(0);
+    }
+    rows
+}
+
+/// Mirrors `DeviceScalars` in the shader: the numbers of an iteration that live on the device
+/// (loss scale, clip factor, found_inf, t). `loss_scale` comes first, at offset 0 of the
+/// optimizer's device buffer, so that an engine can bind it alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Pod, Zeroable)]
+pub(crate) struct DeviceScalars {
+    pub loss_scale: f32,
+    pub inv_scale: f32,
+    pub step_inv_scale: f32,
+    pub clip_coef: f32,
+    pub global_norm: f32,
+    pub step: u32,
+    pub found_inf: u32,
+    pub growth_tracker: u32,
+}
+
+/// The largest workgroup the reductions' scratch array holds.
+pub(crate) const MAX_WORKGROUP_SIZE: u32 = 1024;
+
+/// AdamW's `lr_t * weight_decay` (0 for Adam and Yogi, whose decay is coupled). The kernel and
+/// the CPU reference both take it rounded to f32, as PyTorch's fused kernel does.
+pub(crate) fn decoupled_decay(config: &Config, lr: f64) -> f64 {
+    match config.algorithm {
+        Algorithm::AdamW => lr * config.weight_decay,
+        Algorithm::Adam | Algorithm::Yogi => 0.0,
+    }
+}
+
+/// Parameter groups one optimizer can hold: the shader's `groups` uniform array has this many.
+pub const MAX_GROUPS: usize = 16;
+
+/// Mirrors `Chunk` in the shader: which slice of the bound ranges one dispatch updates (in
+/// units of the kernel's element type, vec4 or scalar) and where its segment table is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub(crate) struct Chunk {
+    pub count: u32,
+    pub param_base: u32,
+    pub grad_base: u32,
+    pub state_base: u32,
+    /// The f32 element of the first unit, relative to the segments' origin.
+    pub first_element: u32,
+    /// Index in the table of this dispatch's first segment (4 u32 each).
+    pub segments: u32,
+    pub segment_count: u32,
+    /// The group of an unsegmented dispatch (one tensor).
+    pub group: u32,
+    /// `grad_norm`: this dispatch's first entry in the device's partial sums.
+    pub partials_base: u32,
+    pub _pad1: u32,
+    pub _pad2: u32,
+    pub _pad3: u32,
+}
+
+/// Per-workgroup hints one segmented dispatch can have: the shader's `hints` uniform array
+/// (64 KiB, wgpu's default `max_uniform_buffer_binding_size`).
+pub(crate) const MAX_HINTS: u64 = 16384;
+
+/// In a workgroup's hint: all its elements lie inside one segment, whose group the low bits
+/// hold. Otherwise the hint is the index of the first segment that ends past its first element.
+pub(crate) const WHOLE_BLOCK: u32 = 1 << 31;
+
+/// Bytes of one dispatch's window of workgroup hints.
+pub(crate) const HINTS_BYTES: u64 = MAX_HINTS * 4;
+
+/// Bytes of one step's uniforms: every group's `StepUniforms`.
+pub(crate) const GROUPS_BYTES: u64 = (MAX_GROUPS * size_of::<StepUniforms>()) as u64;
+
+/// `u32` per row of the segment table: (start, end, group, 0).
+pub(crate) const SEGMENT_ROW: usize = 4;
+
+/// How a binding is bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BindingKind {
+    /// A uniform buffer of exactly this many bytes.
+    Uniform {
+        size: u64,
+    },
+    Storage {
+        read_only: bool,
+    },
+}
+
+/// One binding of `@group(0)`: its number is its index in [`BINDINGS`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Binding {
+    pub name: &'static str,
+    pub kind: BindingKind,
+    /// The WGSL type of the variable (`Elem` comes from the prelude).
+    pub wgsl_type: &'static str,
+}
+
+/// The bindings of the step, in binding order. [`Slot`] names the indices.
+pub(crate) const BINDINGS: [Binding; 10] = {
+    const fn uniform(name: &'static str, size: u64, wgsl_type: &'static str) -> Binding {
+        Binding {
+            name,
+            kind: BindingKind::Uniform { size },
+            wgsl_type,
+        }
+    }
+    const fn storage(name: &'static str, read_only: bool, wgsl_type: &'static str) -> Binding {
+        Binding {
+            name,
+            kind: BindingKind::Storage { read_only },
+            wgsl_type,
+        }
+    }
+    [
+        // Every group's numbers for this step.
+        uniform("groups", GROUPS_BYTES, "array<StepUniforms, MAX_GROUPS>"),
+        // What this dispatch covers.
+        uniform("chunk", size_of::<Chunk>() as u64, "Chunk"),
+        storage("param", false, "array<Elem>"),
+        storage("grad", true, "array<Elem>"),
+        storage("exp_avg", false, "array<Elem>"),
+        storage("exp_avg_sq", false, "array<Elem>"),
+        // Bound (to a dummy) even without amsgrad.
+        storage("max_exp_avg_sq", false, "array<Elem>"),
+        // Segmented dispatches: the segment rows, sorted and disjoint.
+        storage("table", true, "array<u32>"),
+        // Segmented dispatches: one hint per workgroup. A uniform, not storage, buffer: read at
+        // a workgroup-uniform address it costs one load, not one per lane (llvmpipe).
+        uniform("hints", HINTS_BYTES, "array<vec4<u32>, HINT_VEC4S>"),
+        // The iteration's scalars and the norm pass's partial sums (see `DeviceScalars`).
+        storage("device", false, "DeviceState"),
+    ]
+};
+
+/// The index of each binding in [`BINDINGS`] (and its binding number).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Slot {
+    Groups,
+    Chunk,
+    Param,
+    Grad,
+    ExpAvg,
+    ExpAvgSq,
+    MaxExpAvgSq,
+    Table,
+    Hints,
+    Device,
+}
+
+impl Slot {
+    /// Every slot, in binding order.
+    pub const ALL: [Slot; 10] = [
+        Slot::Groups,
+        Slot::Chunk,
+        Slot::Param,
+        Slot::Grad,
+        Slot::ExpAvg,
+        Slot::ExpAvgSq,
+        Slot::MaxExpAvgSq,
+        Slot::Table,
+        Slot::Hints,
+        Slot::Device,
+    ];
+}
+
+/// The element type one pipeline loads and stores: four lanes at a time, or one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Width {
+    Vec4,
+    Scalar,
+}
+
+impl Width {
+    /// f32 lanes per element.
+    pub fn lanes(self) -> u64 {
+        match self {
+            Width::Vec4 => 4,
+            Width::Scalar => 1,
+        }
+    }
+}
+
+/// The value of the shader's `ALGORITHM` override for each update rule.
+pub(crate) fn algorithm_code(algorithm: Algorithm) -> u32 {
+    match algorithm {
+        Algorithm::Adam => 0,
+        Algorithm::AdamW => 1,
+        Algorithm::Yogi => 2,
+    }
+}
+
+/// The generated WGSL prelude for one element width: the element types, the shared constants
+/// and every binding's declaration, all from the definitions above.
+pub(crate) fn wgsl_prelude(width: Width) -> String {
+    let elem = match width {
+        Width::Vec4 => {
+            "alias Elem = vec4<f32>;\nalias Index = vec4<u32>;\nconst LANES: u32 = 4u;\n\
+             const LANE = vec4<u32>(0u, 1u, 2u, 3u);\n\
+             fn lane_sum(x: Elem) -> f32 { return dot(x, vec4<f32>(1.0)); }\n"
+        }
+        Width::Scalar => {
+            "alias Elem = f32;\nalias Index = u32;\nconst LANES: u32 = 1u;\nconst LANE = 0u;\n\
+             fn lane_sum(x: Elem) -> f32 { return x; }\n"
+        }
+    };
+    let mut out = format!(
+        "// Generated by src/protocol.rs: the element type, the constants and the bindings.\n\
+         {elem}const MAX_GROUPS: u32 = {MAX_GROUPS}u;\nconst WHOLE_BLOCK: u32 = {WHOLE_BLOCK:#x}u;\n\
+         const HINT_VEC4S: u32 = {}u;\nconst SEGMENT_ROW: u32 = {SEGMENT_ROW}u;\n\
+         const ADAM: u32 = {}u;\nconst ADAMW: u32 = {}u;\nconst YOGI: u32 = {}u;\n\
+         const BIAS_ROW: u32 = {BIAS_ROW}u;\nconst MAX_WORKGROUP_SIZE: u32 = {MAX_WORKGROUP_SIZE}u;\n",
+        MAX_HINTS / 4,
+        algorithm_code(Algorithm::Adam),
+        algorithm_code(Algorithm::AdamW),
+        algorithm_code(Algorithm::Yogi),
+    );
+    for (number, b) in BINDINGS.iter().enumerate() {
+        let space = match b.kind {
+            BindingKind::Uniform { .. } => "uniform",
+            BindingKind::Storage { read_only: true } => "storage, read",
+            BindingKind::Storage { read_only: false } => "storage, read_write",
+        };
+        out += &format!(
+            "@group(0) @binding({number}) var<{space}> {}: {};\n",
+            b.name, b.wgsl_type
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    //! The WGSL family without a GPU: the structs shared with Rust have Rust's layout, the
+    //! emitted constants and bindings are the host's, and every variant (every override
+    //! combination, both element widths) validates and compiles to SPIR-V.
+
+    use std::mem::offset_of;
+
+    use naga::valid::{Capabilities, ValidationFlags, Validator};
+
+    use super::*;
+    use crate::gpu::{Variant, wgsl_source};
+
+    fn parse(width: Width) -> naga::Module {
+        naga::front::wgsl::parse_str(&wgsl_source(width))
+            .unwrap_or_else(|e| panic!("{width:?}: {}", e.emit_to_string(&wgsl_source(width))))
+    }
+
+    /// (member name, offset) of the WGSL struct `name`, and its size.
+    fn wgsl_layout(module: &naga::Module, name: &str) -> (Vec<(String, u32)>, u32) {
+        let (_, ty) = module
+            .types
+            .iter()
+            .find(|(_, t)| t.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("no struct {name}"));
+        match &ty.inner {
+            naga::TypeInner::Struct { members, span } => (
+                members
+                    .iter()
+                    .map(|m| (m.name.clone().unwrap(), m.offset))
+                    .collect(),
+                *span,
+            ),
+            other => panic!("{name} is {other:?}"),
+        }
+    }
+
+    macro_rules! rust_layout {
+        ($ty:ty { $($field:ident),* }) => {
+            (vec![$((stringify!($field).to_string(), offset_of!($ty, $field) as u32)),*], size_of::<$ty>() as u32)
+        };
+    }
+
+    #[test]
+    fn shared_structs_have_the_same_layout_in_rust_and_wgsl() {
+        for width in [Width::Vec4, Width::Scalar] {
+            let module = parse(width);
+            assert_eq!(
+                wgsl_layout(&module, "StepUniforms"),
+                rust_layout!(StepUniforms {
+                    step_size,
+                    eps,
+                    eps_root,
+                    beta1,
+                    one_minus_beta1,
+                    beta2,
+                    one_minus_beta2,
+                    weight_decay,
+                    lr_weight_decay,
+                    rescale_grad,
+                    clip_gradient,
+                    clips,
+                    bias_base,
+                    bias_len,
+                    eps_scaled,
+                    _pad
+                })
+            );
+            assert_eq!(
+                wgsl_layout(&module, "Chunk"),
+                rust_layout!(Chunk {
+                    count,
+                    param_base,
+                    grad_base,
+                    state_base,
+                    first_element,
+                    segments,
+                    segment_count,
+                    group,
+                    partials_base,
+                    _pad1,
+                    _pad2,
+                    _pad3
+                })
+            );
+            assert_eq!(
+                wgsl_layout(&module, "DeviceScalars"),
+                rust_layout!(DeviceScalars {
+                    loss_scale,
+                    inv_scale,
+                    step_inv_scale,
+                    clip_coef,
+                    global_norm,
+                    step,
+                    found_inf,
+                    growth_tracker
+                })
+            );
+            assert_eq!(
+                size_of::<StepUniforms>() % 16,
+                0,
+                "uniform array elements need a 16-byte stride"
+            );
+            // The uniform array of groups has MAX_GROUPS elements on both sides.
+            let (_, groups) = module
+                .global_variables
+                .iter()
+                .find(|(_, v)| v.name.as_deref() == Some("groups"))
+                .expect("a `groups` uniform");
+            match module.types[groups.ty].inner {
+                naga::TypeInner::Array {
+                    size: naga::ArraySize::Constant(n),
+                    stride,
+                    ..
+                } => {
+                    assert_eq!(n.get() as usize, MAX_GROUPS);
+                    assert_eq!(stride as usize, size_of::<StepUniforms>());
+                }
+                ref other => panic!("groups is {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn every_variant_validates_and_compiles_to_spirv() {
+        let mut compiled = 0;
+        for width in [Width::Vec4, Width::Scalar] {
+            let module = parse(width);
+            let info = Validator::new(ValidationFlags::all(), Capabilities::all())
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{width:?}: {e:?}"));
+            for algorithm in [Algorithm::Adam, Algorithm::AdamW, Algorithm::Yogi] {
+                // Bits: amsgrad, maximize, clip, weight decay, segmented, then the pass before
+                // the step: scale, skip, norm clip.
+                for flags in 0..256u32 {
+                    let pre_step = flags >= 32;
+                    let sizes: &[u32] = if pre_step { &[64] } else { &[1, 64, 256] };
+                    for &workgroup_size in sizes {
+                        let variant = Variant {
+                            algorithm,
+                            amsgrad: flags & 1 != 0,
+                            maximize: flags & 2 != 0,
+                            clip: flags & 4 != 0,
+                            weight_decay: flags & 8 != 0,
+                            workgroup_size,
+                            segmented: flags & 16 != 0,
+                            scale: flags & 32 != 0,
+                            skip: flags & 64 != 0,
+                            norm_clip: flags & 128 != 0,
+                        };
+                        let entries: &[&str] = if pre_step {
+                            &["step", "grad_norm", "finish"]
+                        } else {
+                            &["step"]
+                        };
+                        for &entry in entries {
+                            let mut constants = naga::back::PipelineConstants::default();
+                            for (name, value) in variant.constants() {
+                                constants.insert(name.to_string(), value);
+                            }
+                            if entry == "finish" {
+                                let config = Config::adam()
+                                    .max_grad_norm(Some(1.0))
+                                    .loss_scale(Some(Default::default()));
+                                for (name, value) in
+                                    crate::gpu::Finish::new(&config, 77).constants()
+                                {
+                                    constants.insert(name.to_string(), value);
+                                }
+                            }
+                            let what = format!("{width:?} {entry} {variant:?}");
+                            let (module, info) = naga::back::pipeline_constants::process_overrides(
+                                &module,
+                                &info,
+                                Some((naga::ShaderStage::Compute, entry)),
+                                &constants,
+                            )
+                            .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+                            Validator::new(ValidationFlags::all(), Capabilities::all())
+                                .validate(&module)
+                                .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+                            naga::back::spv::write_vec(&module, &info, &Default::default(), None)
+                                .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+                            compiled += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(compiled, 2 * 3 * (32 * 3 + 224 * 3));
+    }
+
+    #[test]
+    fn the_emitted_constants_and_bindings_are_the_hosts() {
+        // The prelude is generated from this file's definitions; check what naga reads back, so
+        // that a hand-written duplicate in the family (or a typo in the generator) fails here.
+        for width in [Width::Vec4, Width::Scalar] {
+            let module = parse(width);
+            let constant = |name: &str| -> u32 {
+                let (_, c) = module
+                    .constants
+                    .iter()
+                    .find(|(_, c)| c.name.as_deref() == Some(name))
+                    .unwrap_or_else(|| panic!("no constant {name}"));
+                match module.global_expressions[c.init] {
+                    naga::Expression::Literal(naga::Literal::U32(v)) => v,
+                    ref other => panic!("{name} is {other:?}"),
+                }
+            };
+            assert_eq!(constant("MAX_GROUPS") as usize, MAX_GROUPS);
+            assert_eq!(constant("WHOLE_BLOCK"), WHOLE_BLOCK);
+            assert_eq!(constant("HINT_VEC4S") as u64 * 4, MAX_HINTS);
+            assert_eq!(constant("SEGMENT_ROW") as usize, SEGMENT_ROW);
+            assert_eq!(constant("BIAS_ROW") as usize, BIAS_ROW);
+            assert_eq!(constant("MAX_WORKGROUP_SIZE"), MAX_WORKGROUP_SIZE);
+            for algorithm in [Algorithm::Adam, Algorithm::AdamW, Algorithm::Yogi] {
+                let name = format!("{algorithm:?}").to_uppercase();
+                assert_eq!(constant(&name), algorithm_code(algorithm), "{name}");
+            }
+            // Every binding of the table, at its number, with its address space and access; none
+            // declared by hand beside them.
+            let mut declared: Vec<(u32, String, String)> = module
+                .global_variables
+                .iter()
+                .filter_map(|(_, v)| {
+                    let binding = v.binding.as_ref()?;
+                    assert_eq!(binding.group, 0);
+                    Some((
+                        binding.binding,
+                        v.name.clone().unwrap(),
+                        format!("{:?}", v.space),
+                    ))
+                })
+                .collect();
+            declared.sort();
+            let expected: Vec<(u32, String, String)> = BINDINGS
+                .iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    let space = match b.kind {
+                        BindingKind::Uniform { .. } => "Uniform".to_string(),
+                        BindingKind::Storage { read_only: true } => {
+                            "Storage { access: StorageAccess(LOAD) }".to_string()
+                        }
+                        BindingKind::Storage { read_only: false } => {
+                            "Storage { access: StorageAccess(LOAD | STORE) }".to_string()
+                        }
+                    };
+                    (i as u32, b.name.to_string(), space)
+                })
+                .collect();
+            assert_eq!(declared, expected);
+            // The uniform bindings' sizes are what the layout asks of the buffers.
+            for (i, b) in BINDINGS.iter().enumerate() {
+                if let BindingKind::Uniform { size } = b.kind {
+                    let (_, v) = module
+                        .global_variables
+                        .iter()
+                        .find(|(_, v)| v.binding.as_ref().map(|r| r.binding) == Some(i as u32))
+                        .unwrap();
+                    let layouter = {
+                        let mut l = naga::proc::Layouter::default();
+                        l.update(module.to_ctx()).unwrap();
+                        l
+                    };
+                    assert_eq!(layouter[v.ty].size as u64, size, "{}", b.name);
+                }
+            }
+        }
+        // Slot names the table's order.
+        for (slot, b) in Slot::ALL.iter().zip(&BINDINGS) {
+            assert_eq!(
+                format!("{slot:?}").to_lowercase(),
+                b.name.replace('_', ""),
+                "{slot:?}"
+            );
+        }
+    }
+}
