@@ -92,7 +92,7 @@ impl Args {
             Runs {
                 warm_up: 3,
                 timed: 30,
-                per_shape: 5,
+                per_shape: 8,
             }
         };
         if let Some(n) = self.runs {

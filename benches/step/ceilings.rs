@@ -6,7 +6,9 @@
 //!   buffers, with trivial arithmetic: the roofline of the step's access pattern. Its amsgrad
 //!   form is the same shader with the `AMSGRAD` override constant.
 //!
-//! Both try several workgroup shapes (`SHAPES`) and keep the fastest, picked in the same run.
+//! The copy tries several workgroup shapes (`SHAPES`) and keeps the fastest, picked in the same
+//! run; the traffic kernel runs in the step's own shape (`STEP_SHAPE`), so that it differs from
+//! the step in nothing but the step's arithmetic and bookkeeping (and no noisy pick moves it).
 //! Their pipelines are built by the library's own wgpu code (`testing::auxiliary_pipeline`, the
 //! layout taken from the shader), in one place here (`pipelines`).
 
@@ -28,6 +30,9 @@ pub const TRAFFIC_SCALE: f32 = 1.0 / 1024.0;
 /// invocation (the step's own shape is (256, 1)) suits GPUs; lavapipe (one CPU thread per
 /// workgroup) may prefer large workgroups that move several.
 const SHAPES: [(u32, u32); 6] = [(64, 1), (256, 1), (1024, 1), (256, 4), (1024, 4), (1024, 8)];
+
+/// The step's own shape with the library's default options: 256 invocations, one vec4 each.
+const STEP_SHAPE: [(u32, u32); 1] = [(256, 1)];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Which {
@@ -83,7 +88,16 @@ impl Ceiling {
             which: Which::Copy,
             len,
             bytes: 8 * len,
-            pipelines: pipelines(gpu, "bench copy", COPY_WGSL, "copy", &[], &buffers, len),
+            pipelines: pipelines(
+                gpu,
+                "bench copy",
+                COPY_WGSL,
+                "copy",
+                &SHAPES,
+                &[],
+                &buffers,
+                len,
+            ),
             shape: 0,
         }
     }
@@ -113,6 +127,7 @@ impl Ceiling {
                 label,
                 TRAFFIC_WGSL,
                 "traffic",
+                &STEP_SHAPE,
                 &constants,
                 &buffers,
                 len,
@@ -132,7 +147,7 @@ impl Ceiling {
     }
 
     /// Times each of `shapes` in turns, `per_shape` timed runs after one untimed, and keeps
-    /// the fastest (by median). `done` is called after each run.
+    /// the fastest (by median); with one shape, keeps it. `done` is called after each run.
     pub fn pick_shape(
         &mut self,
         gpu: &Gpu,
@@ -140,6 +155,10 @@ impl Ceiling {
         per_shape: usize,
         done: &mut dyn FnMut(),
     ) -> Result<(), String> {
+        if let [only] = shapes {
+            self.shape = *only;
+            return Ok(());
+        }
         let mut timers: Vec<Timer> = shapes.iter().map(|_| Timer::new(gpu, per_shape)).collect();
         for round in 0..=per_shape {
             for (&shape, timer) in shapes.iter().zip(&mut timers) {
@@ -190,7 +209,7 @@ impl Kernel for Ceiling {
     }
 }
 
-/// The benchmark's pipelines: `entry` of `source` in each shape of `SHAPES` the device allows,
+/// The benchmark's pipelines: `entry` of `source` in each of `shapes` the device allows,
 /// with `WORKGROUP_SIZE` and `VEC4_PER_INVOCATION` set and `constants` besides, each with its
 /// bind groups over the first `len` f32 of `buffers` (binding `i` is `buffers[i]`).
 fn pipelines(
@@ -198,11 +217,12 @@ fn pipelines(
     label: &str,
     source: &str,
     entry: &str,
+    shapes: &[(u32, u32)],
     constants: &[(&str, f64)],
     buffers: &[Option<&wgpu::Buffer>],
     len: u64,
 ) -> Vec<Shaped> {
-    SHAPES
+    shapes
         .iter()
         .filter(|&&shape| allowed(&gpu.limits, shape))
         .map(|&(size, per_invocation)| {
@@ -276,7 +296,7 @@ fn bind_chunks(
         .collect()
 }
 
-/// How many of `SHAPES` the device allows.
+/// How many of the copy's `SHAPES` the device allows.
 pub fn shape_count(limits: &wgpu::Limits) -> usize {
     SHAPES
         .iter()

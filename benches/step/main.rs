@@ -216,10 +216,11 @@ fn planned_bytes(
                 .iter()
                 .filter(|k| bytes_per_element(&k.config) == class)
                 .count() as u64;
-            let per_ceiling = shapes * (2 + runs.per_shape as u64);
+            // The copy's shapes checked and picked; the traffic kernel's one shape checked.
+            let per_ceiling = shapes * (2 + runs.per_shape as u64) + 1;
             // A block per kernel: copy, traffic, one tensor, many.
             let rounds = 4 * k * (runs.warm_up + runs.timed) as u64;
-            bytes += (2 * k * CHECK_RUNS + 2 * per_ceiling + rounds) * class * n;
+            bytes += (2 * k * CHECK_RUNS + per_ceiling + rounds) * class * n;
         }
     }
     bytes
