@@ -41,10 +41,18 @@ pub enum Which {
 }
 
 impl Which {
+    /// The name in the table, and the entry point of its shader.
     pub fn name(self) -> &'static str {
         match self {
             Which::Copy => "copy",
             Which::Traffic => "traffic",
+        }
+    }
+
+    fn wgsl(self) -> &'static str {
+        match self {
+            Which::Copy => COPY_WGSL,
+            Which::Traffic => TRAFFIC_WGSL,
         }
     }
 }
@@ -88,16 +96,7 @@ impl Ceiling {
             which: Which::Copy,
             len,
             bytes: 8 * len,
-            pipelines: pipelines(
-                gpu,
-                "bench copy",
-                COPY_WGSL,
-                "copy",
-                &SHAPES,
-                &[],
-                &buffers,
-                len,
-            ),
+            pipelines: pipelines(gpu, Which::Copy, &SHAPES, &[], &buffers, len),
             shape: 0,
         }
     }
@@ -117,21 +116,11 @@ impl Ceiling {
             Some(b.exp_avg_sq),
             b.max_exp_avg_sq,
         ];
-        let label = "bench traffic";
         Ceiling {
             which: Which::Traffic,
             len,
             bytes: len * if amsgrad { 36 } else { 28 },
-            pipelines: pipelines(
-                gpu,
-                label,
-                TRAFFIC_WGSL,
-                "traffic",
-                &STEP_SHAPE,
-                &constants,
-                &buffers,
-                len,
-            ),
+            pipelines: pipelines(gpu, Which::Traffic, &STEP_SHAPE, &constants, &buffers, len),
             shape: 0,
         }
     }
@@ -209,14 +198,12 @@ impl Kernel for Ceiling {
     }
 }
 
-/// The benchmark's pipelines: `entry` of `source` in each of `shapes` the device allows,
+/// The benchmark's pipelines: the shader of `which` in each of `shapes` the device allows,
 /// with `WORKGROUP_SIZE` and `VEC4_PER_INVOCATION` set and `constants` besides, each with its
 /// bind groups over the first `len` f32 of `buffers` (binding `i` is `buffers[i]`).
 fn pipelines(
     gpu: &Gpu,
-    label: &str,
-    source: &str,
-    entry: &str,
+    which: Which,
     shapes: &[(u32, u32)],
     constants: &[(&str, f64)],
     buffers: &[Option<&wgpu::Buffer>],
@@ -231,8 +218,9 @@ fn pipelines(
                 ("VEC4_PER_INVOCATION", per_invocation as f64),
             ];
             all.extend_from_slice(constants);
-            let label = format!("{label} ({size} x {per_invocation})");
-            let pipeline = auxiliary_pipeline(&gpu.device, &label, source, entry, &all);
+            let (name, source) = (which.name(), which.wgsl());
+            let label = format!("bench {name} ({size} x {per_invocation})");
+            let pipeline = auxiliary_pipeline(&gpu.device, &label, source, name, &all);
             let layout = pipeline.get_bind_group_layout(0);
             Shaped {
                 shape: (size, per_invocation),
@@ -262,7 +250,7 @@ fn bind_chunks(
     let placeholder = gpu.storage_buffer(&format!("{label} placeholder"), 4);
     let limits = &gpu.limits;
     let align = (limits.min_storage_buffer_offset_alignment as u64).max(16);
-    let max_chunk = (limits.max_storage_buffer_binding_size as u64).min(1 << 32) / align * align;
+    let max_chunk = limits.max_storage_buffer_binding_size.min(1 << 32) / align * align;
     let bytes = len * 4;
     let chunk = bytes
         .div_ceil(bytes.div_ceil(max_chunk).max(1))

@@ -48,7 +48,7 @@ pub fn split(elements: u64, tensors: u64) -> Vec<(u64, u64)> {
     let unit = elements / (pairs * 65).max(1);
     let bias = (unit / 4 * 4).max(4);
     let weight = (64 * unit / 4 * 4).max(4);
-    let patterned = |i: u64| if i % 2 == 0 { weight } else { bias };
+    let patterned = |i: u64| if i.is_multiple_of(2) { weight } else { bias };
     let fits = (0..tensors.saturating_sub(1)).map(patterned).sum::<u64>() <= elements;
     let equal = elements / tensors / 4 * 4;
     let mut offset = 0;
