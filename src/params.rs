@@ -182,6 +182,9 @@ pub(crate) struct Location {
     pub offset: u64,
 }
 
+/// The validated spans, and every tensor with where its state lives.
+pub(crate) type Spans = (Vec<SpanInput>, Vec<(TensorInfo, Location)>);
+
 /// Validates every parameter and flat buffer against `groups` groups and turns them into
 /// spans: a parameter in its own buffers is a span of one segment, a flat buffer one span of
 /// many. Tensors are numbered `parameters` first, then each flat buffer's tensors in order.
@@ -189,7 +192,7 @@ pub(crate) fn spans(
     groups: usize,
     parameters: &[Parameter],
     flats: &[FlatParameters],
-) -> Result<(Vec<SpanInput>, Vec<(TensorInfo, Location)>)> {
+) -> Result<Spans> {
     let mut spans = Vec::new();
     let mut tensors = Vec::new();
     for p in parameters {

@@ -81,8 +81,8 @@ pub(crate) fn granularity(align: u64) -> u64 {
 /// Whether the span's views and tensors allow vec4 loads: both views and every tensor start
 /// at a multiple of 4 elements.
 fn vec4_aligned(span: &SpanLayout) -> bool {
-    span.param_offset % 4 == 0
-        && span.grad_offset % 4 == 0
+    span.param_offset.is_multiple_of(4)
+        && span.grad_offset.is_multiple_of(4)
         && span.segments.iter().all(|s| s.start % 4 == 0)
 }
 

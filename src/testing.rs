@@ -118,8 +118,8 @@ pub fn compare(
         .zip(want)
         .enumerate()
         .filter(|(_, (g, w))| {
-            !approx::relative_eq!(**g, **w, epsilon = tol.abs, max_relative = tol.rel)
-                && !(g.is_nan() && w.is_nan())
+            let close = approx::relative_eq!(**g, **w, epsilon = tol.abs, max_relative = tol.rel);
+            !(close || g.is_nan() && w.is_nan())
         })
         .map(|(i, (g, w))| (i, *g, *w))
         .collect();

@@ -64,7 +64,7 @@ fn check_readable(buffer: &wgpu::Buffer, byte_offset: u64, len: u64) -> Result<(
         });
     }
     let end = len.checked_mul(4).and_then(|b| b.checked_add(byte_offset));
-    if byte_offset % 4 != 0 || end.is_none_or(|end| end > buffer.size()) {
+    if !byte_offset.is_multiple_of(4) || end.is_none_or(|end| end > buffer.size()) {
         return Err(Error::OutOfBounds {
             tensor: "(read_f32)".into(),
             which: "read",

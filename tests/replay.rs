@@ -722,7 +722,32 @@ fn example_replays_a_recorded_trace() {
     let run = run_example(&[&trace_path, &out]);
     assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
     assert!(run.stdout.contains("adapter: "), "{}", run.stdout);
-    assert!(run.stdout.contains("replayed 10 steps"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("replayed 10 iterations"),
+        "{}",
+        run.stdout
+    );
+    // A loss-scaled trace: the summary says what was skipped, and the file matches torch's.
+    let amp = torch_data().join("amp_adam_clip.trace.safetensors");
+    let amp_out = scratch("ok-amp").join("amp.safetensors");
+    let run = run_example(&[&amp, &amp_out]);
+    assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout
+            .contains("10 steps applied, 2 skipped, final loss scale 65536"),
+        "{}",
+        run.stdout
+    );
+    let mut errors = Vec::new();
+    let want = Raw::read(&torch_data().join("amp_adam_clip.expected.safetensors"));
+    check_result(
+        "amp_adam_clip",
+        &Trace::read(&amp).unwrap(),
+        &Raw::read(&amp_out),
+        &want,
+        &mut errors,
+    );
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
     let trace = Trace::read(&trace_path).unwrap();
     let want = Raw::read(&torch_data().join(format!("{case}.expected.safetensors")));
     let mut errors = Vec::new();
