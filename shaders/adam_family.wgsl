@@ -69,8 +69,18 @@ struct DeviceScalars {
     growth_tracker: u32,
 }
 
+// What the step reads of the iteration: the scalars and each group's bias factors
+// (sqrt(bc2)/bc1, sqrt(bc2), bc2, 1) at the device's t. `finish` writes them into `device`,
+// and the host copies them into the `iteration` uniform between the passes: a uniform is read
+// once per workgroup where a storage buffer may be read once per invocation (llvmpipe).
+struct Iteration {
+    scalars: DeviceScalars,
+    factors: array<vec4<f32>, MAX_GROUPS>,
+}
+
 struct DeviceState {
     scalars: DeviceScalars,
+    factors: array<vec4<f32>, MAX_GROUPS>,
     // One per workgroup of `grad_norm`: (sum of squares, 1 if a non-finite value was seen).
     partials: array<vec2<f32>>,
 }
@@ -135,7 +145,7 @@ fn step(
     @builtin(local_invocation_index) lane: u32,
 ) {
     // A skipped iteration changes nothing (every invocation reads the same flag).
-    if SKIP && device.scalars.found_inf != 0u {
+    if SKIP && iteration.scalars.found_inf != 0u {
         return;
     }
     // 2-D grid: more than 65,535 workgroups spill into y.
@@ -156,10 +166,10 @@ fn step(
     // and `clip_grad_norm_` do, before the per-element step.
     var g = grad[chunk.grad_base + i];
     if SCALE {
-        g = g * device.scalars.step_inv_scale;
+        g = g * iteration.scalars.step_inv_scale;
     }
     if NORM_CLIP {
-        g = g * device.scalars.clip_coef;
+        g = g * iteration.scalars.clip_coef;
     }
     g = g * u.rescale_grad;
     // CLIP and WEIGHT_DECAY say that some group uses the option; each group checks its own
@@ -203,14 +213,11 @@ fn step(
     var eps = u.eps;
     var eps_root = u.eps_root;
     if SKIP {
-        let t = device.scalars.step;
-        if t >= 1u && t <= u.bias_len {
-            let row = u.bias_base + BIAS_ROW * (t - 1u);
-            step_size = step_size * bitcast<f32>(table[row]);
-            if u.eps_scaled != 0u {
-                eps = eps * bitcast<f32>(table[row + 1u]);
-                eps_root = eps_root * bitcast<f32>(table[row + 2u]);
-            }
+        let factors = iteration.factors[place.group];
+        step_size = step_size * factors.x;
+        if u.eps_scaled != 0u {
+            eps = eps * factors.y;
+            eps_root = eps_root * factors.z;
         }
     }
     p = p - step_size * m / (sqrt(v + eps_root) + eps);
@@ -249,37 +256,41 @@ fn non_finite(x: Elem) -> Elem {
     return select(Elem(0.0), Elem(1.0), (bitcast<Index>(x) & exponent) == exponent);
 }
 
-// Pass 1 of an iteration: each workgroup's sum of the squared unscaled gradient over its
-// tensors' elements, and whether it saw a non-finite one, into `device.partials`.
+// Pass 1 of an iteration: sums of the squared unscaled gradient over the tensors' elements,
+// and whether a non-finite one was seen, into `device.partials`. A workgroup covers NORM_BLOCKS
+// of the step's workgroups (their hints, their elements), so that the reduction's barriers,
+// costly on CPU drivers, are paid once per NORM_BLOCKS blocks.
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn grad_norm(
     @builtin(workgroup_id) workgroup: vec3<u32>,
     @builtin(num_workgroups) workgroups: vec3<u32>,
     @builtin(local_invocation_index) lane: u32,
 ) {
-    let block = workgroup.y * workgroups.x + workgroup.x;
-    let i = block * WORKGROUP_SIZE + lane;
-    let e = chunk.first_element + i * LANES;
-    let place = locate(block, i, e);
+    let group_index = workgroup.y * workgroups.x + workgroup.x;
     var sum = 0.0;
     var flag = 0.0;
-    if place.valid {
-        var g = grad[chunk.grad_base + i];
-        if SCALE {
-            g = g * device.scalars.inv_scale;
+    for (var k = 0u; k < NORM_BLOCKS; k += 1u) {
+        let block = group_index * NORM_BLOCKS + k;
+        let i = block * WORKGROUP_SIZE + lane;
+        let e = chunk.first_element + i * LANES;
+        let place = locate(block, i, e);
+        if place.valid {
+            var g = grad[chunk.grad_base + i];
+            if SCALE {
+                g = g * iteration.scalars.inv_scale;
+            }
+            // Lanes past the tensor's end (vec4 only) do not count.
+            let mine = select(Elem(0.0), Elem(1.0), Index(e) + LANE < Index(place.end));
+            sum += lane_sum(g * g * mine);
+            flag = max(flag, lane_sum(non_finite(g) * mine));
         }
-        // Lanes past the tensor's end (vec4 only) do not count.
-        let mine = select(Elem(0.0), Elem(1.0), Index(e) + LANE < Index(place.end));
-        let g2 = g * g * mine;
-        let bad = non_finite(g) * mine;
-        sum = lane_sum(g2);
-        flag = lane_sum(bad);
     }
     scratch[lane] = vec2<f32>(sum, min(flag, 1.0));
     reduce_scratch(lane);
     let blocks = (chunk.count + WORKGROUP_SIZE - 1u) / WORKGROUP_SIZE;
-    if lane == 0u && block < blocks {
-        device.partials[chunk.partials_base + block] = scratch[0];
+    let groups = (blocks + NORM_BLOCKS - 1u) / NORM_BLOCKS;
+    if lane == 0u && group_index < groups {
+        device.partials[chunk.partials_base + group_index] = scratch[0];
     }
 }
 
@@ -336,6 +347,21 @@ fn finish(@builtin(local_invocation_index) lane: u32) {
         s.inv_scale = reciprocal(s.loss_scale);
     }
     device.scalars = s;
+    // Each group's bias factors at the new t, from its table (1 past it, or without one).
+    for (var g = 0u; g < MAX_GROUPS; g += 1u) {
+        let u = groups[g];
+        var factors = vec4<f32>(1.0);
+        if s.step >= 1u && s.step <= u.bias_len {
+            let row = u.bias_base + BIAS_ROW * (s.step - 1u);
+            factors = vec4<f32>(
+                bitcast<f32>(table[row]),
+                bitcast<f32>(table[row + 1u]),
+                bitcast<f32>(table[row + 2u]),
+                1.0,
+            );
+        }
+        device.factors[g] = factors;
+    }
 }
 
 // The rounding error of the f32 product p = a * b, exactly (Dekker's two-product: each factor

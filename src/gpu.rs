@@ -10,7 +10,7 @@ use std::num::NonZeroU64;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::protocol::{self, BINDINGS, BindingKind, Slot, Width};
+use crate::protocol::{self, BINDINGS, BindingKind, ITERATION_BYTES, Slot, Width};
 
 /// The WGSL family every variant is built from.
 const ADAM_FAMILY_WGSL: &str = include_str!("../shaders/adam_family.wgsl");
@@ -377,27 +377,54 @@ pub(crate) fn create_scoped<T>(
     }
 }
 
-/// Records one iteration into one compute pass: with a pass before the step, `grad_norm`
-/// over every dispatch and then `finish` (with `finish_bind_group`), then the step over every
-/// dispatch. `timestamp_writes`, if any, time the pass (the benchmark uses it).
+/// Records one iteration. With a pass before the step: a compute pass of `grad_norm` over
+/// every dispatch and `finish` (with `finish_bind_group`), a copy of the iteration's numbers
+/// from `device_state` into the `iteration` uniform, then a pass of the step; else the step's
+/// pass alone. `timestamp_writes`, if any, time from the first pass's start to the last's end
+/// (the benchmark uses it).
 pub(crate) fn record(
     encoder: &mut wgpu::CommandEncoder,
     kernels: &Kernels,
     dispatches: &[&Dispatch],
-    finish_bind_group: &wgpu::BindGroup,
+    (finish_bind_group, device_state, iteration): (&wgpu::BindGroup, &wgpu::Buffer, &wgpu::Buffer),
     timestamp_writes: Option<wgpu::ComputePassTimestampWrites>,
 ) {
-    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-        label: Some("wgpu-optim step"),
-        timestamp_writes,
-    });
+    let step_timestamps;
     if let Some((norm, finish)) = kernels.pre_step() {
-        dispatch_all(&mut pass, norm, dispatches);
+        let (first, last) = match timestamp_writes {
+            Some(t) => (
+                Some(wgpu::ComputePassTimestampWrites {
+                    query_set: t.query_set,
+                    beginning_of_pass_write_index: t.beginning_of_pass_write_index,
+                    end_of_pass_write_index: None,
+                }),
+                Some(wgpu::ComputePassTimestampWrites {
+                    query_set: t.query_set,
+                    beginning_of_pass_write_index: None,
+                    end_of_pass_write_index: t.end_of_pass_write_index,
+                }),
+            ),
+            None => (None, None),
+        };
+        step_timestamps = last;
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("wgpu-optim grad norm"),
+            timestamp_writes: first,
+        });
+        dispatch_all(&mut pass, norm, dispatches, |d| d.norm_grid);
         pass.set_pipeline(finish);
         pass.set_bind_group(0, finish_bind_group, &[]);
         pass.dispatch_workgroups(1, 1, 1);
+        drop(pass);
+        encoder.copy_buffer_to_buffer(device_state, 0, iteration, 0, ITERATION_BYTES);
+    } else {
+        step_timestamps = timestamp_writes;
     }
-    dispatch_all(&mut pass, &kernels.pipelines, dispatches);
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some("wgpu-optim step"),
+        timestamp_writes: step_timestamps,
+    });
+    dispatch_all(&mut pass, &kernels.pipelines, dispatches, |d| d.grid);
 }
 
 /// Every dispatch with its width's and segmentation's pipeline of `pipelines`.
@@ -405,6 +432,7 @@ fn dispatch_all(
     pass: &mut wgpu::ComputePass,
     pipelines: &[wgpu::ComputePipeline; 4],
     dispatches: &[&Dispatch],
+    grid: impl Fn(&Dispatch) -> [u32; 2],
 ) {
     let mut current = None;
     for d in dispatches {
@@ -414,7 +442,8 @@ fn dispatch_all(
             current = Some(index);
         }
         pass.set_bind_group(0, &d.bind_group, &[]);
-        pass.dispatch_workgroups(d.grid[0], d.grid[1], 1);
+        let [x, y] = grid(d);
+        pass.dispatch_workgroups(x, y, 1);
     }
 }
 
@@ -424,6 +453,8 @@ pub(crate) struct Dispatch {
     pub segmented: bool,
     pub bind_group: wgpu::BindGroup,
     pub grid: [u32; 2],
+    /// The `grad_norm` pass's grid: one workgroup per NORM_BLOCKS of the step's.
+    pub norm_grid: [u32; 2],
 }
 
 /// Workgroups for `units` invocations: x up to `max_per_dim`, the rest in y.

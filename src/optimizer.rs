@@ -14,8 +14,8 @@ use crate::params::{
 };
 use crate::plan::{self, PlanLimits, Planned, SpanLayout};
 use crate::protocol::{
-    self, BIAS_ROW, Chunk, DeviceScalars, GROUPS_BYTES, HINTS_BYTES, MAX_HINTS, Slot, StepUniforms,
-    Width,
+    self, BIAS_ROW, Chunk, DeviceScalars, GROUPS_BYTES, HINTS_BYTES, ITERATION_BYTES, MAX_GROUPS,
+    MAX_HINTS, NORM_BLOCKS, Slot, StepUniforms, Width,
 };
 use crate::schedule::Schedule;
 use crate::state::StateBuffers;
@@ -43,6 +43,8 @@ pub struct Optimizer {
     step_uniforms: wgpu::Buffer,
     /// The iteration's numbers on the device (`DeviceScalars`) and the norm pass's partials.
     pub(crate) device_state: wgpu::Buffer,
+    /// The uniform copy of the iteration's numbers that the step reads.
+    pub(crate) iteration: wgpu::Buffer,
     /// Binds the device state for the `finish` pass.
     finish_bind_group: wgpu::BindGroup,
     /// With t on the device: each group's (first u32, steps) of bias factors in the table.
@@ -138,11 +140,11 @@ impl Optimizer {
                 let kernels = Kernels::new(device, variant, Some(finish));
                 let step_uniforms =
                     gpu::uniform_buffer(device, "wgpu-optim step uniforms", GROUPS_BYTES);
-                let device_state = device_state(device, &groups[0], partials);
+                let (device_state, iteration) = device_state(device, &groups[0], partials);
                 let (built, finish_bind_group) = build_spans(
                     device,
                     &kernels,
-                    [&step_uniforms, &device_state],
+                    [&step_uniforms, &device_state, &iteration],
                     &groups[0],
                     &spans,
                     &planned,
@@ -158,6 +160,7 @@ impl Optimizer {
                     device: device.clone(),
                     step_uniforms,
                     device_state,
+                    iteration,
                     finish_bind_group,
                     bias,
                     tensors,
@@ -210,7 +213,7 @@ impl Optimizer {
             encoder,
             &self.kernels,
             &dispatches,
-            &self.finish_bind_group,
+            (&self.finish_bind_group, &self.device_state, &self.iteration),
             timestamp_writes,
         );
     }
@@ -344,9 +347,13 @@ fn plan_all(
         for d in &mut dispatches {
             d.chunk.segments = table.len() as u32;
             table.extend(d.rows.iter().flatten());
-            // `grad_norm` writes one partial sum per workgroup.
+            // `grad_norm` writes one partial sum per workgroup (NORM_BLOCKS step blocks).
             d.chunk.partials_base = partials;
-            partials += d.chunk.count.div_ceil(d.workgroup_size);
+            partials += d
+                .chunk
+                .count
+                .div_ceil(d.workgroup_size)
+                .div_ceil(NORM_BLOCKS);
         }
         planned.push(dispatches);
     }
@@ -358,7 +365,7 @@ fn plan_all(
 fn build_spans(
     device: &wgpu::Device,
     kernels: &Kernels,
-    [step_uniforms, device_state]: [&wgpu::Buffer; 2],
+    [step_uniforms, device_state, iteration]: [&wgpu::Buffer; 3],
     config: &Config,
     spans: &[SpanInput],
     planned: &[Vec<Planned>],
@@ -422,6 +429,7 @@ fn build_spans(
             size: HINTS_BYTES,
         },
         Slot::Device => Range::whole(device_state),
+        Slot::Iteration => Range::whole(iteration),
         _ => Range::whole(&stand_ins[slot as usize]),
     });
     let finish_label = format!("{} finish", kernels.variant.label(Width::Scalar));
@@ -458,6 +466,7 @@ fn build_spans(
                         Slot::Table => Range::whole(&table),
                         Slot::Hints => range(&hints, (hint_offsets[index as usize], HINTS_BYTES)),
                         Slot::Device => Range::whole(device_state),
+                        Slot::Iteration => Range::whole(iteration),
                     });
                     index += 1;
                     let variant = if d.segmented {
@@ -475,6 +484,11 @@ fn build_spans(
                             d.workgroup_size,
                             limits.max_compute_workgroups_per_dimension,
                         ),
+                        norm_grid: gpu::workgroup_grid(
+                            (d.chunk.count.div_ceil(d.workgroup_size)).div_ceil(NORM_BLOCKS) as u64,
+                            1,
+                            limits.max_compute_workgroups_per_dimension,
+                        ),
                     }
                 })
                 .collect();
@@ -487,7 +501,11 @@ fn build_spans(
 /// The device's iteration state: `DeviceScalars` (S = `init_scale` and its f32 inverse, no
 /// growth, t = 0) followed by room for `partials` partial sums (at least one, so that the
 /// binding is never shorter than the shader's struct).
-fn device_state(device: &wgpu::Device, config: &Config, partials: u32) -> wgpu::Buffer {
+fn device_state(
+    device: &wgpu::Device,
+    config: &Config,
+    partials: u32,
+) -> (wgpu::Buffer, wgpu::Buffer) {
     let scale = config.loss_scale.map_or(1.0, |l| l.init_scale as f32);
     let inv_scale = (1.0 / scale as f64) as f32;
     let scalars = DeviceScalars {
@@ -497,9 +515,24 @@ fn device_state(device: &wgpu::Device, config: &Config, partials: u32) -> wgpu::
         clip_coef: 1.0,
         ..DeviceScalars::default()
     };
-    let mut bytes = bytemuck::bytes_of(&scalars).to_vec();
-    bytes.resize(bytes.len() + 8 * partials.max(1) as usize, 0);
+    let bytes = iteration_bytes(&scalars);
+    let mut state = bytes.clone();
+    state.resize(state.len() + 8 * partials.max(1) as usize, 0);
     let usage =
         wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-    gpu::buffer_init(device, "wgpu-optim device state", usage, &bytes)
+    let uniform = wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST;
+    (
+        gpu::buffer_init(device, "wgpu-optim device state", usage, &state),
+        gpu::buffer_init(device, "wgpu-optim iteration", uniform, &bytes),
+    )
+}
+
+/// The shader's `Iteration` for `scalars`: them, then every group's bias factors at 1.
+pub(crate) fn iteration_bytes(scalars: &DeviceScalars) -> Vec<u8> {
+    let mut bytes = bytemuck::bytes_of(scalars).to_vec();
+    for _ in 0..MAX_GROUPS {
+        bytes.extend(bytemuck::bytes_of(&[1.0f32; 4]));
+    }
+    debug_assert_eq!(bytes.len() as u64, ITERATION_BYTES);
+    bytes
 }

@@ -146,6 +146,13 @@ pub(crate) struct DeviceScalars {
     pub growth_tracker: u32,
 }
 
+/// Bytes of the shader's `Iteration` (and the start of `DeviceState`): the scalars, then each
+/// group's bias factors as a vec4.
+pub(crate) const ITERATION_BYTES: u64 = (size_of::<DeviceScalars>() + 16 * MAX_GROUPS) as u64;
+
+/// Step workgroups (blocks) one `grad_norm` workgroup covers.
+pub(crate) const NORM_BLOCKS: u32 = 16;
+
 /// The largest workgroup the reductions' scratch array holds.
 pub(crate) const MAX_WORKGROUP_SIZE: u32 = 1024;
 
@@ -223,7 +230,7 @@ pub(crate) struct Binding {
 }
 
 /// The bindings of the step, in binding order. [`Slot`] names the indices.
-pub(crate) const BINDINGS: [Binding; 10] = {
+pub(crate) const BINDINGS: [Binding; 11] = {
     const fn uniform(name: &'static str, size: u64, wgsl_type: &'static str) -> Binding {
         Binding {
             name,
@@ -256,6 +263,8 @@ pub(crate) const BINDINGS: [Binding; 10] = {
         uniform("hints", HINTS_BYTES, "array<vec4<u32>, HINT_VEC4S>"),
         // The iteration's scalars and the norm pass's partial sums (see `DeviceScalars`).
         storage("device", false, "DeviceState"),
+        // A copy of `device`'s first ITERATION_BYTES, made between the passes (see `Iteration`).
+        uniform("iteration", ITERATION_BYTES, "Iteration"),
     ]
 };
 
@@ -272,11 +281,12 @@ pub(crate) enum Slot {
     Table,
     Hints,
     Device,
+    Iteration,
 }
 
 impl Slot {
     /// Every slot, in binding order.
-    pub const ALL: [Slot; 10] = [
+    pub const ALL: [Slot; 11] = [
         Slot::Groups,
         Slot::Chunk,
         Slot::Param,
@@ -287,6 +297,7 @@ impl Slot {
         Slot::Table,
         Slot::Hints,
         Slot::Device,
+        Slot::Iteration,
     ];
 }
 
@@ -335,7 +346,8 @@ pub(crate) fn wgsl_prelude(width: Width) -> String {
          {elem}const MAX_GROUPS: u32 = {MAX_GROUPS}u;\nconst WHOLE_BLOCK: u32 = {WHOLE_BLOCK:#x}u;\n\
          const HINT_VEC4S: u32 = {}u;\nconst SEGMENT_ROW: u32 = {SEGMENT_ROW}u;\n\
          const ADAM: u32 = {}u;\nconst ADAMW: u32 = {}u;\nconst YOGI: u32 = {}u;\n\
-         const BIAS_ROW: u32 = {BIAS_ROW}u;\nconst MAX_WORKGROUP_SIZE: u32 = {MAX_WORKGROUP_SIZE}u;\n",
+         const BIAS_ROW: u32 = {BIAS_ROW}u;\nconst MAX_WORKGROUP_SIZE: u32 = {MAX_WORKGROUP_SIZE}u;\n\
+         const NORM_BLOCKS: u32 = {NORM_BLOCKS}u;\n",
         MAX_HINTS / 4,
         algorithm_code(Algorithm::Adam),
         algorithm_code(Algorithm::AdamW),
@@ -570,6 +582,7 @@ mod tests {
             assert_eq!(constant("SEGMENT_ROW") as usize, SEGMENT_ROW);
             assert_eq!(constant("BIAS_ROW") as usize, BIAS_ROW);
             assert_eq!(constant("MAX_WORKGROUP_SIZE"), MAX_WORKGROUP_SIZE);
+            assert_eq!(constant("NORM_BLOCKS"), NORM_BLOCKS);
             for algorithm in [Algorithm::Adam, Algorithm::AdamW, Algorithm::Yogi] {
                 let name = format!("{algorithm:?}").to_uppercase();
                 assert_eq!(constant(&name), algorithm_code(algorithm), "{name}");

@@ -160,7 +160,9 @@ impl Optimizer {
             found_inf: 0,
             growth_tracker,
         };
-        queue.write_buffer(&self.device_state, 0, bytemuck::bytes_of(&scalars));
+        let bytes = crate::optimizer::iteration_bytes(&scalars);
+        queue.write_buffer(&self.device_state, 0, &bytes);
+        queue.write_buffer(&self.iteration, 0, &bytes);
     }
 
     /// The buffer that holds the loss scale S, an f32 at byte 0 (bind `0..4` as
