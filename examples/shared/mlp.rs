@@ -15,7 +15,7 @@ use plotters::prelude::SeriesLabelPosition;
 use wgpu_optim::{Arena, Config, Optimizer, OptimizerOptions, Schedule, groups};
 
 use super::Result;
-use super::gpu::{Gpu, Kernel, Rng, STEPS_PER_SUBMIT, UNIT_ROUNDOFF};
+use super::gpu::{Gpu, Kernel, Rng, STEPS_PER_SUBMIT, UNIT_ROUNDOFF, permutation};
 use super::plot::{self, Axis, Panel, Series};
 
 pub const INPUTS: usize = 64;
@@ -422,7 +422,7 @@ pub fn train(
     let start = Instant::now();
     let mut first: Option<Instant> = None;
     for epoch in 1..=settings.epochs {
-        mlp.upload_epoch(gpu, digits, &rng.permutation(digits.train.len()));
+        mlp.upload_epoch(gpu, digits, &permutation(&mut rng, digits.train.len()));
         let mut encoder = gpu.device.create_command_encoder(&Default::default());
         encoder.clear_buffer(&mlp.metrics, 0, None);
         for k in 0..steps {

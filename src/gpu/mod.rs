@@ -9,11 +9,20 @@
 use std::num::NonZeroU64;
 
 use crate::config::Config;
-use crate::error::{Error, Result};
 use crate::protocol::{self, BINDINGS, BindingKind, ITERATION_BYTES, Slot, Width};
 
+mod buffers;
+mod device;
+
+pub(crate) use buffers::{
+    buffer_init, create_scoped, engine_buffer, read_f32, read_f32_blocking, state_buffer,
+    uniform_buffer, upload,
+};
+pub use device::auxiliary_pipeline;
+pub(crate) use device::request_device;
+
 /// The WGSL family every variant is built from.
-const ADAM_FAMILY_WGSL: &str = include_str!("../shaders/adam_family.wgsl");
+const ADAM_FAMILY_WGSL: &str = include_str!("../../shaders/adam_family.wgsl");
 
 /// The complete WGSL source for one element width: the generated prelude, then the family.
 pub(crate) fn wgsl_source(width: Width) -> String {
@@ -354,29 +363,6 @@ pub(crate) fn bind_group(
     })
 }
 
-/// Runs `create` inside validation and out-of-memory error scopes: whatever the device refuses
-/// comes back as [`Error::Creation`] naming `what`, rather than reaching the device's
-/// uncaptured-error handler (which panics by default). On native backends the scopes' answers
-/// are ready at once: nothing waits on the GPU.
-pub(crate) fn create_scoped<T>(
-    device: &wgpu::Device,
-    what: &str,
-    create: impl FnOnce() -> Result<T>,
-) -> Result<T> {
-    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let memory = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-    let created = create();
-    let memory = pollster::block_on(memory.pop());
-    let validation = pollster::block_on(validation.pop());
-    match memory.or(validation) {
-        Some(e) => Err(Error::Creation {
-            what: what.to_string(),
-            reason: e.to_string(),
-        }),
-        None => created,
-    }
-}
-
 /// Records one iteration. With a pass before the step: a compute pass of `grad_norm` over
 /// every dispatch and `finish` (with `finish_bind_group`), a copy of the iteration's numbers
 /// from `device_state` into the `iteration` uniform, then a pass of the step; else the step's
@@ -462,235 +448,6 @@ pub fn workgroup_grid(units: u64, workgroup_size: u32, max_per_dim: u32) -> [u32
     let groups = units.div_ceil(workgroup_size as u64);
     let x = groups.min(max_per_dim as u64).max(1);
     [x as u32, groups.div_ceil(x) as u32]
-}
-
-/// A storage buffer of `len` f32, every element `fill`; at least 16 bytes so that an empty
-/// tensor still has something to bind.
-pub(crate) fn state_buffer(
-    device: &wgpu::Device,
-    label: &str,
-    len: u64,
-    fill: f32,
-) -> wgpu::Buffer {
-    let size = (len * 4).max(16);
-    let buffer = device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some(label),
-        size,
-        usage: wgpu::BufferUsages::STORAGE
-            | wgpu::BufferUsages::COPY_SRC
-            | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: fill != 0.0,
-    });
-    if fill != 0.0 {
-        // New buffers are zeroed; only a non-zero fill needs writing, a block at a time.
-        const BLOCK: usize = 1 << 16;
-        let block = vec![fill; BLOCK];
-        // A buffer the device could not create does not map: its error scope reports it.
-        if let Ok(mut view) = buffer.get_mapped_range_mut(..) {
-            let bytes = view.len();
-            for start in (0..bytes).step_by(BLOCK * 4) {
-                let end = (start + BLOCK * 4).min(bytes);
-                view.slice(start..end)
-                    .copy_from_slice(&bytemuck::cast_slice(&block)[..end - start]);
-            }
-        }
-        buffer.unmap();
-    }
-    buffer
-}
-
-/// Records into `encoder` a copy of `data` into the start of `target`, through a fresh buffer
-/// mapped at creation: the copy runs in encoder order, so each recorded step reads its own
-/// numbers however many are recorded before a submit (a `Queue::write_buffer` would land
-/// before the whole submit, and a reused upload buffer would need the host to know when the
-/// caller submits). `data.len()` is a multiple of 4.
-pub(crate) fn upload(
-    device: &wgpu::Device,
-    encoder: &mut wgpu::CommandEncoder,
-    target: &wgpu::Buffer,
-    data: &[u8],
-) {
-    let upload = buffer_init(
-        device,
-        "wgpu-optim step upload",
-        wgpu::BufferUsages::COPY_SRC,
-        data,
-    );
-    encoder.copy_buffer_to_buffer(&upload, 0, target, 0, data.len() as u64);
-}
-
-/// A uniform buffer of `size` bytes, written later by copies ([`upload`]).
-pub(crate) fn uniform_buffer(device: &wgpu::Device, label: &str, size: u64) -> wgpu::Buffer {
-    device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some(label),
-        size,
-        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    })
-}
-
-/// A zeroed buffer of `bytes` (at least 16) that the engine reads and writes and the optimizer
-/// binds: an arena's flat parameters or gradients.
-pub(crate) fn engine_buffer(device: &wgpu::Device, label: &str, bytes: u64) -> wgpu::Buffer {
-    device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some(label),
-        size: bytes.max(16),
-        usage: wgpu::BufferUsages::STORAGE
-            | wgpu::BufferUsages::COPY_DST
-            | wgpu::BufferUsages::COPY_SRC,
-        mapped_at_creation: false,
-    })
-}
-
-/// A compute pipeline with its own bind group layout (from the shader), for the benchmark's
-/// ceiling kernels: built here so that they go through the same code as the step's.
-pub fn auxiliary_pipeline(
-    device: &wgpu::Device,
-    label: &str,
-    wgsl: &str,
-    entry_point: &str,
-    constants: &[(&str, f64)],
-) -> wgpu::ComputePipeline {
-    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-        label: Some(label),
-        source: wgpu::ShaderSource::Wgsl(wgsl.into()),
-    });
-    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-        label: Some(label),
-        layout: None,
-        module: &module,
-        entry_point: Some(entry_point),
-        compilation_options: wgpu::PipelineCompilationOptions {
-            constants,
-            zero_initialize_workgroup_memory: false,
-        },
-        cache: None,
-    })
-}
-
-/// A device on the adapter that wgpu's environment variables pick, with the adapter's own
-/// limits and `TIMESTAMP_QUERY` where it has it (see `util::request_device`).
-pub(crate) async fn request_device() -> Result<(wgpu::Adapter, wgpu::Device, wgpu::Queue)> {
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapter = match std::env::var("WGPU_ADAPTER_NAME") {
-        Ok(wanted) => {
-            let wanted = wanted.to_lowercase();
-            let adapters = instance.enumerate_adapters(wgpu::Backends::all()).await;
-            let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
-            adapters
-                .into_iter()
-                .find(|a| a.get_info().name.to_lowercase().contains(&wanted))
-                .ok_or_else(|| {
-                    Error::NoAdapter(format!(
-                        "WGPU_ADAPTER_NAME={wanted} matches none of {names:?}"
-                    ))
-                })?
-        }
-        Err(_) => instance
-            .request_adapter(&wgpu::RequestAdapterOptions {
-                power_preference: wgpu::PowerPreference::from_env().unwrap_or_default(),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| {
-                Error::NoAdapter(format!(
-                    "{e} (without a GPU, install Mesa's software Vulkan driver: \
-                     apt-get install mesa-vulkan-drivers libvulkan1)"
-                ))
-            })?,
-    };
-    let (device, queue) = adapter
-        .request_device(&wgpu::DeviceDescriptor {
-            label: Some("wgpu-optim"),
-            required_features: adapter.features() & wgpu::Features::TIMESTAMP_QUERY,
-            required_limits: adapter.limits(),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| Error::NoAdapter(e.to_string()))?;
-    Ok((adapter, device, queue))
-}
-
-/// A buffer holding `data`, with `usage` (UNIFORM, or STORAGE for read-only tables).
-pub(crate) fn buffer_init(
-    device: &wgpu::Device,
-    label: &str,
-    usage: wgpu::BufferUsages,
-    data: &[u8],
-) -> wgpu::Buffer {
-    let buffer = device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some(label),
-        size: (data.len() as u64).max(16),
-        usage,
-        mapped_at_creation: true,
-    });
-    // A buffer the device could not create does not map: its error scope reports it.
-    if !data.is_empty()
-        && let Ok(mut view) = buffer.get_mapped_range_mut(..data.len() as u64)
-    {
-        view.copy_from_slice(data);
-    }
-    buffer.unmap();
-    buffer
-}
-
-/// Copies `len` f32 from `buffer` at byte `offset` into a fresh staging buffer, submits, and
-/// asks to map it. The returned future resolves once the device is polled past the copy.
-pub(crate) fn read_f32(
-    device: &wgpu::Device,
-    queue: &wgpu::Queue,
-    buffer: &wgpu::Buffer,
-    offset: u64,
-    len: u64,
-) -> impl Future<Output = Result<Vec<f32>, String>> + use<> {
-    let staging = (len > 0).then(|| {
-        let staging = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("wgpu-optim readback"),
-            size: len * 4,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut encoder = device.create_command_encoder(&Default::default());
-        encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, len * 4);
-        queue.submit([encoder.finish()]);
-        let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |result| {
-            sender.send(result).ok();
-        });
-        (staging, receiver)
-    });
-    async move {
-        let Some((staging, receiver)) = staging else {
-            return Ok(Vec::new());
-        };
-        match receiver.receive().await {
-            Some(Ok(())) => {}
-            Some(Err(e)) => return Err(e.to_string()),
-            None => return Err("the map callback was dropped".into()),
-        }
-        let data = match staging.get_mapped_range(..) {
-            Ok(view) => bytemuck::cast_slice(&view).to_vec(),
-            Err(e) => return Err(e.to_string()),
-        };
-        staging.unmap();
-        Ok(data)
-    }
-}
-
-/// Blocks on the device until `read_f32`'s copy is done, then returns the values.
-pub(crate) fn read_f32_blocking(
-    device: &wgpu::Device,
-    queue: &wgpu::Queue,
-    buffer: &wgpu::Buffer,
-    offset: u64,
-    len: u64,
-) -> Result<Vec<f32>, String> {
-    let future = read_f32(device, queue, buffer, offset, len);
-    device
-        .poll(wgpu::PollType::wait_indefinitely())
-        .map_err(|e| e.to_string())?;
-    pollster::block_on(future)
 }
 
 #[cfg(test)]
