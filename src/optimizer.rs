@@ -4,7 +4,7 @@
 //!
 //! Owns: the step counter, the learning rates, the recorded dispatches. May not validate the
 //! user's layout (`params.rs`), decide what a dispatch covers (`plan.rs`) or build wgpu
-//! descriptors itself (`gpu.rs`); state I/O is in `state.rs`.
+//! descriptors itself (`gpu/`); state I/O is in `state.rs`.
 
 use crate::config::{self, Config};
 use crate::error::{Error, Result};

@@ -4,7 +4,7 @@
 //! shader cannot disagree with the host on a number or a binding. Also the host's f64 math for
 //! the per-step numbers.
 //!
-//! Owns: everything both sides must agree on. May not touch: wgpu (see `gpu.rs`, which builds
+//! Owns: everything both sides must agree on. May not touch: wgpu (see `gpu/`, which builds
 //! the bind group layout and every bind group from [`BINDINGS`]).
 
 use bytemuck::{Pod, Zeroable};

@@ -144,6 +144,6 @@ pub fn max_abs(x: &[f32]) -> f32 {
     x.iter().fold(0.0f32, |m, v| m.max(v.abs()))
 }
 
-/// The library's own wgpu code (`gpu.rs`) for the benchmark's ceiling kernels: a compute
+/// The library's own wgpu code (`gpu/`) for the benchmark's ceiling kernels: a compute
 /// pipeline with the layout taken from the shader, and the 2-D workgroup grid.
 pub use crate::gpu::{auxiliary_pipeline, workgroup_grid};

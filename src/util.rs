@@ -1,7 +1,7 @@
 //! Helpers for examples, tests, tools and engines: getting a device (a training engine brings
 //! its own; this shows what to ask for) and reading a buffer back.
 //!
-//! Owns: conveniences around the public API. The wgpu calls themselves are in `gpu.rs`.
+//! Owns: conveniences around the public API. The wgpu calls themselves are in `gpu/`.
 
 use crate::error::{Error, Result};
 
