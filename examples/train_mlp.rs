@@ -10,8 +10,9 @@
 //! asynchronously once per epoch. Prints each epoch (with a progress bar on a terminal) and
 //! writes the curves to `docs/plots/train_mlp.svg`.
 //!
-//! Not yet here, because the library does not have them yet: clipping the gradient's global
-//! norm (`max_grad_norm`) before the step, and a flag to keep the optimizer state in bf16.
+//! The gradient's global norm is clipped to 1 on the device (`max_grad_norm`), in the same
+//! encoder. Not yet here, because the library does not have it yet: a flag to keep the
+//! optimizer state in bf16.
 
 #[path = "shared/mod.rs"]
 mod shared;

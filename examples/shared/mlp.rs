@@ -172,9 +172,11 @@ impl Mlp {
             gpu.queue
                 .write_buffer(&arena.param, t.offset * 4, bytemuck::cast_slice(&init));
         }
+        // As transformers train: the gradient's global norm clipped to 1, on the device.
         let decay = Config::adamw()
             .lr(settings.lr)
-            .weight_decay(settings.weight_decay);
+            .weight_decay(settings.weight_decay)
+            .max_grad_norm(Some(1.0));
         let no_decay = decay.clone().weight_decay(0.0);
         let mut optimizer = Optimizer::with_groups(
             &gpu.device,
