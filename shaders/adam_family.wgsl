@@ -2,10 +2,13 @@
 // and the state once and writes param and the state once.
 //
 // A dispatch walks a range of `Elem`s that may hold many parameter tensors (segments), each in
-// a parameter group with its own per-step numbers. `Elem`, `Index`, `LANES` and `LANE` come
-// from a generated prelude: `vec4<f32>` / `vec4<u32>` / 4 / (0, 1, 2, 3) for 16-byte aligned
-// ranges, `f32` / `u32` / 1 / 0 otherwise. Every operation below is component-wise, so one
-// source serves both. Variants are override constants: the driver folds the branches away.
+// a parameter group with its own per-step numbers. `Elem`, `Index`, `Mask`, `LANES` and `LANE`
+// come from a generated prelude: four lanes for ranges aligned to 4 elements, two (16-bit
+// storage only: one word of two values), or one. Every operation below is component-wise, so
+// one source serves all. Each per-element buffer is read and written through the prelude's
+// `load_<name>` / `store_<name>`, which widen from and round to its storage dtype (arithmetic
+// is f32 whatever the dtype; shaders/storage.wgsl has the conversions). Variants are override
+// constants and prelude constants: the driver folds the branches away.
 
 override ALGORITHM: u32 = 0u;          // ADAM (coupled L2), ADAMW (decoupled) or YOGI
 override AMSGRAD: bool = false;
@@ -54,7 +57,7 @@ struct StepUniforms {
     bias_base: u32,
     bias_len: u32,
     eps_scaled: u32,
-    _pad: u32,
+    step: u32,            // t as the host counts it (without SKIP)
 }
 
 // Mirrors src/protocol.rs DeviceScalars: the iteration's numbers, kept on the device.
@@ -96,7 +99,7 @@ struct Chunk {
     segment_count: u32,
     group: u32,           // the group of an unsegmented dispatch
     partials_base: u32,   // grad_norm: this dispatch's first entry in `device.partials`
-    _pad1: u32,
+    tensor_element: u32,  // unsegmented: the index within its tensor of element 0 (wrapping)
     _pad2: u32,
     _pad3: u32,
 }
@@ -104,35 +107,44 @@ struct Chunk {
 // The bindings (`groups`, `chunk`, `param`, `grad`, `exp_avg`, `exp_avg_sq`,
 // `max_exp_avg_sq`, the segment `table` and the workgroup `hints`) are declared by the
 // prelude, from the table in src/protocol.rs. In a segmented dispatch the table holds the
-// segments as rows of SEGMENT_ROW u32 (start, end, group, 0) in f32 elements, sorted and
-// disjoint, and `hints` one u32 per workgroup: WHOLE_BLOCK | group when all its elements lie
-// inside one segment, else the first segment that ends past its first element.
+// segments as rows of SEGMENT_ROW u32 (start, end, group, index within the tensor of start)
+// in elements, sorted and disjoint, and `hints` one u32 per workgroup:
+// WHOLE_BLOCK | segment << GROUP_BITS | group when all its elements lie inside one segment,
+// else the first segment that ends past its first element.
 
-// Where an invocation's Elem lies: its group, and the end of its tensor (lanes at or past it
-// are not the tensor's), or `valid` false when it lies outside every tensor (or past the
-// dispatch). An unsegmented dispatch is one tensor of one group. In a segmented one the host
-// marks workgroups that lie inside one tensor (no search, no lane mask); elsewhere the search
-// starts at the hint's segment and skips gaps between tensors.
+// Where an invocation's Elem lies: its group, the end of its tensor (lanes at or past it
+// are not the tensor's), with STOCHASTIC the index within the tensor of its first lane, or
+// `valid` false when it lies outside every tensor (or past the dispatch). An unsegmented
+// dispatch is one tensor of one group. In a segmented one the host marks workgroups that lie
+// inside one tensor (no search, no lane mask); elsewhere the search starts at the hint's
+// segment and skips gaps between tensors.
 struct Place {
     valid: bool,
     group: u32,
     end: u32,
+    index: u32,
 }
 
 fn locate(block: u32, i: u32, e: u32) -> Place {
-    var place = Place(i < chunk.count, chunk.group, 0xffffffffu);
+    var place = Place(i < chunk.count, chunk.group, 0xffffffffu, chunk.tensor_element + e);
     if SEGMENTED && place.valid {
         let hint = hints[block / 4u][block % 4u];
+        var s: u32;
         if (hint & WHOLE_BLOCK) != 0u {
-            place.group = hint & ~WHOLE_BLOCK;
+            place.group = hint & ((1u << GROUP_BITS) - 1u);
+            s = (hint & ~WHOLE_BLOCK) >> GROUP_BITS;
         } else {
-            var s = hint;
+            s = hint;
             while s + 1u < chunk.segment_count && table[chunk.segments + SEGMENT_ROW * s + 1u] <= e {
                 s += 1u;
             }
             place.end = table[chunk.segments + SEGMENT_ROW * s + 1u];
             place.valid = e >= table[chunk.segments + SEGMENT_ROW * s] && e < place.end;
             place.group = table[chunk.segments + SEGMENT_ROW * s + 2u];
+        }
+        if STOCHASTIC {
+            let row = chunk.segments + SEGMENT_ROW * s;
+            place.index = e - table[row] + table[row + 3u];
         }
     }
     return place;
@@ -159,12 +171,20 @@ fn step(
     let u = groups[place.group];
 
     let k = chunk.state_base + i;
-    let p_in = param[chunk.param_base + i];
-    var p = p_in;
+    // With master weights the f32 copy is the parameter; it starts from the engine's 16-bit
+    // values at the first applied step.
+    var t = u.step;
+    if SKIP {
+        t = iteration.scalars.step;
+    }
+    var p = load_param(chunk.param_base + i);
+    if MASTER && t != 1u {
+        p = load_master_param(k);
+    }
 
     // Unscale and clip the global norm, rounding each product to f32 as torch's `unscale_`
     // and `clip_grad_norm_` do, before the per-element step.
-    var g = grad[chunk.grad_base + i];
+    var g = load_grad(chunk.grad_base + i);
     if SCALE {
         g = g * iteration.scalars.step_inv_scale;
     }
@@ -190,21 +210,25 @@ fn step(
         }
     }
 
-    let m = u.beta1 * exp_avg[k] + u.one_minus_beta1 * g;
-    exp_avg[k] = m;
+    // The state is stored rounded to its dtype; the step below uses the f32 values (state
+    // padding lanes are the optimizer's own: no mask).
+    let no_random = Index(0u);
+    let keep_none = Mask(false);
+    let m = u.beta1 * load_exp_avg(k) + u.one_minus_beta1 * g;
+    store_exp_avg(k, m, no_random, keep_none);
 
     let g2 = g * g;
-    var v = exp_avg_sq[k];
+    var v = load_exp_avg_sq(k);
     if ALGORITHM == YOGI {
         v = v - u.one_minus_beta2 * sign(v - g2) * g2;
     } else {
         v = u.beta2 * v + u.one_minus_beta2 * g2;
     }
-    exp_avg_sq[k] = v;
+    store_exp_avg_sq(k, v, no_random, keep_none);
 
     if AMSGRAD {
-        v = max(max_exp_avg_sq[k], v);
-        max_exp_avg_sq[k] = v;
+        v = max(load_max_exp_avg_sq(k), v);
+        store_max_exp_avg_sq(k, v, no_random, keep_none);
     }
 
     // Bias correction and eps_mode are folded into step_size, eps and eps_root on the host;
@@ -221,11 +245,19 @@ fn step(
         }
     }
     p = p - step_size * m / (sqrt(v + eps_root) + eps);
-    if SEGMENTED {
-        // Lanes past the tensor's end (vec4 only) keep their values.
-        p = select(p_in, p, Index(e) + LANE < Index(place.end));
+    if MASTER {
+        store_master_param(k, p, no_random, keep_none);
     }
-    param[chunk.param_base + i] = p;
+    // Lanes past the tensor's end (vec4 and vec2 only) keep their stored values.
+    var keep = keep_none;
+    if SEGMENTED {
+        keep = Index(e) + LANE >= Index(place.end);
+    }
+    var random = no_random;
+    if STOCHASTIC {
+        random = random_bits(t, Index(place.index) + LANE);
+    }
+    store_param(chunk.param_base + i, p, random, keep);
 }
 
 // Workgroup scratch of the reductions: (sum, non-finite flag) per invocation.
@@ -275,7 +307,7 @@ fn grad_norm(
         let e = chunk.first_element + i * LANES;
         let place = locate(block, i, e);
         if place.valid {
-            var g = grad[chunk.grad_base + i];
+            var g = load_grad(chunk.grad_base + i);
             if SCALE {
                 g = g * iteration.scalars.inv_scale;
             }

@@ -22,7 +22,7 @@ impl Arena {
     /// Lays out `(name, len, group)` tensors in order. The buffers have `STORAGE`,
     /// `COPY_DST` and `COPY_SRC` usage and start zeroed.
     pub fn new(device: &wgpu::Device, tensors: &[(&str, u64, usize)]) -> Result<Self> {
-        let align = plan::granularity(params::storage_alignment(&device.limits()));
+        let align = plan::granularity(params::storage_alignment(&device.limits()), 4);
         let mut end = 0u64;
         let tensors: Vec<FlatTensor> = tensors
             .iter()

@@ -372,6 +372,7 @@ impl Checkpoint {
                     exp_avg,
                     exp_avg_sq,
                     max_exp_avg_sq,
+                    master_param: None,
                 },
             });
         }

@@ -56,6 +56,17 @@ pub enum Error {
         len: u64,
         buffer_bytes: u64,
     },
+    /// With 16-bit storage, a tensor or view that does not start on a 32-bit word (an even
+    /// element offset), where two invocations would write one word.
+    #[error(
+        "parameter `{tensor}`: the {which} starts at element {offset}, but with 16-bit storage ({dtypes}) every view and tensor must start at an even element (a 32-bit word); an Arena places them so"
+    )]
+    Misaligned {
+        tensor: String,
+        which: &'static str,
+        offset: u64,
+        dtypes: String,
+    },
     /// `param` and `grad` live in the same buffer, which one dispatch cannot bind both
     /// read-write and read-only.
     #[error(

@@ -61,6 +61,7 @@
 mod arena;
 pub mod checkpoint;
 mod config;
+pub mod dtype;
 mod error;
 mod file;
 mod gpu;
@@ -78,7 +79,8 @@ pub mod testing;
 pub mod util;
 
 pub use arena::Arena;
-pub use config::{Algorithm, CONFIG_KEYS, Config, EpsMode, LossScale};
+pub use config::{Algorithm, CONFIG_KEYS, Config, EpsMode, LossScale, Rounding};
+pub use dtype::Dtype;
 pub use error::{Error, Result};
 pub use optimizer::Optimizer;
 pub use params::{BufferView, FlatParameters, FlatTensor, OptimizerOptions, Parameter, TensorInfo};

@@ -7,6 +7,7 @@
 //! descriptors itself (`gpu/`); state I/O is in `state.rs`.
 
 use crate::config::{self, Config};
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::gpu::{self, Dispatch, Finish, Kernels, Range, Variant};
 use crate::params::{
@@ -15,7 +16,7 @@ use crate::params::{
 use crate::plan::{self, PlanLimits, Planned, SpanLayout};
 use crate::protocol::{
     self, BIAS_ROW, Chunk, DeviceScalars, GROUPS_BYTES, HINTS_BYTES, ITERATION_BYTES, MAX_GROUPS,
-    MAX_HINTS, NORM_BLOCKS, Slot, StepUniforms, Width,
+    MAX_HINTS, NORM_BLOCKS, Slot, StepUniforms, Storage, Width,
 };
 use crate::schedule::Schedule;
 use crate::state::StateBuffers;
@@ -104,17 +105,21 @@ impl Optimizer {
         params::check_groups(groups)?;
         let limits = device.limits();
         params::check_limits(&limits, options.workgroup_size)?;
-        let chunk_len = params::chunk_len(&limits, options)?;
-        let (spans, tensors) = params::spans(groups.len(), parameters, flats)?;
+        let chunk_len = params::chunk_len(&limits, options, Storage::new(&groups[0]).min_bytes())?;
+        let (spans, tensors) =
+            params::spans(groups.len(), &Storage::new(&groups[0]), parameters, flats)?;
         let variant = Variant::new(groups, options.workgroup_size);
+        let storage = variant.storage;
         let plan_limits = PlanLimits {
             chunk_len,
             align: params::storage_alignment(&limits),
+            pairs: storage.pairs(),
+            min_bytes: storage.min_bytes(),
             workgroup_size: options.workgroup_size,
             segmented_workgroup_size: variant.segmented().workgroup_size,
             max_hints: MAX_HINTS,
         };
-        let (planned, mut table, partials) = plan_all(&spans, &plan_limits)?;
+        let (planned, mut table, partials) = plan_all(&spans, &plan_limits, &storage)?;
         // With skipping, t lives on the device: each group's bias factors go in the table.
         let bias: Vec<(u32, u32)> = groups
             .iter()
@@ -306,7 +311,7 @@ impl Optimizer {
     /// The smallest unit of [`OptimizerOptions::chunk_elements`] on this device, and the
     /// alignment (in elements) at which an [`crate::Arena`] places its tensors.
     pub fn chunk_granularity(limits: &wgpu::Limits) -> u64 {
-        plan::granularity(params::storage_alignment(limits))
+        plan::granularity(params::storage_alignment(limits), 4)
     }
 
     /// Dispatches one step records.
@@ -331,6 +336,7 @@ impl Optimizer {
 fn plan_all(
     spans: &[SpanInput],
     limits: &PlanLimits,
+    storage: &Storage,
 ) -> Result<(Vec<Vec<Planned>>, Vec<u32>, u32)> {
     let mut table = Vec::new();
     let mut planned = Vec::new();
@@ -339,6 +345,8 @@ fn plan_all(
         let span = SpanLayout {
             param_offset: s.param.offset,
             grad_offset: s.grad.offset,
+            param_bytes: storage.param.bytes(),
+            grad_bytes: storage.grad.bytes(),
             len: s.param.len,
             segments: &s.segments,
         };
@@ -402,8 +410,12 @@ fn build_spans(
     }
     hint_bytes.resize(hint_bytes.len() + HINTS_BYTES as usize, 0);
     let hints = gpu::buffer_init(device, "wgpu-optim workgroup hints", uniform, &hint_bytes);
-    // amsgrad off: the max_exp_avg_sq binding is never read, but must be bound.
-    let unused = gpu::state_buffer(device, "wgpu-optim unused max_exp_avg_sq", 4, 0.0);
+    // amsgrad or master weights off: their bindings are never read, but must be bound.
+    let unused = |name: &str| {
+        let label = format!("wgpu-optim unused {name}");
+        gpu::state_buffer(device, &label, Dtype::F32, 4, 0.0)
+    };
+    let (unused_vmax, unused_master) = (unused("max_exp_avg_sq"), unused("master_param"));
 
     // The `finish` pass reads and writes only `device`; the rest is bound to stand-ins, one
     // buffer each (a buffer bound read-write may not be bound again in the same dispatch).
@@ -411,6 +423,7 @@ fn build_spans(
         gpu::state_buffer(
             device,
             &format!("wgpu-optim finish stand-in {slot:?}"),
+            Dtype::F32,
             4,
             0.0,
         )
@@ -449,7 +462,12 @@ fn build_spans(
                         offset,
                         size,
                     };
-                    let state_range = |b| range(b, d.state);
+                    // A state buffer's binding: the chunk's elements in its dtype.
+                    let (first, len) = d.state;
+                    let state_range = |b, slot| {
+                        let bytes = kernels.variant.storage.dtype(slot).bytes();
+                        range(b, (first * bytes, plan::binding_size(0, len, bytes)))
+                    };
                     let ranges = Slot::ALL.map(|slot| match slot {
                         Slot::Groups => Range::whole(step_uniforms),
                         Slot::Chunk => {
@@ -457,11 +475,15 @@ fn build_spans(
                         }
                         Slot::Param => range(&span.param.buffer, d.param),
                         Slot::Grad => range(&span.grad.buffer, d.grad),
-                        Slot::ExpAvg => state_range(&state.exp_avg),
-                        Slot::ExpAvgSq => state_range(&state.exp_avg_sq),
+                        Slot::ExpAvg => state_range(&state.exp_avg, slot),
+                        Slot::ExpAvgSq => state_range(&state.exp_avg_sq, slot),
                         Slot::MaxExpAvgSq => match &state.max_exp_avg_sq {
-                            Some(b) => state_range(b),
-                            None => Range::whole(&unused),
+                            Some(b) => state_range(b, slot),
+                            None => Range::whole(&unused_vmax),
+                        },
+                        Slot::MasterParam => match &state.master_param {
+                            Some(b) => state_range(b, slot),
+                            None => Range::whole(&unused_master),
                         },
                         Slot::Table => Range::whole(&table),
                         Slot::Hints => range(&hints, (hint_offsets[index as usize], HINTS_BYTES)),

@@ -8,21 +8,23 @@
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::plan::{self, Segment};
+use crate::protocol::Storage;
 use crate::protocol::{HINTS_BYTES, MAX_GROUPS};
 
-/// A range of f32 elements in a user's buffer: `len` elements starting `offset` elements in.
+/// A range of elements in a user's buffer: `len` elements starting `offset` elements in, in
+/// the dtype the config gives the buffer (`param_dtype` / `grad_dtype`; f32 by default).
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct BufferView {
     pub buffer: wgpu::Buffer,
-    /// In elements (f32), from the start of the buffer.
+    /// In elements of the buffer's dtype, from the start of the buffer.
     pub offset: u64,
-    /// In elements (f32).
+    /// In elements of the buffer's dtype.
     pub len: u64,
 }
 
 impl BufferView {
-    /// `len` f32 elements of `buffer`, starting `offset` elements in.
+    /// `len` elements of `buffer`, starting `offset` elements in.
     pub fn new(buffer: &wgpu::Buffer, offset: u64, len: u64) -> Self {
         BufferView {
             buffer: buffer.clone(),
@@ -190,13 +192,34 @@ pub(crate) type Spans = (Vec<SpanInput>, Vec<(TensorInfo, Location)>);
 /// many. Tensors are numbered `parameters` first, then each flat buffer's tensors in order.
 pub(crate) fn spans(
     groups: usize,
+    storage: &Storage,
     parameters: &[Parameter],
     flats: &[FlatParameters],
 ) -> Result<Spans> {
     let mut spans = Vec::new();
     let mut tensors = Vec::new();
+    // With 16-bit storage every view and tensor starts on a word (an even element).
+    let on_word = |tensor: &str, which: &'static str, offset: u64| {
+        if !storage.pairs() || offset % 2 == 0 {
+            return Ok(());
+        }
+        Err(Error::Misaligned {
+            tensor: tensor.to_string(),
+            which,
+            offset,
+            dtypes: format!(
+                "param {}, grad {}, exp_avg {}, exp_avg_sq {}",
+                storage.param.name(),
+                storage.grad.name(),
+                storage.exp_avg.name(),
+                storage.exp_avg_sq.name()
+            ),
+        })
+    };
     for p in parameters {
-        check_views(&p.name, &p.param, &p.grad)?;
+        check_views(&p.name, &p.param, &p.grad, storage)?;
+        on_word(&p.name, "param view", p.param.offset)?;
+        on_word(&p.name, "grad view", p.grad.offset)?;
         check_group(&p.name, p.group, groups)?;
         let location = Location {
             span: spans.len(),
@@ -221,10 +244,15 @@ pub(crate) fn spans(
     }
     for (k, flat) in flats.iter().enumerate() {
         let name = format!("flat #{k}");
-        check_views(&name, &flat.param, &flat.grad)?;
+        check_views(&name, &flat.param, &flat.grad, storage)?;
+        on_word(&name, "param view", flat.param.offset)?;
+        on_word(&name, "grad view", flat.grad.offset)?;
         let mut segments = Vec::new();
         for t in &flat.tensors {
             check_group(&t.name, t.group, groups)?;
+            if t.len > 0 {
+                on_word(&t.name, "tensor", t.offset)?;
+            }
             if t.offset
                 .checked_add(t.len)
                 .is_none_or(|end| end > flat.param.len)
@@ -234,7 +262,7 @@ pub(crate) fn spans(
                     which: "flat",
                     offset: t.offset,
                     len: t.len,
-                    buffer_bytes: flat.param.len * 4,
+                    buffer_bytes: flat.param.len * storage.param.bytes(),
                 });
             }
             let location = Location {
@@ -287,8 +315,14 @@ pub(crate) fn storage_alignment(limits: &wgpu::Limits) -> u64 {
     (limits.min_storage_buffer_offset_alignment as u64).max(16)
 }
 
-pub(crate) fn chunk_len(limits: &wgpu::Limits, options: OptimizerOptions) -> Result<u64> {
-    let granularity = plan::granularity(storage_alignment(limits));
+/// Elements per chunk: `options.chunk_elements` or the most a binding holds, a multiple of
+/// the granularity for buffers of `min_bytes` per element.
+pub(crate) fn chunk_len(
+    limits: &wgpu::Limits,
+    options: OptimizerOptions,
+    min_bytes: u64,
+) -> Result<u64> {
+    let granularity = plan::granularity(storage_alignment(limits), min_bytes);
     let align = storage_alignment(limits);
     // A view starts up to align - 4 bytes into its binding, and indices must fit in u32.
     let fits = (limits.max_storage_buffer_binding_size.saturating_sub(align) / 4).min(1 << 30);
@@ -336,6 +370,16 @@ pub(crate) fn check_groups(groups: &[Config]) -> Result<()> {
             ("loss_scale", g.loss_scale != first.loss_scale),
             ("skip_nonfinite", g.skip_nonfinite != first.skip_nonfinite),
             ("max_grad_norm", g.max_grad_norm != first.max_grad_norm),
+            ("param_dtype", g.param_dtype != first.param_dtype),
+            ("grad_dtype", g.grad_dtype != first.grad_dtype),
+            ("exp_avg_dtype", g.exp_avg_dtype != first.exp_avg_dtype),
+            (
+                "exp_avg_sq_dtype",
+                g.exp_avg_sq_dtype != first.exp_avg_sq_dtype,
+            ),
+            ("master_weights", g.master_weights != first.master_weights),
+            ("rounding", g.rounding != first.rounding),
+            ("seed", g.seed != first.seed),
         ];
         if let Some((key, _)) = differs.iter().find(|(_, d)| *d) {
             return Err(Error::GroupMismatch { group: i, key });
@@ -405,7 +449,7 @@ pub(crate) fn check_limits(limits: &wgpu::Limits, workgroup_size: u32) -> Result
 
 // A view never exceeds its buffer, and a buffer never exceeds max_buffer_size: the state
 // buffers, as long as the views, always fit.
-fn check_views(name: &str, param: &BufferView, grad: &BufferView) -> Result<()> {
+fn check_views(name: &str, param: &BufferView, grad: &BufferView, storage: &Storage) -> Result<()> {
     let tensor = || name.to_string();
     if param.len != grad.len {
         return Err(Error::LengthMismatch {
@@ -414,7 +458,10 @@ fn check_views(name: &str, param: &BufferView, grad: &BufferView) -> Result<()> 
             grad: grad.len,
         });
     }
-    for (which, view) in [("param", &param), ("grad", &grad)] {
+    for (which, view, dtype) in [
+        ("param", &param, storage.param),
+        ("grad", &grad, storage.grad),
+    ] {
         let usage = view.buffer.usage();
         if !usage.contains(wgpu::BufferUsages::STORAGE) {
             return Err(Error::MissingUsage {
@@ -424,10 +471,13 @@ fn check_views(name: &str, param: &BufferView, grad: &BufferView) -> Result<()> 
                 has: format!("{usage:?}"),
             });
         }
+        // In bytes, to the end of the last element's word (a 16-bit value is loaded and
+        // stored with the other half of its word).
         let end = view
             .offset
             .checked_add(view.len)
-            .and_then(|e| e.checked_mul(4));
+            .and_then(|e| e.checked_mul(dtype.bytes()))
+            .map(|e| e.next_multiple_of(4));
         if end.is_none_or(|end| end > view.buffer.size()) {
             return Err(Error::OutOfBounds {
                 tensor: tensor(),

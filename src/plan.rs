@@ -14,9 +14,12 @@
 //! - param, grad and state indices of an invocation name the same element;
 //! - a segmented dispatch has at most `max_hints` workgroups: its hints fit the shader's window;
 //! - binding offsets are multiples of the alignment; vec4 only where param, grad and every
-//!   tensor start 16-byte aligned; every index fits in u32.
+//!   tensor start at a multiple of 4 elements; every index fits in u32;
+//! - with 16-bit storage (`pairs`), no two invocations write one 32-bit word: vec4 and vec2
+//!   dispatches cover whole words, and a scalar dispatch holds a single element, the last of
+//!   an odd-length span, whose word's other half lies past the span.
 
-use crate::protocol::{Chunk, SEGMENT_ROW, WHOLE_BLOCK, Width};
+use crate::protocol::{Chunk, GROUP_BITS, SEGMENT_ROW, WHOLE_BLOCK, Width};
 
 /// One tensor of a span: elements `start..end` (relative to the span's views), in `group`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -29,9 +32,12 @@ pub(crate) struct Segment {
 /// A contiguous range of param and grad elements, with its tensors.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct SpanLayout<'a> {
-    /// Where the views start in their buffers, in f32 elements.
+    /// Where the views start in their buffers, in elements of their dtypes.
     pub param_offset: u64,
     pub grad_offset: u64,
+    /// Bytes per element of the param and grad buffers (4, or 2 for 16-bit dtypes).
+    pub param_bytes: u64,
+    pub grad_bytes: u64,
     /// Elements in each view.
     pub len: u64,
     /// Sorted, disjoint, non-empty and inside `0..len`.
@@ -45,6 +51,12 @@ pub(crate) struct PlanLimits {
     pub chunk_len: u64,
     /// Storage binding offsets are multiples of this many bytes (a multiple of 16).
     pub align: u64,
+    /// Some buffer holds 16-bit values, two per word: invocations take whole words (vec4 or
+    /// vec2), and only a span's last element of an odd length goes alone (scalar).
+    pub pairs: bool,
+    /// Bytes per element of the narrowest buffer (state included): chunks start where every
+    /// buffer's binding offset can be aligned.
+    pub min_bytes: u64,
     /// Invocations per workgroup of a one-tensor dispatch and of a segmented one.
     pub workgroup_size: u32,
     pub segmented_workgroup_size: u32,
@@ -66,38 +78,53 @@ pub(crate) struct Planned {
     pub rows: Vec<[u32; SEGMENT_ROW]>,
     /// One per workgroup of a segmented dispatch.
     pub hints: Vec<u32>,
-    /// (byte offset, byte size) of the param, grad and state bindings.
+    /// (byte offset, byte size) of the param and grad bindings.
     pub param: (u64, u64),
     pub grad: (u64, u64),
+    /// (first element, elements) of the state bindings: the chunk's range of the span, bound
+    /// at `first * bytes` in each state buffer (aligned: chunks start at multiples of the
+    /// granularity).
     pub state: (u64, u64),
 }
 
 /// Chunk lengths are multiples of this many elements, so that every chunk's binding offset can
-/// be aligned and vec4 chunks stay vec4: `align / 4`, at least 4.
-pub(crate) fn granularity(align: u64) -> u64 {
-    (align / 4).max(4)
+/// be aligned in buffers of `min_bytes` per element (the smallest dtype in use) and vec4
+/// chunks stay vec4: `align / min_bytes`, at least 4.
+pub(crate) fn granularity(align: u64, min_bytes: u64) -> u64 {
+    (align / min_bytes).max(4)
 }
 
-/// Whether the span's views and tensors allow vec4 loads: both views and every tensor start
-/// at a multiple of 4 elements.
-fn vec4_aligned(span: &SpanLayout) -> bool {
-    span.param_offset.is_multiple_of(4)
-        && span.grad_offset.is_multiple_of(4)
-        && span.segments.iter().all(|s| s.start % 4 == 0)
+/// Whether the span's views and tensors start at multiples of `lanes` elements.
+fn lanes_aligned(span: &SpanLayout, lanes: u64) -> bool {
+    span.param_offset.is_multiple_of(lanes)
+        && span.grad_offset.is_multiple_of(lanes)
+        && span.segments.iter().all(|s| s.start % lanes == 0)
+}
+
+/// A binding of `bytes`-per-element elements starting at byte `offset`, `base + len` elements
+/// long: its size in bytes, whole words (storage bindings are multiples of 4 bytes).
+pub(crate) fn binding_size(base: u64, len: u64, bytes: u64) -> u64 {
+    ((base + len) * bytes).next_multiple_of(4)
 }
 
 /// The dispatches that update `span`. Each chunk of at most `chunk_len` elements becomes a
 /// vec4 dispatch over its body (when aligned) and a scalar one over the rest; a dispatch that
 /// one tensor covers whole needs no table, others are segmented and get a hint per workgroup.
 pub(crate) fn plan_span(span: &SpanLayout, limits: &PlanLimits) -> Vec<Planned> {
-    let granularity = granularity(limits.align);
+    let granularity = granularity(limits.align, limits.min_bytes);
     // A span that is not exactly one tensor may be dispatched segmented (several tensors,
     // padding, a tensor at an offset): its chunks must fit the hint window.
     let one_tensor = matches!(span.segments, [s] if s.start == 0 && s.end == span.len);
     let chunk_len = if one_tensor {
         limits.chunk_len
     } else {
-        let lanes = if vec4_aligned(span) { 4 } else { 1 };
+        let lanes = if lanes_aligned(span, 4) {
+            4
+        } else if limits.pairs {
+            2
+        } else {
+            1
+        };
         let hinted = limits.max_hints * limits.segmented_workgroup_size as u64 * lanes;
         limits.chunk_len.min(hinted / granularity * granularity)
     };
@@ -111,10 +138,13 @@ pub(crate) fn plan_span(span: &SpanLayout, limits: &PlanLimits) -> Vec<Planned> 
         let len = chunk_len.min(span.len - start);
         let end = start + len;
         // This chunk's segments, relative to its start.
-        let local: Vec<Segment> = span
+        let overlapping: Vec<&Segment> = span
             .segments
             .iter()
             .filter(|s| s.start < end && s.end > start)
+            .collect();
+        let local: Vec<Segment> = overlapping
+            .iter()
             .map(|s| Segment {
                 start: s.start.max(start) - start,
                 end: s.end.min(end) - start,
@@ -122,21 +152,40 @@ pub(crate) fn plan_span(span: &SpanLayout, limits: &PlanLimits) -> Vec<Planned> 
             })
             .collect();
         // (binding offset in bytes, first element within the binding)
-        let bind = |view_offset: u64| {
-            let byte = (view_offset + start) * 4;
+        let bind = |view_offset: u64, bytes: u64| {
+            let byte = (view_offset + start) * bytes;
             let offset = byte / limits.align * limits.align;
-            (offset, (byte - offset) / 4)
+            (offset, (byte - offset) / bytes)
         };
-        let (param_offset, param_base) = bind(span.param_offset);
-        let (grad_offset, grad_base) = bind(span.grad_offset);
-        let aligned =
-            param_base % 4 == 0 && grad_base % 4 == 0 && local.iter().all(|s| s.start % 4 == 0);
-        let body = if aligned { len / 4 * 4 } else { 0 };
-        let rows: Vec<[u32; SEGMENT_ROW]> = local
+        let (param_offset, param_base) = bind(span.param_offset, span.param_bytes);
+        let (grad_offset, grad_base) = bind(span.grad_offset, span.grad_bytes);
+        let aligned = |lanes: u64| {
+            param_base % lanes == 0
+                && grad_base % lanes == 0
+                && local.iter().all(|s| s.start % lanes == 0)
+        };
+        // vec4 over the body; with pairs, vec2 over the rest's whole words (tensors start on
+        // words there: `params.rs` refuses others); scalar over what remains.
+        let body = if aligned(4) { len / 4 * 4 } else { 0 };
+        let words = if limits.pairs && aligned(2) {
+            body + (len - body) / 2 * 2
+        } else {
+            body
+        };
+        // (start, end, group, the index within its tensor of the row's first element).
+        let rows: Vec<[u32; SEGMENT_ROW]> = overlapping
             .iter()
-            .map(|s| [s.start as u32, s.end as u32, s.group, 0])
+            .zip(&local)
+            .map(|(s, l)| {
+                let into = start.max(s.start) - s.start;
+                [l.start as u32, l.end as u32, l.group, into as u32]
+            })
             .collect();
-        for (width, first, count) in [(Width::Vec4, 0, body), (Width::Scalar, body, len - body)] {
+        for (width, first, count) in [
+            (Width::Vec4, 0, body),
+            (Width::Vec2, body, words - body),
+            (Width::Scalar, words, len - words),
+        ] {
             // Nothing to do where no segment overlaps [first, first + count).
             if count == 0
                 || !local
@@ -170,13 +219,24 @@ pub(crate) fn plan_span(span: &SpanLayout, limits: &PlanLimits) -> Vec<Planned> 
                     segments: 0,
                     segment_count: local.len() as u32,
                     group: single.map_or(0, |s| s.group),
+                    // The chunk's element 0 as an index within the one tensor (wrapping).
+                    tensor_element: single.map_or(0, |s| {
+                        let row = rows
+                            .iter()
+                            .find(|r| r[0] as u64 == s.start)
+                            .expect("its row");
+                        row[3].wrapping_sub(row[0])
+                    }),
                     ..Chunk::default()
                 },
                 rows: rows.clone(),
                 hints,
-                param: (param_offset, (param_base + len) * 4),
-                grad: (grad_offset, (grad_base + len) * 4),
-                state: (start * 4, len * 4),
+                param: (
+                    param_offset,
+                    binding_size(param_base, len, span.param_bytes),
+                ),
+                grad: (grad_offset, binding_size(grad_base, len, span.grad_bytes)),
+                state: (start, len),
             });
         }
         start = end;
@@ -185,8 +245,8 @@ pub(crate) fn plan_span(span: &SpanLayout, limits: &PlanLimits) -> Vec<Planned> 
 }
 
 /// For each workgroup of a segmented dispatch over `first..first + count` of a chunk:
-/// `WHOLE_BLOCK | group` when one segment holds all of its elements (the shader's fast path),
-/// else the first segment that ends past its first element.
+/// `WHOLE_BLOCK | segment << GROUP_BITS | group` when one segment holds all of its elements
+/// (the shader's fast path), else the first segment that ends past its first element.
 fn hints(local: &[Segment], first: u64, count: u64, lanes: u64, workgroup_size: u32) -> Vec<u32> {
     let per_block = workgroup_size as u64 * lanes;
     let mut s = 0;
@@ -198,7 +258,7 @@ fn hints(local: &[Segment], first: u64, count: u64, lanes: u64, workgroup_size: 
                 s += 1;
             }
             if local[s].start <= e && local[s].end >= block_end {
-                WHOLE_BLOCK | local[s].group
+                WHOLE_BLOCK | (s as u32) << GROUP_BITS | local[s].group
             } else {
                 s as u32
             }
@@ -219,8 +279,7 @@ pub(crate) fn check(
         let fail = |what: &str| Err(format!("dispatch {k}: {what} ({d:?})"));
         let lanes = d.width.lanes();
         let c = &d.chunk;
-        let chunk_start = d.state.0 / 4;
-        let chunk_len = d.state.1 / 4;
+        let (chunk_start, chunk_len) = d.state;
         let (first, count) = (c.first_element as u64, c.count as u64 * lanes);
         if first + count > chunk_len || chunk_start + chunk_len > span.len {
             return fail("range outside its chunk or span");
@@ -228,19 +287,22 @@ pub(crate) fn check(
         if chunk_len > limits.chunk_len {
             return fail("chunk longer than chunk_len");
         }
-        for (view_offset, (offset, size), base) in [
-            (span.param_offset, d.param, c.param_base),
-            (span.grad_offset, d.grad, c.grad_base),
+        if chunk_start % granularity(limits.align, limits.min_bytes) != 0 {
+            return fail("state binding not aligned in the narrowest state buffer");
+        }
+        for (view_offset, bytes, (offset, size), base) in [
+            (span.param_offset, span.param_bytes, d.param, c.param_base),
+            (span.grad_offset, span.grad_bytes, d.grad, c.grad_base),
         ] {
             if offset % limits.align != 0 {
                 return fail("binding offset not aligned");
             }
-            // The binding starts at or below the chunk and ends at the chunk's end, inside
-            // the view.
-            let chunk_byte = (view_offset + chunk_start) * 4;
+            // The binding starts at or below the chunk and ends at the chunk's end (in whole
+            // words), inside the view's words.
+            let chunk_byte = (view_offset + chunk_start) * bytes;
             if offset > chunk_byte
-                || offset + size != chunk_byte + chunk_len * 4
-                || (offset + base as u64 * lanes * 4) != chunk_byte + first * 4
+                || offset + size != (chunk_byte + chunk_len * bytes).next_multiple_of(4)
+                || (offset + base as u64 * lanes * bytes) != chunk_byte + first * bytes
             {
                 return fail("binding does not line up with the chunk");
             }
@@ -248,10 +310,29 @@ pub(crate) fn check(
         if c.state_base as u64 * lanes != first {
             return fail("state index does not line up with the chunk");
         }
-        if d.width == Width::Vec4
-            && (first % 4 != 0 || count % 4 != 0 || d.rows.iter().any(|r| r[0] % 4 != 0))
+        if lanes > 1
+            && (first % lanes != 0
+                || count % lanes != 0
+                || d.rows.iter().any(|r| r[0] as u64 % lanes != 0))
         {
-            return fail("vec4 where not aligned");
+            return fail("vec4 or vec2 where not aligned");
+        }
+        if d.width == Width::Vec2 && !limits.pairs {
+            return fail("vec2 without 16-bit storage");
+        }
+        // With pairs, a scalar dispatch is a span's last element, alone in its word.
+        if limits.pairs
+            && d.width == Width::Scalar
+            && (count != 1
+                || chunk_start + first + 1 != span.len
+                || (chunk_start + first) % 2 != 0
+                || span.param_offset % 2 != 0
+                || span.grad_offset % 2 != 0)
+        {
+            return fail("a scalar dispatch would share a word with another invocation");
+        }
+        if d.rows.len() as u64 >= 1 << (31 - GROUP_BITS) {
+            return fail("too many segments for a whole-block hint");
         }
         if d.segmented {
             let blocks = (count / lanes).div_ceil(d.workgroup_size as u64);
@@ -305,23 +386,28 @@ mod tests {
         plans: &[Planned],
     ) -> Result<Vec<Option<u32>>, String> {
         let mut updated: Vec<Option<u32>> = vec![None; span.len as usize];
+        // With pairs: which invocation (dispatch, index) writes each word of the span.
+        let mut writer: Vec<Option<(usize, u64)>> = vec![None; span.len.div_ceil(2) as usize];
         for (k, d) in plans.iter().enumerate() {
             let c = &d.chunk;
             let lanes = d.width.lanes();
             let wg = d.workgroup_size as u64;
-            let chunk_start = d.state.0 / 4;
+            let chunk_start = d.state.0;
             for i in 0..c.count as u64 {
                 let block = i / wg;
                 let e = c.first_element as u64 + i * lanes;
                 let mut group = c.group;
                 let mut end = u32::MAX as u64;
+                // The index within its tensor of lane 0, as the shader computes it.
+                let mut index = c.tensor_element.wrapping_add(e as u32);
                 if d.segmented {
                     if block >= limits.max_hints {
                         return Err(format!("dispatch {k}: hint {block} read past the window"));
                     }
                     let hint = d.hints[block as usize];
-                    if hint & WHOLE_BLOCK != 0 {
-                        group = hint & !WHOLE_BLOCK;
+                    let s = if hint & WHOLE_BLOCK != 0 {
+                        group = hint & ((1 << GROUP_BITS) - 1);
+                        ((hint & !WHOLE_BLOCK) >> GROUP_BITS) as usize
                     } else {
                         let mut s = hint as usize;
                         while s + 1 < d.rows.len() && d.rows[s][1] as u64 <= e {
@@ -332,15 +418,21 @@ mod tests {
                             continue;
                         }
                         group = d.rows[s][2];
-                    }
+                        s
+                    };
+                    let row = d
+                        .rows
+                        .get(s)
+                        .ok_or(format!("dispatch {k}: no segment {s}"))?;
+                    index = (e as u32).wrapping_sub(row[0]).wrapping_add(row[3]);
                 }
                 for lane in 0..lanes {
                     // The element each binding's index names, relative to the span's views.
-                    let at = |(offset, _): (u64, u64), base: u32, view_offset: u64| {
-                        (offset / 4 + (base as u64 + i) * lanes + lane).checked_sub(view_offset)
+                    let at = |(offset, _): (u64, u64), base: u32, view_offset: u64, bytes: u64| {
+                        (offset / bytes + (base as u64 + i) * lanes + lane).checked_sub(view_offset)
                     };
-                    let p = at(d.param, c.param_base, span.param_offset);
-                    let g = at(d.grad, c.grad_base, span.grad_offset);
+                    let p = at(d.param, c.param_base, span.param_offset, span.param_bytes);
+                    let g = at(d.grad, c.grad_base, span.grad_offset, span.grad_bytes);
                     let s = Some(chunk_start + (c.state_base as u64 + i) * lanes + lane);
                     if p != g || p != s {
                         return Err(format!(
@@ -351,12 +443,32 @@ mod tests {
                     if p >= span.len {
                         return Err(format!("dispatch {k}: element {p} past the view"));
                     }
+                    if limits.pairs {
+                        let w = &mut writer[(p / 2) as usize];
+                        if w.is_some_and(|w| w != (k, i)) {
+                            return Err(format!(
+                                "word {} written by {w:?} and {:?}",
+                                p / 2,
+                                (k, i)
+                            ));
+                        }
+                        *w = Some((k, i));
+                    }
                     // Lanes past the segment's end are written back unchanged.
                     if !d.segmented || e + lane < end {
                         if let Some(g) = updated[p as usize] {
                             return Err(format!("element {p} updated twice (group {g})"));
                         }
                         updated[p as usize] = Some(group);
+                        // Stochastic rounding's index: the element's place in its tensor.
+                        let tensor = span.segments.iter().find(|t| t.start <= p && p < t.end);
+                        let want = tensor.map(|t| (p - t.start) as u32);
+                        if want != Some(index.wrapping_add(lane as u32)) {
+                            return Err(format!(
+                                "dispatch {k}: element {p} has index {} in its tensor, not {want:?}",
+                                index.wrapping_add(lane as u32)
+                            ));
+                        }
                     }
                 }
             }
@@ -388,13 +500,23 @@ mod tests {
     }
 
     /// A random layout: 1 to `max_tensors` tensors (some empty), gaps, padding, offsets,
-    /// lengths aligned to 4 or not, up to `groups` groups.
-    fn random_span(rng: &mut Rng, max_tensors: u64, max_len: u64) -> (u64, u64, u64, Vec<Segment>) {
+    /// lengths aligned to 4 or not, up to `groups` groups. With `pairs`, views and tensors start
+    /// on words (even elements), as `params.rs` requires of 16-bit storage.
+    fn random_span(
+        rng: &mut Rng,
+        max_tensors: u64,
+        max_len: u64,
+        pairs: bool,
+    ) -> (u64, u64, u64, Vec<Segment>) {
         let aligned = rng.below(2) == 0;
-        let offset = |rng: &mut Rng| {
-            let o = rng.below(40);
-            if aligned { o / 4 * 4 } else { o }
+        let step = if aligned {
+            4
+        } else if pairs {
+            2
+        } else {
+            1
         };
+        let offset = |rng: &mut Rng| rng.below(40) / step * step;
         let (param_offset, grad_offset) = (offset(rng), offset(rng));
         let groups = 1 + rng.below(16) as u32;
         let mut segments = Vec::new();
@@ -413,26 +535,27 @@ mod tests {
                 });
             }
             at += len;
-            // A gap, sometimes, keeping vec4 alignment where the span has it.
+            // A gap, sometimes, keeping the alignment the span has.
             if rng.below(3) == 0 {
                 at += offset(rng);
             }
-            if aligned {
-                at = at.next_multiple_of(4);
-            }
+            at = at.next_multiple_of(step);
         }
-        let len = at + offset(rng) * rng.below(2);
+        let len = at + rng.below(4) * rng.below(2);
         (param_offset, grad_offset, len.max(1), segments)
     }
 
-    fn random_limits(rng: &mut Rng) -> PlanLimits {
+    fn random_limits(rng: &mut Rng, pairs: bool) -> PlanLimits {
         let align = [16u64, 64, 256][rng.below(3) as usize];
         let workgroup_size = [1u32, 3, 64, 256][rng.below(4) as usize];
         let segmented_workgroup_size = workgroup_size.min(64);
-        let granularity = granularity(align);
+        let min_bytes = if pairs { 2 } else { 4 };
+        let granularity = granularity(align, min_bytes);
         PlanLimits {
             chunk_len: granularity * (1 + rng.below(64)),
             align,
+            pairs,
+            min_bytes,
             workgroup_size,
             segmented_workgroup_size,
             // Small windows, so that the hint cap is exercised without huge spans; still
@@ -446,13 +569,19 @@ mod tests {
     fn random_layouts_keep_every_invariant() {
         let mut rng = Rng::new(0x91a2);
         for case in 0..4000 {
-            let limits = random_limits(&mut rng);
+            // Every storage: f32 throughout, or 16-bit somewhere (params, grads, or only the
+            // state, which the planner sees through `pairs` and `min_bytes`).
+            let pairs = rng.below(2) == 0;
+            let limits = random_limits(&mut rng, pairs);
             let max_tensors = 1 + rng.below(300);
             let (param_offset, grad_offset, len, segments) =
-                random_span(&mut rng, max_tensors, 3000);
+                random_span(&mut rng, max_tensors, 3000, pairs);
+            let bytes = |rng: &mut Rng| if pairs && rng.below(2) == 0 { 2 } else { 4 };
             let span = SpanLayout {
                 param_offset,
                 grad_offset,
+                param_bytes: bytes(&mut rng),
+                grad_bytes: bytes(&mut rng),
                 len,
                 segments: &segments,
             };
@@ -469,6 +598,8 @@ mod tests {
         let limits = PlanLimits {
             chunk_len: 32 << 20,
             align: 256,
+            pairs: false,
+            min_bytes: 4,
             workgroup_size: 256,
             segmented_workgroup_size: 64,
             max_hints: crate::protocol::MAX_HINTS,
@@ -484,6 +615,8 @@ mod tests {
                 let span = SpanLayout {
                     param_offset: aligned_view,
                     grad_offset: 0,
+                    param_bytes: 4,
+                    grad_bytes: 4,
                     len: offset + len + pad,
                     segments: &segments,
                 };
@@ -495,10 +628,19 @@ mod tests {
         // Many tensors, some larger than a window.
         let mut rng = Rng::new(7);
         for _ in 0..20 {
-            let (param_offset, grad_offset, len, segments) = random_span(&mut rng, 40, 3 << 20);
+            let pairs = rng.below(2) == 0;
+            let (param_offset, grad_offset, len, segments) =
+                random_span(&mut rng, 40, 3 << 20, pairs);
+            let limits = PlanLimits {
+                pairs,
+                min_bytes: if pairs { 2 } else { 4 },
+                ..limits
+            };
             let span = SpanLayout {
                 param_offset,
                 grad_offset,
+                param_bytes: if pairs { 2 } else { 4 },
+                grad_bytes: 4,
                 len,
                 segments: &segments,
             };
@@ -525,12 +667,16 @@ mod tests {
         let span = SpanLayout {
             param_offset: 0,
             grad_offset: 0,
+            param_bytes: 4,
+            grad_bytes: 4,
             len: 1600,
             segments: &segments,
         };
         let limits = PlanLimits {
             chunk_len: 1024,
             align: 16,
+            pairs: false,
+            min_bytes: 4,
             workgroup_size: 8,
             segmented_workgroup_size: 8,
             max_hints: 16,

@@ -10,6 +10,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::config::{Algorithm, Config, EpsMode};
+use crate::dtype::Dtype;
 
 /// Mirrors `StepUniforms` in `shaders/adam_family.wgsl` field for field (a test checks the
 /// offsets with naga). Only 4-byte scalars; padded to a multiple of 16 bytes.
@@ -44,7 +45,9 @@ pub(crate) struct StepUniforms {
     pub bias_base: u32,
     pub bias_len: u32,
     pub eps_scaled: u32,
-    pub _pad: u32,
+    /// t as the host counts it (without skipping; wrapping at 2^32): the stochastic rounding
+    /// bits' counter, and the first step, where master weights start from the parameters.
+    pub step: u32,
 }
 
 impl StepUniforms {
@@ -79,7 +82,7 @@ impl StepUniforms {
             bias_base: 0,
             bias_len: 0,
             eps_scaled: 0,
-            _pad: 0,
+            step: t as u32,
         }
     }
 
@@ -186,7 +189,9 @@ pub(crate) struct Chunk {
     pub group: u32,
     /// `grad_norm`: this dispatch's first entry in the device's partial sums.
     pub partials_base: u32,
-    pub _pad1: u32,
+    /// An unsegmented dispatch: the index within its tensor of the chunk's element 0
+    /// (wrapping), for the stochastic rounding bits.
+    pub tensor_element: u32,
     pub _pad2: u32,
     pub _pad3: u32,
 }
@@ -195,9 +200,14 @@ pub(crate) struct Chunk {
 /// (64 KiB, wgpu's default `max_uniform_buffer_binding_size`).
 pub(crate) const MAX_HINTS: u64 = 16384;
 
-/// In a workgroup's hint: all its elements lie inside one segment, whose group the low bits
-/// hold. Otherwise the hint is the index of the first segment that ends past its first element.
+/// In a workgroup's hint: all its elements lie inside one segment, whose index sits above
+/// [`GROUP_BITS`] and whose group in them. Otherwise the hint is the index of the first segment
+/// that ends past its first element.
 pub(crate) const WHOLE_BLOCK: u32 = 1 << 31;
+
+/// Low bits of a whole-block hint that hold the group (`MAX_GROUPS` fits).
+pub(crate) const GROUP_BITS: u32 = 4;
+const _: () = assert!(MAX_GROUPS <= 1 << GROUP_BITS);
 
 /// Bytes of one dispatch's window of workgroup hints.
 pub(crate) const HINTS_BYTES: u64 = MAX_HINTS * 4;
@@ -205,7 +215,7 @@ pub(crate) const HINTS_BYTES: u64 = MAX_HINTS * 4;
 /// Bytes of one step's uniforms: every group's `StepUniforms`.
 pub(crate) const GROUPS_BYTES: u64 = (MAX_GROUPS * size_of::<StepUniforms>()) as u64;
 
-/// `u32` per row of the segment table: (start, end, group, 0).
+/// `u32` per row of the segment table: (start, end, group, index within the tensor of start).
 pub(crate) const SEGMENT_ROW: usize = 4;
 
 /// How a binding is bound.
@@ -230,7 +240,7 @@ pub(crate) struct Binding {
 }
 
 /// The bindings of the step, in binding order. [`Slot`] names the indices.
-pub(crate) const BINDINGS: [Binding; 11] = {
+pub(crate) const BINDINGS: [Binding; 12] = {
     const fn uniform(name: &'static str, size: u64, wgsl_type: &'static str) -> Binding {
         Binding {
             name,
@@ -250,12 +260,16 @@ pub(crate) const BINDINGS: [Binding; 11] = {
         uniform("groups", GROUPS_BYTES, "array<StepUniforms, MAX_GROUPS>"),
         // What this dispatch covers.
         uniform("chunk", size_of::<Chunk>() as u64, "Chunk"),
+        // The per-element buffers: `array<Elem>` in f32, words of two 16-bit values otherwise
+        // (the prelude declares each as its dtype asks, with load and store functions).
         storage("param", false, "array<Elem>"),
         storage("grad", true, "array<Elem>"),
         storage("exp_avg", false, "array<Elem>"),
         storage("exp_avg_sq", false, "array<Elem>"),
         // Bound (to a dummy) even without amsgrad.
         storage("max_exp_avg_sq", false, "array<Elem>"),
+        // Master weights (f32); bound to a dummy without them.
+        storage("master_param", false, "array<Elem>"),
         // Segmented dispatches: the segment rows, sorted and disjoint.
         storage("table", true, "array<u32>"),
         // Segmented dispatches: one hint per workgroup. A uniform, not storage, buffer: read at
@@ -278,6 +292,7 @@ pub(crate) enum Slot {
     ExpAvg,
     ExpAvgSq,
     MaxExpAvgSq,
+    MasterParam,
     Table,
     Hints,
     Device,
@@ -286,7 +301,7 @@ pub(crate) enum Slot {
 
 impl Slot {
     /// Every slot, in binding order.
-    pub const ALL: [Slot; 11] = [
+    pub const ALL: [Slot; 12] = [
         Slot::Groups,
         Slot::Chunk,
         Slot::Param,
@@ -294,6 +309,7 @@ impl Slot {
         Slot::ExpAvg,
         Slot::ExpAvgSq,
         Slot::MaxExpAvgSq,
+        Slot::MasterParam,
         Slot::Table,
         Slot::Hints,
         Slot::Device,
@@ -301,22 +317,92 @@ impl Slot {
     ];
 }
 
-/// The element type one pipeline loads and stores: four lanes at a time, or one.
+/// The element type one pipeline loads and stores: four lanes at a time, two, or one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Width {
     Vec4,
+    /// With 16-bit storage only: one word of two 16-bit values per invocation.
+    Vec2,
     Scalar,
 }
 
 impl Width {
+    pub const ALL: [Width; 3] = [Width::Vec4, Width::Vec2, Width::Scalar];
+
     /// f32 lanes per element.
     pub fn lanes(self) -> u64 {
         match self {
             Width::Vec4 => 4,
+            Width::Vec2 => 2,
             Width::Scalar => 1,
         }
     }
 }
+
+/// How the per-element buffers are stored (optimizer-wide keys of `docs/semantics.md`,
+/// "Storage dtypes"), and how a 16-bit parameter is rounded: what the prelude's load and store
+/// functions do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) struct Storage {
+    pub param: Dtype,
+    pub grad: Dtype,
+    pub exp_avg: Dtype,
+    pub exp_avg_sq: Dtype,
+    /// An f32 copy of 16-bit parameters in the state (`master_param`).
+    pub master: bool,
+    /// 16-bit parameters without master weights rounded stochastically.
+    pub stochastic: bool,
+    pub seed: u64,
+}
+
+impl Storage {
+    pub fn new(config: &Config) -> Self {
+        Storage {
+            param: config.param_dtype,
+            grad: config.grad_dtype,
+            exp_avg: config.exp_avg_dtype,
+            exp_avg_sq: config.exp_avg_sq_dtype,
+            master: config.keeps_master(),
+            stochastic: config.rounds_stochastically(),
+            seed: config.seed,
+        }
+    }
+
+    /// The dtype of the buffer bound at `slot` (f32 for the rest).
+    pub fn dtype(&self, slot: Slot) -> Dtype {
+        match slot {
+            Slot::Param => self.param,
+            Slot::Grad => self.grad,
+            Slot::ExpAvg => self.exp_avg,
+            Slot::ExpAvgSq | Slot::MaxExpAvgSq => self.exp_avg_sq,
+            _ => Dtype::F32,
+        }
+    }
+
+    /// Some buffer holds two values per word: invocations must take whole words.
+    pub fn pairs(&self) -> bool {
+        ELEMENT_SLOTS.iter().any(|&s| self.dtype(s).is_16bit())
+    }
+
+    /// Bytes per element of the narrowest buffer.
+    pub fn min_bytes(&self) -> u64 {
+        ELEMENT_SLOTS
+            .iter()
+            .map(|&s| self.dtype(s).bytes())
+            .min()
+            .unwrap_or(4)
+    }
+}
+
+/// The bindings that hold one value per element.
+pub(crate) const ELEMENT_SLOTS: [Slot; 6] = [
+    Slot::Param,
+    Slot::Grad,
+    Slot::ExpAvg,
+    Slot::ExpAvgSq,
+    Slot::MaxExpAvgSq,
+    Slot::MasterParam,
+];
 
 /// The value of the shader's `ALGORITHM` override for each update rule.
 pub(crate) fn algorithm_code(algorithm: Algorithm) -> u32 {
@@ -327,44 +413,175 @@ pub(crate) fn algorithm_code(algorithm: Algorithm) -> u32 {
     }
 }
 
-/// The generated WGSL prelude for one element width: the element types, the shared constants
-/// and every binding's declaration, all from the definitions above.
-pub(crate) fn wgsl_prelude(width: Width) -> String {
+/// The generated WGSL prelude for one element width and storage: the element types, the
+/// shared constants, every binding's declaration (each per-element buffer in its dtype), and
+/// `load_<name>` / `store_<name>` for each per-element buffer, all from the definitions above.
+/// `shaders/storage.wgsl` (the 16-bit conversions) follows it.
+pub(crate) fn wgsl_prelude(width: Width, storage: &Storage) -> String {
     let elem = match width {
         Width::Vec4 => {
-            "alias Elem = vec4<f32>;\nalias Index = vec4<u32>;\nconst LANES: u32 = 4u;\n\
-             const LANE = vec4<u32>(0u, 1u, 2u, 3u);\n\
+            "alias Elem = vec4<f32>;\nalias Index = vec4<u32>;\nalias Mask = vec4<bool>;\n\
+             const LANES: u32 = 4u;\nconst LANE = vec4<u32>(0u, 1u, 2u, 3u);\n\
              fn lane_sum(x: Elem) -> f32 { return dot(x, vec4<f32>(1.0)); }\n"
         }
+        Width::Vec2 => {
+            "alias Elem = vec2<f32>;\nalias Index = vec2<u32>;\nalias Mask = vec2<bool>;\n\
+             const LANES: u32 = 2u;\nconst LANE = vec2<u32>(0u, 1u);\n\
+             fn lane_sum(x: Elem) -> f32 { return dot(x, vec2<f32>(1.0)); }\n"
+        }
         Width::Scalar => {
-            "alias Elem = f32;\nalias Index = u32;\nconst LANES: u32 = 1u;\nconst LANE = 0u;\n\
-             fn lane_sum(x: Elem) -> f32 { return x; }\n"
+            "alias Elem = f32;\nalias Index = u32;\nalias Mask = bool;\nconst LANES: u32 = 1u;\n\
+             const LANE = 0u;\nfn lane_sum(x: Elem) -> f32 { return x; }\n"
         }
     };
     let mut out = format!(
         "// Generated by src/protocol.rs: the element type, the constants and the bindings.\n\
          {elem}const MAX_GROUPS: u32 = {MAX_GROUPS}u;\nconst WHOLE_BLOCK: u32 = {WHOLE_BLOCK:#x}u;\n\
+         const GROUP_BITS: u32 = {GROUP_BITS}u;\n\
          const HINT_VEC4S: u32 = {}u;\nconst SEGMENT_ROW: u32 = {SEGMENT_ROW}u;\n\
          const ADAM: u32 = {}u;\nconst ADAMW: u32 = {}u;\nconst YOGI: u32 = {}u;\n\
          const BIAS_ROW: u32 = {BIAS_ROW}u;\nconst MAX_WORKGROUP_SIZE: u32 = {MAX_WORKGROUP_SIZE}u;\n\
-         const NORM_BLOCKS: u32 = {NORM_BLOCKS}u;\n",
+         const NORM_BLOCKS: u32 = {NORM_BLOCKS}u;\n\
+         const MASTER: bool = {};\nconst STOCHASTIC: bool = {};\n\
+         const SEED_LO: u32 = {}u;\nconst SEED_HI: u32 = {}u;\n",
         MAX_HINTS / 4,
         algorithm_code(Algorithm::Adam),
         algorithm_code(Algorithm::AdamW),
         algorithm_code(Algorithm::Yogi),
+        storage.master,
+        storage.stochastic,
+        storage.seed as u32,
+        (storage.seed >> 32) as u32,
     );
+    // A 16-bit buffer's word type at this width (scalar: one element of a word).
+    let word = match width {
+        Width::Vec4 => "vec2<u32>",
+        Width::Vec2 | Width::Scalar => "u32",
+    };
     for (number, b) in BINDINGS.iter().enumerate() {
         let space = match b.kind {
             BindingKind::Uniform { .. } => "uniform",
             BindingKind::Storage { read_only: true } => "storage, read",
             BindingKind::Storage { read_only: false } => "storage, read_write",
         };
+        let slot = Slot::ALL[number];
+        let ty = if ELEMENT_SLOTS.contains(&slot) && storage.dtype(slot).is_16bit() {
+            format!("array<{word}>")
+        } else {
+            b.wgsl_type.to_string()
+        };
         out += &format!(
-            "@group(0) @binding({number}) var<{space}> {}: {};\n",
-            b.name, b.wgsl_type
+            "@group(0) @binding({number}) var<{space}> {}: {ty};\n",
+            b.name
         );
     }
+    // Every buffer has a load; those written have a store, which keeps the stored value of
+    // the lanes in `keep` (bit for bit) and rounds the rest (`random`: stochastic bits).
+    for slot in ELEMENT_SLOTS {
+        let b = &BINDINGS[slot as usize];
+        let dtype = storage.dtype(slot);
+        let stochastic = slot == Slot::Param && storage.stochastic;
+        out += &load_store(b.name, dtype, width, slot != Slot::Grad, stochastic);
+    }
+    // Stochastic rounding's bits for each lane, from (seed, t, index within the tensor).
+    let lanes: Vec<String> = match width {
+        Width::Vec4 => ["x", "y", "z", "w"].map(|c| format!("index.{c}")).to_vec(),
+        Width::Vec2 => ["x", "y"].map(|c| format!("index.{c}")).to_vec(),
+        Width::Scalar => vec!["index".into()],
+    };
+    let bits: Vec<String> = lanes
+        .iter()
+        .map(|l| format!("rounding_bits(SEED_LO, SEED_HI, t, {l})"))
+        .collect();
+    out += &format!(
+        "fn random_bits(t: u32, index: Index) -> Index {{ return Index({}); }}\n",
+        bits.join(", ")
+    );
     out
+}
+
+/// `load_<name>(i) -> Elem` and (when `stored`) `store_<name>(i, v, random, keep)` for one
+/// buffer. `i` counts elements of the width (words of 16-bit pairs at vec2, pairs of words at
+/// vec4, single 16-bit halves at scalar).
+fn load_store(name: &str, dtype: Dtype, width: Width, stored: bool, stochastic: bool) -> String {
+    if !dtype.is_16bit() {
+        let mut out = format!("fn load_{name}(i: u32) -> Elem {{ return {name}[i]; }}\n");
+        if stored {
+            out += &format!(
+                "fn store_{name}(i: u32, v: Elem, random: Index, keep: Mask) {{\n\
+                 \x20   var x = v;\n    if any(keep) {{ x = select(v, {name}[i], keep); }}\n\
+                 \x20   {name}[i] = x;\n}}\n"
+            );
+        }
+        return out;
+    }
+    let kind = if dtype == Dtype::Bf16 { "bf16" } else { "f16" };
+    let narrow = |x: &str, r: &str| {
+        if stochastic {
+            format!("stochastic_{kind}({x}, {r})")
+        } else {
+            format!("narrow_{kind}({x})")
+        }
+    };
+    match width {
+        Width::Vec4 => {
+            let mut out = format!(
+                "fn halves_{name}(w: vec2<u32>) -> vec4<u32> {{\n\
+                 \x20   return vec4<u32>(w.x & 0xffffu, w.x >> 16u, w.y & 0xffffu, w.y >> 16u);\n}}\n\
+                 fn load_{name}(i: u32) -> Elem {{\n    let h = halves_{name}({name}[i]);\n\
+                 \x20   return vec4<f32>(widen_{kind}(h.x), widen_{kind}(h.y), widen_{kind}(h.z), widen_{kind}(h.w));\n}}\n"
+            );
+            if stored {
+                out += &format!(
+                    "fn store_{name}(i: u32, v: Elem, random: Index, keep: Mask) {{\n\
+                     \x20   var h = vec4<u32>({}, {}, {}, {});\n\
+                     \x20   if any(keep) {{ h = select(h, halves_{name}({name}[i]), keep); }}\n\
+                     \x20   {name}[i] = vec2<u32>(h.x | (h.y << 16u), h.z | (h.w << 16u));\n}}\n",
+                    narrow("v.x", "random.x"),
+                    narrow("v.y", "random.y"),
+                    narrow("v.z", "random.z"),
+                    narrow("v.w", "random.w"),
+                );
+            }
+            out
+        }
+        Width::Vec2 => {
+            let mut out = format!(
+                "fn halves_{name}(w: u32) -> vec2<u32> {{ return vec2<u32>(w & 0xffffu, w >> 16u); }}\n\
+                 fn load_{name}(i: u32) -> Elem {{\n    let h = halves_{name}({name}[i]);\n\
+                 \x20   return vec2<f32>(widen_{kind}(h.x), widen_{kind}(h.y));\n}}\n"
+            );
+            if stored {
+                out += &format!(
+                    "fn store_{name}(i: u32, v: Elem, random: Index, keep: Mask) {{\n\
+                     \x20   var h = vec2<u32>({}, {});\n\
+                     \x20   if any(keep) {{ h = select(h, halves_{name}({name}[i]), keep); }}\n\
+                     \x20   {name}[i] = h.x | (h.y << 16u);\n}}\n",
+                    narrow("v.x", "random.x"),
+                    narrow("v.y", "random.y"),
+                );
+            }
+            out
+        }
+        Width::Scalar => {
+            // The planner gives a scalar 16-bit dispatch one element, alone in its word.
+            let mut out = format!(
+                "fn load_{name}(i: u32) -> Elem {{\n\
+                 \x20   return widen_{kind}(({name}[i / 2u] >> (16u * (i % 2u))) & 0xffffu);\n}}\n"
+            );
+            if stored {
+                out += &format!(
+                    "fn store_{name}(i: u32, v: Elem, random: Index, keep: Mask) {{\n\
+                     \x20   if keep {{ return; }}\n\
+                     \x20   let shift = 16u * (i % 2u);\n\
+                     \x20   let w = {name}[i / 2u] & ~(0xffffu << shift);\n\
+                     \x20   {name}[i / 2u] = w | ({} << shift);\n}}\n",
+                    narrow("v", "random"),
+                );
+            }
+            out
+        }
+    }
 }
 
 #[cfg(test)]

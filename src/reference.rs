@@ -1,13 +1,16 @@
 //! The CPU reference: `semantics.md` written out once, for clarity rather than speed.
 //!
 //! Arithmetic is f64 on f32 inputs; the state is rounded to f32 as soon as it is computed,
-//! because that is what every stored copy of it (GPU buffers, checkpoints, PyTorch) holds.
-//! The GPU path is tested against this function.
+//! because that is what every stored copy of it (GPU buffers, checkpoints, PyTorch) holds, and
+//! then to its storage dtype when stored (`docs/semantics.md`, "Storage dtypes"): 16-bit values
+//! are kept here widened to f32, which holds them exactly. The GPU path is tested against
+//! these functions.
 //!
 //! Owns: the update formula on the CPU (the WGSL family is the other place it lives). May not
 //! touch the GPU or depend on how the kernel is dispatched.
 
 use crate::config::{Algorithm, Config, EpsMode};
+use crate::dtype::{self, Dtype};
 use crate::protocol::decoupled_decay;
 
 /// The optimizer state of one parameter tensor, with PyTorch's names.
@@ -19,20 +22,29 @@ pub struct TensorState {
     pub exp_avg_sq: Vec<f32>,
     /// `vmax`, the running maximum of `v`; present only with `amsgrad`.
     pub max_exp_avg_sq: Option<Vec<f32>>,
+    /// The f32 copy of 16-bit parameters; present only with `master_weights` (it starts from
+    /// the parameters at the first step).
+    pub master_param: Option<Vec<f32>>,
 }
 
 impl TensorState {
-    /// The state before the first step: `m = 0`, `v = initial_accumulator`, `vmax = 0`.
+    /// The state before the first step: `m = 0`, `v = initial_accumulator` (rounded to its
+    /// dtype), `vmax = 0`, master weights 0 (unused until the first step sets them).
     pub fn new(config: &Config, len: usize) -> Self {
+        let v0 = dtype::round_to(config.exp_avg_sq_dtype, config.initial_accumulator as f32);
         TensorState {
             exp_avg: vec![0.0; len],
-            exp_avg_sq: vec![config.initial_accumulator as f32; len],
+            exp_avg_sq: vec![v0; len],
             max_exp_avg_sq: config.amsgrad.then(|| vec![0.0; len]),
+            master_param: config.keeps_master().then(|| vec![0.0; len]),
         }
     }
 }
 
 /// One step `t` (1-based) with learning rate `lr` over `param`, as `semantics.md` defines it.
+/// With 16-bit dtypes, `param` and `grad` hold their values widened to f32, and the results
+/// are stored rounded as the config's storage keys say; the random bits of stochastic
+/// rounding use `t` and each element's index in `param`.
 ///
 /// # Panics
 /// If `grad` or the state differ in length from `param`, or `amsgrad` is on and the state has
@@ -55,8 +67,17 @@ pub fn step(
     let lr_wd = decoupled_decay(config, lr) as f32 as f64;
     let bc1 = 1.0 - b1.powf(t as f64);
     let bc2 = 1.0 - b2.powf(t as f64);
+    let master = config.keeps_master();
+    assert!(
+        !master || state.master_param.is_some(),
+        "master weights need master_param"
+    );
     for i in 0..n {
-        let mut p = param[i] as f64;
+        // With master weights the f32 copy is the parameter, from the second step on.
+        let mut p = match &state.master_param {
+            Some(copy) if master && t != 1 => copy[i] as f64,
+            _ => param[i] as f64,
+        };
         // 1-3: rescale, clip, maximize.
         let mut g = grad[i] as f64 * config.rescale_grad;
         if let Some(c) = config.clip_gradient {
@@ -76,19 +97,21 @@ pub fn step(
         }
         // 5: exp_avg.
         let m = round(b1 * state.exp_avg[i] as f64 + (1.0 - b1) * g);
-        state.exp_avg[i] = m as f32;
+        state.exp_avg[i] = dtype::round_to(config.exp_avg_dtype, m as f32);
         // 6: exp_avg_sq.
         let v_prev = state.exp_avg_sq[i] as f64;
         let v = round(match config.algorithm {
             Algorithm::Adam | Algorithm::AdamW => b2 * v_prev + (1.0 - b2) * g * g,
             Algorithm::Yogi => v_prev - (1.0 - b2) * sign(v_prev - g * g) * g * g,
         });
-        state.exp_avg_sq[i] = v as f32;
-        // 7: amsgrad's max_exp_avg_sq replaces v below.
+        state.exp_avg_sq[i] = dtype::round_to(config.exp_avg_sq_dtype, v as f32);
+        // 7: amsgrad's max_exp_avg_sq replaces v below (the fresh f32 maximum; the stored one
+        // is rounded to v's dtype).
         let v = match state.max_exp_avg_sq.as_mut() {
             Some(vmax) if config.amsgrad => {
-                vmax[i] = vmax[i].max(v as f32);
-                vmax[i] as f64
+                let fresh = vmax[i].max(v as f32);
+                vmax[i] = dtype::round_to(config.exp_avg_sq_dtype, fresh);
+                fresh as f64
             }
             _ => {
                 assert!(!config.amsgrad, "amsgrad needs max_exp_avg_sq");
@@ -108,7 +131,31 @@ pub fn step(
                 }
             }
         };
-        param[i] = (p - update) as f32;
+        param[i] = store_param(
+            config,
+            t,
+            i,
+            (p - update) as f32,
+            state.master_param.as_mut(),
+        );
+    }
+}
+
+/// The parameter as its buffer stores it: with master weights the f32 value goes to the copy
+/// and the parameter is rounded to nearest; without, rounded as `rounding` says.
+fn store_param(config: &Config, t: u64, i: usize, p: f32, master: Option<&mut Vec<f32>>) -> f32 {
+    if let Some(copy) = master.filter(|_| config.keeps_master()) {
+        copy[i] = p;
+        return dtype::round_to(config.param_dtype, p);
+    }
+    if !config.rounds_stochastically() {
+        return dtype::round_to(config.param_dtype, p);
+    }
+    let random = dtype::rounding_bits(config.seed, t as u32, i as u32);
+    match config.param_dtype {
+        Dtype::Bf16 => dtype::widen_bf16(dtype::stochastic_bf16(p, random)),
+        Dtype::F16 => dtype::widen_f16(dtype::stochastic_f16(p, random)),
+        Dtype::F32 | Dtype::Q8 => p,
     }
 }
 

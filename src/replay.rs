@@ -270,7 +270,13 @@ impl Trace {
         }
         let buffer = |kind: &str, p: &NamedTensor| {
             let label = format!("wgpu-optim replay {kind}.{}", p.name);
-            gpu::state_buffer(device, &label, p.data.len() as u64, 0.0)
+            gpu::state_buffer(
+                device,
+                &label,
+                crate::dtype::Dtype::F32,
+                p.data.len() as u64,
+                0.0,
+            )
         };
         let param_buffers: Vec<_> = self.params.iter().map(|p| buffer("param", p)).collect();
         let grad_buffers: Vec<_> = self.params.iter().map(|p| buffer("grad", p)).collect();

@@ -4,6 +4,7 @@
 //! Owns: the state buffers and every copy in or out of them. May not plan or record steps.
 
 use crate::config::Config;
+use crate::dtype::{self, Dtype};
 use crate::error::{Error, Result};
 use crate::gpu;
 use crate::optimizer::Optimizer;
@@ -11,36 +12,60 @@ use crate::protocol::DeviceScalars;
 use crate::reference::TensorState;
 
 /// The state buffers of one parameter tensor (or of a flat buffer's tensors, at their
-/// offsets): f32, one element per parameter element.
+/// offsets): one element per parameter element, each buffer in its dtype (f32, or bf16 / f16
+/// two to a 32-bit word, low half first).
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct StateBuffers {
     pub exp_avg: wgpu::Buffer,
     pub exp_avg_sq: wgpu::Buffer,
-    /// Only with `amsgrad`.
+    /// Only with `amsgrad` (in `exp_avg_sq`'s dtype).
     pub max_exp_avg_sq: Option<wgpu::Buffer>,
+    /// Only with master weights (16-bit parameters and `master_weights`): f32.
+    pub master_param: Option<wgpu::Buffer>,
+    pub exp_avg_dtype: Dtype,
+    pub exp_avg_sq_dtype: Dtype,
 }
 
 impl StateBuffers {
-    /// The initial state: `m = 0`, `v = initial_accumulator`, `vmax = 0`.
+    /// The initial state: `m = 0`, `v = initial_accumulator`, `vmax = 0`, master weights 0
+    /// (the first step starts them from the parameters).
     pub(crate) fn new(device: &wgpu::Device, config: &Config, name: &str, len: u64) -> Self {
         let label = |state: &str| format!("wgpu-optim {state}.{name}");
+        let (m, v) = (config.exp_avg_dtype, config.exp_avg_sq_dtype);
         StateBuffers {
-            exp_avg: gpu::state_buffer(device, &label("exp_avg"), len, 0.0),
+            exp_avg: gpu::state_buffer(device, &label("exp_avg"), m, len, 0.0),
             exp_avg_sq: gpu::state_buffer(
                 device,
                 &label("exp_avg_sq"),
+                v,
                 len,
                 config.initial_accumulator as f32,
             ),
             max_exp_avg_sq: config
                 .amsgrad
-                .then(|| gpu::state_buffer(device, &label("max_exp_avg_sq"), len, 0.0)),
+                .then(|| gpu::state_buffer(device, &label("max_exp_avg_sq"), v, len, 0.0)),
+            master_param: config
+                .keeps_master()
+                .then(|| gpu::state_buffer(device, &label("master_param"), Dtype::F32, len, 0.0)),
+            exp_avg_dtype: m,
+            exp_avg_sq_dtype: v,
         }
     }
 
-    /// Copies `len` elements of the state from element `offset` back to the host. The copies
-    /// are submitted now; the future resolves once the device has been polled past them.
+    /// Each buffer with its dtype: exp_avg, exp_avg_sq, max_exp_avg_sq, master_param.
+    fn buffers(&self) -> [(Option<&wgpu::Buffer>, Dtype); 4] {
+        [
+            (Some(&self.exp_avg), self.exp_avg_dtype),
+            (Some(&self.exp_avg_sq), self.exp_avg_sq_dtype),
+            (self.max_exp_avg_sq.as_ref(), self.exp_avg_sq_dtype),
+            (self.master_param.as_ref(), Dtype::F32),
+        ]
+    }
+
+    /// Copies `len` elements of the state from element `offset` back to the host, widened to
+    /// f32. The copies are submitted now; the future resolves once the device has been polled
+    /// past them.
     pub(crate) fn read(
         &self,
         device: &wgpu::Device,
@@ -48,37 +73,97 @@ impl StateBuffers {
         offset: u64,
         len: u64,
     ) -> impl Future<Output = Result<TensorState>> + use<> {
-        let read = |b| gpu::read_f32(device, queue, b, offset * 4, len);
-        let exp_avg = read(&self.exp_avg);
-        let exp_avg_sq = read(&self.exp_avg_sq);
-        let max_exp_avg_sq = self.max_exp_avg_sq.as_ref().map(read);
+        let reads = self.buffers().map(|(buffer, dtype)| {
+            buffer.map(|b| {
+                // Whole words: a 16-bit range may start or end inside one.
+                let (first, words) = word_range(dtype, offset, len);
+                (gpu::read_f32(device, queue, b, first * 4, words), dtype)
+            })
+        });
+        let skip = move |dtype: Dtype| (offset * dtype.bytes() % 4 / dtype.bytes()) as usize;
         async move {
-            let max_exp_avg_sq = match max_exp_avg_sq {
-                Some(f) => Some(f.await.map_err(Error::Readback)?),
-                None => None,
-            };
+            let mut out = Vec::new();
+            for read in reads {
+                out.push(match read {
+                    Some((future, dtype)) => {
+                        let words = future.await.map_err(Error::Readback)?;
+                        Some(decode(dtype, &words, skip(dtype), len as usize))
+                    }
+                    None => None,
+                });
+            }
+            let [exp_avg, exp_avg_sq, max_exp_avg_sq, master_param] =
+                <[Option<Vec<f32>>; 4]>::try_from(out).expect("four buffers");
             Ok(TensorState {
-                exp_avg: exp_avg.await.map_err(Error::Readback)?,
-                exp_avg_sq: exp_avg_sq.await.map_err(Error::Readback)?,
+                exp_avg: exp_avg.unwrap_or_default(),
+                exp_avg_sq: exp_avg_sq.unwrap_or_default(),
                 max_exp_avg_sq,
+                master_param,
             })
         }
     }
 
-    /// Overwrites the state from element `offset` with `state` through `queue` (the writes land before the work
-    /// of the next submit). The caller has checked the lengths; an absent `max_exp_avg_sq` on
-    /// either side is skipped.
+    /// Overwrites the state from element `offset` with `state` (rounded to each buffer's dtype)
+    /// through `queue` (the writes land before the work of the next submit). The caller has
+    /// checked the lengths; an absent `max_exp_avg_sq` or `master_param` on either side is
+    /// skipped. A 16-bit range starts on a word (tensors do, `params.rs`); a last odd element's
+    /// word gets a 0 in its other half, which no tensor owns.
     pub(crate) fn write(&self, queue: &wgpu::Queue, offset: u64, state: &TensorState) {
-        let write = |buffer: &wgpu::Buffer, data: &[f32]| {
-            if !data.is_empty() {
-                queue.write_buffer(buffer, offset * 4, bytemuck::cast_slice(data));
+        let data = [
+            Some(&state.exp_avg),
+            Some(&state.exp_avg_sq),
+            state.max_exp_avg_sq.as_ref(),
+            state.master_param.as_ref(),
+        ];
+        for ((buffer, dtype), data) in self.buffers().into_iter().zip(data) {
+            if let (Some(buffer), Some(data)) = (buffer, data) {
+                if !data.is_empty() {
+                    queue.write_buffer(buffer, offset * dtype.bytes(), &encode(dtype, data));
+                }
             }
-        };
-        write(&self.exp_avg, &state.exp_avg);
-        write(&self.exp_avg_sq, &state.exp_avg_sq);
-        if let (Some(buffer), Some(data)) = (&self.max_exp_avg_sq, &state.max_exp_avg_sq) {
-            write(buffer, data);
         }
+    }
+}
+
+/// The 32-bit words that hold elements `offset..offset + len` of `dtype`: (first, count).
+fn word_range(dtype: Dtype, offset: u64, len: u64) -> (u64, u64) {
+    let bytes = dtype.bytes();
+    let first = offset * bytes / 4;
+    let end = ((offset + len) * bytes).div_ceil(4);
+    (first, end - first)
+}
+
+/// `data` as `dtype` stores it (rounded to nearest), padded to whole words.
+pub(crate) fn encode(dtype: Dtype, data: &[f32]) -> Vec<u8> {
+    let mut out: Vec<u8> = match dtype {
+        Dtype::Bf16 => data
+            .iter()
+            .flat_map(|&x| dtype::narrow_bf16(x).to_le_bytes())
+            .collect(),
+        Dtype::F16 => data
+            .iter()
+            .flat_map(|&x| dtype::narrow_f16(x).to_le_bytes())
+            .collect(),
+        Dtype::F32 | Dtype::Q8 => bytemuck::cast_slice(data).to_vec(),
+    };
+    out.resize(out.len().next_multiple_of(4), 0);
+    out
+}
+
+/// `len` values of `dtype` from `words` (read as f32 words), skipping the first `skip`.
+pub(crate) fn decode(dtype: Dtype, words: &[f32], skip: usize, len: usize) -> Vec<f32> {
+    let bytes: &[u8] = bytemuck::cast_slice(words);
+    let halves = || {
+        bytes
+            .chunks_exact(2)
+            .map(|h| u16::from_le_bytes([h[0], h[1]]))
+            .skip(skip)
+            .take(len)
+    };
+    match dtype {
+        Dtype::Bf16 => halves().map(dtype::widen_bf16).collect(),
+        Dtype::F16 => halves().map(dtype::widen_f16).collect(),
+        Dtype::F32 | Dtype::Q8 => words[skip..skip + len].to_vec(),
     }
 }
 
@@ -240,6 +325,22 @@ impl Optimizer {
         };
         check("exp_avg", &state.exp_avg)?;
         check("exp_avg_sq", &state.exp_avg_sq)?;
+        match (&state.master_param, self.config().keeps_master()) {
+            (Some(master), true) => check("master_param", master)?,
+            (None, false) => {}
+            (None, true) => {
+                return Err(Error::MissingTensor {
+                    tensor: format!("master_param.{name}"),
+                    expected: "the f32 master weights, as master_weights is on".into(),
+                });
+            }
+            (Some(_), false) => {
+                return Err(Error::UnexpectedTensor {
+                    tensor: format!("master_param.{name}"),
+                    expected: "no master_param, as master weights are off".into(),
+                });
+            }
+        }
         match (&state.max_exp_avg_sq, self.config().amsgrad) {
             (Some(vmax), true) => check("max_exp_avg_sq", vmax)?,
             (None, false) => {}

@@ -37,6 +37,7 @@ impl Inputs {
                 exp_avg: values(rng, n, 0.001, 0.1, true),
                 exp_avg_sq: values(rng, n, 0.005, 0.75, false),
                 max_exp_avg_sq: Some(values(rng, n, 0.005, 0.75, false)),
+                master_param: None,
             },
         }
     }
@@ -52,6 +53,7 @@ impl Inputs {
                 .as_ref()
                 .filter(|_| amsgrad)
                 .map(|v| v[range].to_vec()),
+            master_param: None,
         }
     }
 }

@@ -179,6 +179,7 @@ pub fn run(
             exp_avg: ms[t].clone(),
             exp_avg_sq: vs[t].clone(),
             max_exp_avg_sq: vmaxs.as_ref().map(|v| v[t].clone()),
+            master_param: None,
         });
     }
     Ok(Run {

@@ -1,6 +1,7 @@
 //! The buffers the optimizer creates, the small per-step upload, readback, and the error
 //! scopes around creation: part of `gpu`, the only module that builds wgpu descriptors.
 
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 
 /// Runs `create` inside validation and out-of-memory error scopes: whatever the device refuses
@@ -26,27 +27,36 @@ pub(crate) fn create_scoped<T>(
     }
 }
 
-/// A storage buffer of `len` f32, every element `fill`; at least 16 bytes so that an empty
-/// tensor still has something to bind.
+/// A storage buffer of `len` elements of `dtype` (f32, or 16-bit two to a word), every element
+/// `fill` rounded to the dtype; whole words, and at least 16 bytes so that an empty tensor still
+/// has something to bind.
 pub(crate) fn state_buffer(
     device: &wgpu::Device,
     label: &str,
+    dtype: Dtype,
     len: u64,
     fill: f32,
 ) -> wgpu::Buffer {
-    let size = (len * 4).max(16);
+    let size = (len * dtype.bytes()).next_multiple_of(4).max(16);
+    // The fill as a word: the f32, or the 16-bit value twice.
+    let word = match dtype {
+        Dtype::Bf16 => (crate::dtype::narrow_bf16(fill) as u32) * 0x1_0001,
+        Dtype::F16 => (crate::dtype::narrow_f16(fill) as u32) * 0x1_0001,
+        Dtype::F32 | Dtype::Q8 => fill.to_bits(),
+    };
+    let fill = f32::from_bits(word);
     let buffer = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
         size,
         usage: wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::COPY_SRC
             | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: fill != 0.0,
+        mapped_at_creation: word != 0,
     });
-    if fill != 0.0 {
+    if word != 0 {
         // New buffers are zeroed; only a non-zero fill needs writing, a block at a time.
         const BLOCK: usize = 1 << 16;
-        let block = vec![fill; BLOCK];
+        let block = vec![fill.to_bits(); BLOCK];
         // A buffer the device could not create does not map: its error scope reports it.
         if let Ok(mut view) = buffer.get_mapped_range_mut(..) {
             let bytes = view.len();

@@ -9,7 +9,7 @@
 use std::num::NonZeroU64;
 
 use crate::config::Config;
-use crate::protocol::{self, BINDINGS, BindingKind, ITERATION_BYTES, Slot, Width};
+use crate::protocol::{self, BINDINGS, BindingKind, ITERATION_BYTES, Slot, Storage, Width};
 
 mod buffers;
 mod device;
@@ -24,9 +24,17 @@ pub(crate) use device::request_device;
 /// The WGSL family every variant is built from.
 const ADAM_FAMILY_WGSL: &str = include_str!("../../shaders/adam_family.wgsl");
 
-/// The complete WGSL source for one element width: the generated prelude, then the family.
-pub(crate) fn wgsl_source(width: Width) -> String {
-    format!("{}{ADAM_FAMILY_WGSL}", protocol::wgsl_prelude(width))
+/// The 16-bit conversions and stochastic rounding's bits, which the prelude's loads and stores
+/// call.
+const STORAGE_WGSL: &str = include_str!("../../shaders/storage.wgsl");
+
+/// The complete WGSL source for one element width and storage: the generated prelude, the
+/// conversions, then the family.
+pub(crate) fn wgsl_source(width: Width, storage: &Storage) -> String {
+    format!(
+        "{}{STORAGE_WGSL}{ADAM_FAMILY_WGSL}",
+        protocol::wgsl_prelude(width, storage)
+    )
 }
 
 /// The override constants that pick one variant of the family.
@@ -43,6 +51,8 @@ pub(crate) struct Variant {
     pub scale: bool,
     pub skip: bool,
     pub norm_clip: bool,
+    /// Optimizer-wide storage dtypes and rounding (in the generated prelude).
+    pub storage: Storage,
 }
 
 impl Variant {
@@ -60,6 +70,7 @@ impl Variant {
             scale: groups[0].loss_scale.is_some(),
             skip: groups[0].skips(),
             norm_clip: groups[0].max_grad_norm.is_some(),
+            storage: Storage::new(&groups[0]),
         }
     }
 
@@ -113,11 +124,28 @@ impl Variant {
                 label += name;
             }
         }
+        let s = &self.storage;
+        for (slot, name) in [
+            (Slot::Param, "param"),
+            (Slot::Grad, "grad"),
+            (Slot::ExpAvg, "m"),
+            (Slot::ExpAvgSq, "v"),
+        ] {
+            if s.dtype(slot) != crate::dtype::Dtype::F32 {
+                label += &format!(" {name}:{}", s.dtype(slot).name());
+            }
+        }
+        if s.master {
+            label += " master";
+        }
+        if s.stochastic {
+            label += " stochastic";
+        }
         label
-            + if width == Width::Vec4 {
-                " vec4"
-            } else {
-                " scalar"
+            + match width {
+                Width::Vec4 => " vec4",
+                Width::Vec2 => " vec2",
+                Width::Scalar => " scalar",
             }
     }
 }
@@ -127,10 +155,10 @@ impl Variant {
 pub(crate) struct Kernels {
     pub variant: Variant,
     layout: wgpu::BindGroupLayout,
-    /// Indexed by [`Kernels::index`].
-    pipelines: [wgpu::ComputePipeline; 4],
+    /// Indexed by [`Kernels::index`]; vec2 only with 16-bit storage.
+    pipelines: Pipelines,
     /// With a pass before the step: `grad_norm` (indexed alike) and `finish`.
-    pre_step: Option<([wgpu::ComputePipeline; 4], wgpu::ComputePipeline)>,
+    pre_step: Option<(Pipelines, wgpu::ComputePipeline)>,
 }
 
 /// The `finish` pass's override constants: the optimizer-wide numbers.
@@ -249,17 +277,33 @@ impl Kernels {
             bind_group_layouts: &[Some(&layout)],
             immediate_size: 0,
         });
-        let modules = [Width::Vec4, Width::Scalar].map(|width| {
-            device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(&format!("wgpu-optim adam_family {width:?}")),
-                source: wgpu::ShaderSource::Wgsl(wgsl_source(width).into()),
+        let widths: &[Width] = if variant.storage.pairs() {
+            &Width::ALL
+        } else {
+            &[Width::Vec4, Width::Scalar]
+        };
+        let modules: Vec<(Width, wgpu::ShaderModule)> = widths
+            .iter()
+            .map(|&width| {
+                let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(&format!("wgpu-optim adam_family {width:?}")),
+                    source: wgpu::ShaderSource::Wgsl(wgsl_source(width, &variant.storage).into()),
+                });
+                (width, module)
             })
-        });
+            .collect();
+        let module = |width: Width| {
+            &modules
+                .iter()
+                .find(|(w, _)| *w == width)
+                .expect("a module per width in use")
+                .1
+        };
         let build = |label: &str, width: Width, entry: &str, constants: &[(&str, f64)]| {
             device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(label),
                 layout: Some(&pipeline_layout),
-                module: &modules[(width == Width::Scalar) as usize],
+                module: module(width),
                 entry_point: Some(entry),
                 compilation_options: wgpu::PipelineCompilationOptions {
                     constants,
@@ -278,12 +322,13 @@ impl Kernels {
                 let label = format!("{} {entry}", v.label(width));
                 build(&label, width, entry, &v.constants())
             };
-            [
-                pipeline(Width::Vec4, false),
-                pipeline(Width::Scalar, false),
-                pipeline(Width::Vec4, true),
-                pipeline(Width::Scalar, true),
-            ]
+            let mut pipelines: Pipelines = Default::default();
+            for segmented in [false, true] {
+                for &width in widths {
+                    pipelines[Kernels::index(width, segmented)] = Some(pipeline(width, segmented));
+                }
+            }
+            pipelines
         };
         let pre_step = finish.filter(|_| variant.pre_step()).map(|finish| {
             let v = Variant {
@@ -307,13 +352,21 @@ impl Kernels {
     }
 
     pub fn index(width: Width, segmented: bool) -> usize {
-        (width == Width::Scalar) as usize + 2 * segmented as usize
+        let w = match width {
+            Width::Vec4 => 0,
+            Width::Vec2 => 1,
+            Width::Scalar => 2,
+        };
+        w + 3 * segmented as usize
     }
     /// The `grad_norm` pipeline of a dispatch, and `finish` (with a pass before the step).
-    pub fn pre_step(&self) -> Option<(&[wgpu::ComputePipeline; 4], &wgpu::ComputePipeline)> {
+    pub fn pre_step(&self) -> Option<(&Pipelines, &wgpu::ComputePipeline)> {
         self.pre_step.as_ref().map(|(norm, finish)| (norm, finish))
     }
 }
+
+/// A pipeline per width and segmentation ([`Kernels::index`]); `None` for a width not built.
+pub(crate) type Pipelines = [Option<wgpu::ComputePipeline>; 6];
 
 /// A byte range of a buffer to bind.
 #[derive(Clone, Debug)]
@@ -416,7 +469,7 @@ pub(crate) fn record(
 /// Every dispatch with its width's and segmentation's pipeline of `pipelines`.
 fn dispatch_all(
     pass: &mut wgpu::ComputePass,
-    pipelines: &[wgpu::ComputePipeline; 4],
+    pipelines: &Pipelines,
     dispatches: &[&Dispatch],
     grid: impl Fn(&Dispatch) -> [u32; 2],
 ) {
@@ -424,7 +477,12 @@ fn dispatch_all(
     for d in dispatches {
         let index = Kernels::index(d.width, d.segmented);
         if current != Some(index) {
-            pass.set_pipeline(&pipelines[index]);
+            // The planner makes vec2 dispatches only with 16-bit storage, whose kernels have
+            // them (`plan::check`).
+            let pipeline = pipelines[index]
+                .as_ref()
+                .expect("a pipeline for each width planned");
+            pass.set_pipeline(pipeline);
             current = Some(index);
         }
         pass.set_bind_group(0, &d.bind_group, &[]);

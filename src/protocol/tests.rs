@@ -7,11 +7,49 @@ use std::mem::offset_of;
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 
 use super::*;
+use crate::dtype::Dtype;
 use crate::gpu::{Variant, wgsl_source};
 
 fn parse(width: Width) -> naga::Module {
-    naga::front::wgsl::parse_str(&wgsl_source(width))
-        .unwrap_or_else(|e| panic!("{width:?}: {}", e.emit_to_string(&wgsl_source(width))))
+    parse_with(width, &Storage::default())
+}
+
+fn parse_with(width: Width, storage: &Storage) -> naga::Module {
+    let source = wgsl_source(width, storage);
+    naga::front::wgsl::parse_str(&source)
+        .unwrap_or_else(|e| panic!("{width:?} {storage:?}: {}", e.emit_to_string(&source)))
+}
+
+/// Every storage the prelude can be generated for: each buffer f32, bf16 or f16, and with
+/// 16-bit params master weights or stochastic rounding (or neither).
+fn every_storage() -> Vec<Storage> {
+    let dtypes = [Dtype::F32, Dtype::Bf16, Dtype::F16];
+    let mut out = Vec::new();
+    for param in dtypes {
+        for grad in dtypes {
+            for exp_avg in dtypes {
+                for exp_avg_sq in dtypes {
+                    let rounding: &[(bool, bool)] = if param == Dtype::F32 {
+                        &[(false, false)]
+                    } else {
+                        &[(false, false), (true, false), (false, true)]
+                    };
+                    for &(master, stochastic) in rounding {
+                        out.push(Storage {
+                            param,
+                            grad,
+                            exp_avg,
+                            exp_avg_sq,
+                            master,
+                            stochastic,
+                            seed: 0x0123_4567_89ab_cdef,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// (member name, offset) of the WGSL struct `name`, and its size.
@@ -61,7 +99,7 @@ fn shared_structs_have_the_same_layout_in_rust_and_wgsl() {
                 bias_base,
                 bias_len,
                 eps_scaled,
-                _pad
+                step
             })
         );
         assert_eq!(
@@ -76,7 +114,7 @@ fn shared_structs_have_the_same_layout_in_rust_and_wgsl() {
                 segment_count,
                 group,
                 partials_base,
-                _pad1,
+                tensor_element,
                 _pad2,
                 _pad3
             })
@@ -145,6 +183,7 @@ fn every_variant_validates_and_compiles_to_spirv() {
                         scale: flags & 32 != 0,
                         skip: flags & 64 != 0,
                         norm_clip: flags & 128 != 0,
+                        storage: Storage::default(),
                     };
                     let entries: &[&str] = if pre_step {
                         &["step", "grad_norm", "finish"]
@@ -184,6 +223,59 @@ fn every_variant_validates_and_compiles_to_spirv() {
         }
     }
     assert_eq!(compiled, 2 * 3 * (32 * 3 + 224 * 3));
+}
+
+#[test]
+fn every_storage_validates_and_compiles_to_spirv_at_every_width() {
+    // Each storage at each width, its step (one tensor and segmented) and norm pass, with the
+    // other options drawn from a fixed sequence so that all of them meet 16-bit storage.
+    let mut compiled = 0;
+    let mut flags = 0x5au32;
+    for storage in every_storage() {
+        for width in Width::ALL {
+            let module = parse_with(width, &storage);
+            let info = Validator::new(ValidationFlags::all(), Capabilities::all())
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{width:?} {storage:?}: {e:?}"));
+            for (entry, segmented) in [("step", false), ("step", true), ("grad_norm", true)] {
+                flags = flags.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                let f = flags >> 16;
+                let variant = Variant {
+                    algorithm: [Algorithm::Adam, Algorithm::AdamW, Algorithm::Yogi]
+                        [(f % 3) as usize],
+                    amsgrad: f & 8 != 0,
+                    maximize: f & 16 != 0,
+                    clip: f & 32 != 0,
+                    weight_decay: f & 64 != 0,
+                    workgroup_size: 64,
+                    segmented,
+                    scale: f & 128 != 0,
+                    skip: f & 256 != 0 || entry == "grad_norm",
+                    norm_clip: f & 512 != 0,
+                    storage,
+                };
+                let mut constants = naga::back::PipelineConstants::default();
+                for (name, value) in variant.constants() {
+                    constants.insert(name.to_string(), value);
+                }
+                let what = format!("{width:?} {entry} {variant:?}");
+                let (module, info) = naga::back::pipeline_constants::process_overrides(
+                    &module,
+                    &info,
+                    Some((naga::ShaderStage::Compute, entry)),
+                    &constants,
+                )
+                .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+                Validator::new(ValidationFlags::all(), Capabilities::all())
+                    .validate(&module)
+                    .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+                naga::back::spv::write_vec(&module, &info, &Default::default(), None)
+                    .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+                compiled += 1;
+            }
+        }
+    }
+    assert_eq!(compiled, every_storage().len() * 3 * 3);
 }
 
 #[test]
