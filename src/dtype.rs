@@ -51,14 +51,27 @@ pub fn widen_f16(_bits: u16) -> f32 {
 pub fn narrow_f16(_x: f32) -> u16 {
     todo!()
 }
-pub fn stochastic_bf16(_x: f32, _random: u32) -> u16 {
-    todo!()
+pub fn stochastic_bf16(x: f32, random: u32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) as u16 & 0x8000) | 0x7fc0;
+    }
+    let a = b & 0x7fff_ffff;
+    (((b >> 16) & 0x8000) | ((a + (random & 0xffff)) >> 16)) as u16
 }
 pub fn stochastic_f16(_x: f32, _random: u32) -> u16 {
     todo!()
 }
-pub fn rounding_bits(_seed: u64, _t: u32, _index: u32) -> u32 {
-    todo!()
+fn mix(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846ca68b);
+    x ^= x >> 16;
+    x
+}
+pub fn rounding_bits(seed: u64, t: u32, index: u32) -> u32 {
+    mix(mix(mix(mix(seed as u32) ^ (seed >> 32) as u32) ^ t) ^ index)
 }
 pub fn round_to(dtype: Dtype, x: f32) -> f32 {
     match dtype {

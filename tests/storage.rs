@@ -1,0 +1,582 @@
+//! Storage dtypes (`docs/semantics.md`, "Storage dtypes") on the GPU against the CPU reference:
+//! 16-bit parameters and gradients, 16-bit states, master weights and stochastic rounding,
+//! crossed with the option table, awkward sizes, chunked bindings and flat buffers.
+//!
+//! Each step is checked on its own: the reference takes the GPU's stored values (parameters,
+//! state, master weights) from before the step, steps them once, and must agree with what the
+//! GPU stored to within the f32 tolerance of one step plus one rounding of each stored value.
+//! (Over many steps a one-ulp difference in a bf16 moment would compound: checking step by
+//! step keeps the bound tight and still catches any wrong formula, index or rounding.)
+
+mod common;
+
+use common::{Rng, STORAGE, Tolerance, gpu, max_abs};
+use wgpu_optim::dtype::{self, Dtype};
+use wgpu_optim::{
+    BufferView, Config, EpsMode, FlatParameters, FlatTensor, Optimizer, OptimizerOptions,
+    Parameter, Rounding, TensorState, reference,
+};
+
+/// 0-d (one element), 1, 3, around the workgroup and vec4 widths, and past 65,536.
+const SIZES: [u64; 7] = [1, 1, 3, 255, 257, 65537, 4];
+const STEPS: u64 = 3;
+
+/// A buffer of `len` elements of `dtype` (whole words), `STORAGE | COPY_*`.
+fn buffer(dtype: Dtype, len: u64) -> wgpu::Buffer {
+    gpu().0.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("storage test"),
+        size: (len * dtype.bytes()).next_multiple_of(4).max(4),
+        usage: STORAGE,
+        mapped_at_creation: false,
+    })
+}
+
+/// Values as `dtype` stores them (rounded to nearest), two 16-bit values to a word.
+fn encode(dtype: Dtype, data: &[f32]) -> Vec<u8> {
+    let mut out: Vec<u8> = match dtype {
+        Dtype::Bf16 => data
+            .iter()
+            .flat_map(|&x| dtype::narrow_bf16(x).to_le_bytes())
+            .collect(),
+        Dtype::F16 => data
+            .iter()
+            .flat_map(|&x| dtype::narrow_f16(x).to_le_bytes())
+            .collect(),
+        _ => bytemuck::cast_slice(data).to_vec(),
+    };
+    out.resize(out.len().next_multiple_of(4), 0);
+    out
+}
+
+/// Writes `data` at element `offset` (a word boundary for 16-bit dtypes).
+fn write(buffer: &wgpu::Buffer, dtype: Dtype, offset: u64, data: &[f32]) {
+    if !data.is_empty() {
+        gpu()
+            .1
+            .write_buffer(buffer, offset * dtype.bytes(), &encode(dtype, data));
+    }
+}
+
+/// `len` elements of `dtype` from element `offset`, widened to f32.
+fn read(buffer: &wgpu::Buffer, dtype: Dtype, offset: u64, len: u64) -> Vec<f32> {
+    let bytes = dtype.bytes();
+    let first = offset * bytes / 4;
+    let words = ((offset + len) * bytes).div_ceil(4) - first;
+    let (device, queue) = gpu();
+    let data = wgpu_optim::util::read_f32_blocking(device, queue, buffer, first * 4, words)
+        .expect("readback");
+    let raw: &[u8] = bytemuck::cast_slice(&data);
+    let skip = (offset * bytes % 4 / bytes) as usize;
+    let halves = raw
+        .chunks_exact(2)
+        .map(|h| u16::from_le_bytes([h[0], h[1]]))
+        .skip(skip)
+        .take(len as usize);
+    match dtype {
+        Dtype::Bf16 => halves.map(dtype::widen_bf16).collect(),
+        Dtype::F16 => halves.map(dtype::widen_f16).collect(),
+        _ => data[skip..skip + len as usize].to_vec(),
+    }
+}
+
+/// The spacing of `dtype`'s values at `x` (0 for f32: no storage rounding beyond f32's).
+fn spacing(dtype: Dtype, x: f32) -> f32 {
+    let exponent = |x: f32| ((x.abs().to_bits() >> 23) as i32 - 127).max(-126);
+    match dtype {
+        Dtype::Bf16 => 2f32.powi(exponent(x) - 7),
+        Dtype::F16 => 2f32.powi(exponent(x).max(-14) - 10),
+        _ => 0.0,
+    }
+}
+
+/// Every mismatch of `got` against `want` beyond `tol` plus one rounding to `dtype` (of the
+/// larger of the two, so that a value rounded across a power of two still passes). A 16-bit
+/// value must moreover equal the reference's exactly but for the f32 results that lie within
+/// `tol` of a rounding boundary: f32 errors are ~1e-7 relative and 16-bit spacings 2^-8 and
+/// 2^-11, so about 1e-4 of random values; but 16-bit gradients have only 256 (2,048)
+/// mantissas, so a first step's moments take only that many mantissas, and one that straddles
+/// a boundary takes 1/256 of the elements with it. 2% allows a few such; a rounding the GPU
+/// got wrong (truncation, the wrong random bits) differs in about half of the elements.
+fn compare(what: &str, dtype: Dtype, got: &[f32], want: &[f32], tol: Tolerance) -> Vec<String> {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let same = |g: f32, w: f32| g.to_bits() == w.to_bits() || g.is_nan() && w.is_nan();
+    let bad: Vec<String> = got
+        .iter()
+        .zip(want)
+        .enumerate()
+        .filter(|&(_, (&g, &w))| {
+            let slack = tol.abs + tol.rel * w.abs() + spacing(dtype, g.abs().max(w.abs()));
+            !((g - w).abs() <= slack || same(g, w))
+        })
+        .map(|(i, (g, w))| format!("[{i}] got {g:e} want {w:e}"))
+        .collect();
+    let mut errors = Vec::new();
+    if !bad.is_empty() {
+        errors.push(format!(
+            "{what}: {} of {} differ: {}",
+            bad.len(),
+            got.len(),
+            bad[..bad.len().min(4)].join(", ")
+        ));
+    }
+    if dtype.is_16bit() {
+        let inexact = got.iter().zip(want).filter(|&(&g, &w)| !same(g, w)).count();
+        if inexact > 2 + got.len() / 50 {
+            let shown: Vec<String> = got
+                .iter()
+                .zip(want)
+                .filter(|&(&g, &w)| !same(g, w))
+                .take(3)
+                .map(|(g, w)| {
+                    format!(
+                        "got {g:e} ({:#x}) want {w:e} ({:#x})",
+                        g.to_bits(),
+                        w.to_bits()
+                    )
+                })
+                .collect();
+            errors.push(format!(
+                "{what}: {inexact} of {} stored values are not the reference's rounding: {}",
+                got.len(),
+                shown.join(", ")
+            ));
+        }
+    }
+    errors
+}
+
+/// The storage choices: each buffer's dtype and, for 16-bit params, how they are rounded.
+#[derive(Clone, Copy, Debug)]
+struct Storage {
+    param: Dtype,
+    grad: Dtype,
+    exp_avg: Dtype,
+    exp_avg_sq: Dtype,
+    rounding: Rounding,
+    master: bool,
+}
+
+impl Storage {
+    fn apply(&self, config: Config) -> Config {
+        config
+            .param_dtype(self.param)
+            .grad_dtype(self.grad)
+            .exp_avg_dtype(self.exp_avg)
+            .exp_avg_sq_dtype(self.exp_avg_sq)
+            .rounding(self.rounding)
+            .master_weights(self.master)
+            .seed(0x9e37_79b9_7f4a_7c15)
+    }
+}
+
+/// The storage choices tested: parameter and gradient dtypes (equal, mixed, and f32), state
+/// dtypes (equal, mixed, one f32), and for 16-bit params each way of rounding them.
+fn storages() -> Vec<Storage> {
+    use Dtype::{Bf16, F16, F32};
+    let buffers = [
+        (F32, F32),
+        (F32, F16),
+        (Bf16, Bf16),
+        (F16, F16),
+        (Bf16, F32),
+        (F16, Bf16),
+    ];
+    let states = [
+        (F32, F32),
+        (Bf16, Bf16),
+        (F16, F16),
+        (Bf16, F16),
+        (F16, F32),
+    ];
+    let mut out = Vec::new();
+    for (param, grad) in buffers {
+        for (exp_avg, exp_avg_sq) in states {
+            let roundings: &[(Rounding, bool)] = if param == F32 {
+                // With f32 params rounding and master weights change nothing.
+                &[(Rounding::Stochastic, true)]
+            } else {
+                &[
+                    (Rounding::Nearest, false),
+                    (Rounding::Stochastic, false),
+                    (Rounding::Stochastic, true),
+                ]
+            };
+            for &(rounding, master) in roundings {
+                out.push(Storage {
+                    param,
+                    grad,
+                    exp_avg,
+                    exp_avg_sq,
+                    rounding,
+                    master,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The option table (as in `tests/parity.rs`, shortened to what meets storage rounding).
+fn options() -> Vec<(&'static str, Config)> {
+    vec![
+        ("adam", Config::adam().lr(1e-2)),
+        (
+            "adam weight decay",
+            Config::adam().lr(1e-2).weight_decay(0.1),
+        ),
+        ("adamw", Config::adamw().lr(1e-2).weight_decay(0.3)),
+        ("yogi", Config::yogi()),
+        ("adam amsgrad", Config::adam().lr(1e-2).amsgrad(true)),
+        (
+            "yogi amsgrad decay",
+            Config::yogi().amsgrad(true).weight_decay(0.05),
+        ),
+        (
+            "adamw maximize amsgrad",
+            Config::adamw().maximize(true).amsgrad(true),
+        ),
+        (
+            "adam no bias correction",
+            Config::adam().bias_correction(false),
+        ),
+        (
+            "adam folded eps",
+            Config::adam().eps_mode(EpsMode::Folded).eps(1e-3),
+        ),
+        ("adam eps_root", Config::adam().eps_root(1e-3).eps(0.0)),
+        (
+            "adam rescale and clip",
+            Config::adam().rescale_grad(0.25).clip_gradient(Some(0.2)),
+        ),
+        (
+            "adam initial accumulator",
+            Config::adam().initial_accumulator(0.3),
+        ),
+        ("adamw low betas", Config::adamw().betas(0.5, 0.9).eps(1e-3)),
+    ]
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Layout {
+    Separate,
+    /// One flat buffer, tensors at word-aligned offsets that are often not vec4-aligned.
+    Flat,
+}
+
+/// Steps `config` on `sizes` for [`STEPS`] steps, each checked against the reference from the
+/// GPU's stored values before it. Returns every mismatch.
+fn run(
+    config: &Config,
+    sizes: &[u64],
+    layout: Layout,
+    options: OptimizerOptions,
+    seed: u64,
+) -> Vec<String> {
+    let (device, queue) = gpu();
+    let mut rng = Rng::new(seed);
+    let n = sizes.len();
+    let (pd, gd) = (config.param_dtype, config.grad_dtype);
+    let grad_scales: Vec<f64> = (0..n).map(|i| [1.0, 1e-2, 3.0, 1e-3][i % 4]).collect();
+    let initial: Vec<Vec<f32>> = sizes
+        .iter()
+        .map(|&s| rng.normals(s as usize, 1.0))
+        .collect();
+
+    // Separate buffers, or one flat buffer with tensors at even offsets (16-bit values start
+    // on words), param and grad differently placed.
+    let mut offsets = vec![(0u64, 0u64); n];
+    let (params, grads): (Vec<wgpu::Buffer>, Vec<wgpu::Buffer>) = match layout {
+        Layout::Separate => sizes
+            .iter()
+            .map(|&s| (buffer(pd, s), buffer(gd, s)))
+            .unzip(),
+        Layout::Flat => {
+            let mut end = 2;
+            for (i, &s) in sizes.iter().enumerate() {
+                offsets[i] = (end, 0);
+                end = (end + s + 2 * (i as u64 % 3)).next_multiple_of(2);
+            }
+            (vec![buffer(pd, end); n], vec![buffer(gd, end + 4); n])
+        }
+    };
+    let grad_offset = |i: usize| match layout {
+        Layout::Separate => 0,
+        Layout::Flat => offsets[i].0 + 4,
+    };
+    for i in 0..n {
+        write(&params[i], pd, offsets[i].0, &initial[i]);
+    }
+    let built = match layout {
+        Layout::Separate => {
+            let parameters: Vec<Parameter> = (0..n)
+                .map(|i| {
+                    Parameter::new(
+                        format!("t{i}"),
+                        BufferView::new(&params[i], 0, sizes[i]),
+                        BufferView::new(&grads[i], 0, sizes[i]),
+                    )
+                })
+                .collect();
+            Optimizer::with_options(device, config.clone(), &parameters, options)
+        }
+        Layout::Flat => {
+            let len = params[0].size() / pd.bytes();
+            let tensors = (0..n)
+                .map(|i| FlatTensor::new(format!("t{i}"), offsets[i].0, sizes[i]).in_group(i % 2))
+                .collect();
+            let flat = FlatParameters::new(
+                BufferView::new(&params[0], 0, len),
+                BufferView::new(&grads[0], 4, len),
+                tensors,
+            );
+            // Two groups: the second without weight decay and at half the learning rate.
+            let second = config.clone().weight_decay(0.0).lr(config.lr / 2.0);
+            Optimizer::with_groups(device, &[config.clone(), second], &[], &[flat], options)
+        }
+    };
+    let mut optimizer = match built {
+        Ok(o) => o,
+        Err(e) => return vec![format!("building: {e}")],
+    };
+    let groups = optimizer.groups().to_vec();
+    let group_config = |i: usize| groups[if layout == Layout::Flat { i % 2 } else { 0 }].clone();
+
+    let mut errors = Vec::new();
+    for t in 1..=STEPS {
+        // Before the step: the GPU's stored values, which the reference starts from.
+        let before: Vec<(Vec<f32>, TensorState)> = (0..n)
+            .map(|i| {
+                let p = read(&params[i], pd, offsets[i].0, sizes[i]);
+                (p, optimizer.read_state_blocking(device, queue, i).unwrap())
+            })
+            .collect();
+        let wobble = 3.0 * 0.9f64.powi(t as i32) * (1.5 + (t as f64).sin());
+        let mut wants = Vec::new();
+        for i in 0..n {
+            let grad = rng.normals(sizes[i] as usize, grad_scales[i] * wobble);
+            write(&grads[i], gd, grad_offset(i), &grad);
+            // The reference sees the gradient as the GPU reads it: rounded to its dtype.
+            let grad: Vec<f32> = grad.iter().map(|&g| dtype::round_to(gd, g)).collect();
+            let c = group_config(i);
+            let (mut p, mut state) = before[i].clone();
+            reference::step(&c, t, c.lr, &mut p, &grad, &mut state);
+            let clip = c.clip_gradient.unwrap_or(f64::INFINITY) as f32;
+            let g_max = (max_abs(&grad) * c.rescale_grad as f32).min(clip)
+                + c.weight_decay as f32 * max_abs(&before[i].0);
+            wants.push((p, state, g_max, c.lr));
+        }
+        optimizer.step_blocking(device, queue).unwrap();
+        for (i, (want_p, want, g_max, lr)) in wants.into_iter().enumerate() {
+            let what = |name: &str| format!("step {t} {name}.t{i} ({} elements)", sizes[i]);
+            let got_p = read(&params[i], pd, offsets[i].0, sizes[i]);
+            let got = optimizer.read_state_blocking(device, queue, i).unwrap();
+            // Yogi may resolve a near-tie of sign(v - g^2) differently in f32 and f64: a few
+            // elements of the largest tensor may be a rounding further off.
+            let max_p = max_abs(&want_p).max(max_abs(&before[i].0));
+            let p_tol = Tolerance::param(1, max_p, lr);
+            errors.extend(compare(&what("param"), pd, &got_p, &want_p, p_tol));
+            if let (Some(g), Some(w)) = (&got.master_param, &want.master_param) {
+                errors.extend(compare(&what("master_param"), Dtype::F32, g, w, p_tol));
+            } else if got.master_param.is_some() != config.keeps_master()
+                || want.master_param.is_some() != config.keeps_master()
+            {
+                errors.push(format!(
+                    "{}: master weights present where not asked",
+                    what("state")
+                ));
+            }
+            let m_tol = Tolerance::exp_avg(max_abs(&want.exp_avg), g_max);
+            let v_tol = Tolerance::exp_avg_sq(max_abs(&want.exp_avg_sq), g_max);
+            let m_dtype = config.exp_avg_dtype;
+            let v_dtype = config.exp_avg_sq_dtype;
+            errors.extend(compare(
+                &what("exp_avg"),
+                m_dtype,
+                &got.exp_avg,
+                &want.exp_avg,
+                m_tol,
+            ));
+            errors.extend(compare(
+                &what("exp_avg_sq"),
+                v_dtype,
+                &got.exp_avg_sq,
+                &want.exp_avg_sq,
+                v_tol,
+            ));
+            if let (Some(g), Some(w)) = (&got.max_exp_avg_sq, &want.max_exp_avg_sq) {
+                errors.extend(compare(&what("max_exp_avg_sq"), v_dtype, g, w, v_tol));
+            }
+        }
+        if errors.len() > 8 {
+            break;
+        }
+    }
+    errors
+}
+
+#[test]
+fn every_storage_matches_the_reference_across_the_option_table() {
+    // Each storage meets an option of the table (round robin: with 13 options and 70
+    // storages every option meets every kind of storage), in separate buffers or a flat one
+    // in two groups, alternately.
+    let options = options();
+    let only = std::env::var("STORAGE_CASE").ok();
+    let mut failures = Vec::new();
+    for (k, storage) in storages().iter().enumerate() {
+        let layout = if k % 2 == 0 {
+            Layout::Separate
+        } else {
+            Layout::Flat
+        };
+        let (name, config) = &options[k % options.len()];
+        if only
+            .as_ref()
+            .is_some_and(|o| !format!("{storage:?}").contains(o.as_str()))
+        {
+            continue;
+        }
+        let config = storage.apply(config.clone());
+        let errors = run(
+            &config,
+            &SIZES,
+            layout,
+            OptimizerOptions::default(),
+            k as u64,
+        );
+        if !errors.is_empty() {
+            failures.push(format!(
+                "{name} {storage:?} {layout:?}:\n  {}",
+                errors.join("\n  ")
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn chunked_bindings_with_16_bit_storage() {
+    // Small chunks put many binding boundaries inside the tensors (the binding limit, scaled
+    // down): every chunk's 16-bit bindings must start on an aligned word.
+    let (device, _) = gpu();
+    let granularity = Optimizer::chunk_granularity(&device.limits());
+    let options = OptimizerOptions::default().chunk_elements(Some(2 * granularity));
+    let mut failures = Vec::new();
+    for (k, storage) in [
+        (
+            Dtype::Bf16,
+            Dtype::Bf16,
+            Dtype::Bf16,
+            Dtype::Bf16,
+            Rounding::Stochastic,
+            false,
+        ),
+        (
+            Dtype::F16,
+            Dtype::F32,
+            Dtype::F16,
+            Dtype::Bf16,
+            Rounding::Nearest,
+            true,
+        ),
+        (
+            Dtype::F32,
+            Dtype::F16,
+            Dtype::Bf16,
+            Dtype::F32,
+            Rounding::Nearest,
+            false,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (param, grad, exp_avg, exp_avg_sq, rounding, master) = storage;
+        let storage = Storage {
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            rounding,
+            master,
+        };
+        let config = storage.apply(Config::adamw().lr(1e-2).amsgrad(k == 1));
+        for layout in [Layout::Separate, Layout::Flat] {
+            let sizes = [5 * granularity + 3, 1, 2 * granularity, 7];
+            let errors = run(&config, &sizes, layout, options, 100 + k as u64);
+            if !errors.is_empty() {
+                failures.push(format!("{storage:?} {layout:?}: {}", errors.join("; ")));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `steps` Adam steps of one bf16 tensor of `n` elements at 1.0 with a constant gradient and
+/// updates far under half a bf16 ulp; returns the final values (widened), and t's updates
+/// summed in f64 by the reference with f32 parameters (the trajectory SR should follow).
+fn tiny_updates(rounding: Rounding, n: u64, steps: u64) -> (Vec<f32>, f64) {
+    let (device, queue) = gpu();
+    // Adam's update is lr * m_hat / (sqrt(v_hat) + eps) = lr for a constant gradient: 1e-4,
+    // under 1/39 of bf16's spacing below 1 (2^-8) and so never half of it.
+    let config = Config::adam()
+        .lr(1e-4)
+        .param_dtype(Dtype::Bf16)
+        .rounding(rounding)
+        .seed(42);
+    let (param, grad) = (buffer(Dtype::Bf16, n), buffer(Dtype::F32, n));
+    write(&param, Dtype::Bf16, 0, &vec![1.0; n as usize]);
+    write(&grad, Dtype::F32, 0, &vec![0.5; n as usize]);
+    let parameter = Parameter::new(
+        "w",
+        BufferView::new(&param, 0, n),
+        BufferView::new(&grad, 0, n),
+    );
+    let mut optimizer = Optimizer::new(device, config.clone(), &[parameter]).unwrap();
+    let mut encoder = device.create_command_encoder(&Default::default());
+    for _ in 0..steps {
+        optimizer.step(queue, &mut encoder);
+    }
+    queue.submit([encoder.finish()]);
+    let values = read(&param, Dtype::Bf16, 0, n);
+    // The f32 trajectory, from the reference with f32 parameters.
+    let f32_config = config.param_dtype(Dtype::F32);
+    let mut p = vec![1.0f32];
+    let mut state = TensorState::new(&f32_config, 1);
+    for t in 1..=steps {
+        reference::step(&f32_config, t, f32_config.lr, &mut p, &[0.5], &mut state);
+    }
+    (values, p[0] as f64)
+}
+
+#[test]
+fn stochastic_rounding_follows_the_f32_trajectory_where_nearest_stands_still() {
+    let (n, steps) = (1 << 16, 200);
+    let (nearest, _) = tiny_updates(Rounding::Nearest, n, steps);
+    assert!(
+        nearest.iter().all(|&p| p == 1.0),
+        "nearest rounding moved a bf16 parameter by less than half an ulp"
+    );
+    let (stochastic, target) = tiny_updates(Rounding::Stochastic, n, steps);
+    // The f32 trajectory moved 200 * 1e-4 = 0.02, over 5 ulps.
+    assert!((1.0 - target - 0.02).abs() < 1e-4, "{target}");
+    // Each step moves a value by a random choice between two neighbours whose mean is the
+    // exact update, so each final value is the target plus a sum of independent zero-mean
+    // steps of at most one ulp (2^-8): its variance is under steps * 2^-16 / 4, and the mean
+    // of n values is within 5 standard deviations of the target (a bias of 1% of the
+    // trajectory would be 30 of them).
+    let mean = stochastic.iter().map(|&p| p as f64).sum::<f64>() / n as f64;
+    let sigma = (steps as f64 * 2f64.powi(-16) / 4.0 / n as f64).sqrt();
+    assert!(
+        (mean - target).abs() < 5.0 * sigma,
+        "mean {mean} vs f32 trajectory {target} (sigma {sigma:e})"
+    );
+    // And the rounding is random: values spread over several bf16 steps.
+    let distinct: std::collections::BTreeSet<u32> =
+        stochastic.iter().map(|p| p.to_bits()).collect();
+    assert!(distinct.len() >= 4, "{distinct:?}");
+}
