@@ -49,7 +49,7 @@ use serde_json::Value;
 
 use crate::config::{CONFIG_KEYS, Config};
 use crate::error::{Error, Result};
-use crate::file::{self, F32Tensor, Safetensors};
+use crate::file::{self, FileTensor, Safetensors};
 use crate::optimizer::Optimizer;
 use crate::reference::TensorState;
 
@@ -186,7 +186,7 @@ impl Checkpoint {
         let mut tensors = Vec::new();
         for t in &self.tensors {
             let mut push = |kind: &str, shape: &[usize], data: &[f32]| {
-                tensors.push((format!("{kind}.{}", t.name), F32Tensor::new(shape, data)));
+                tensors.push((format!("{kind}.{}", t.name), FileTensor::new(shape, data)));
             };
             push("exp_avg", &t.shape, &t.state.exp_avg);
             push("exp_avg_sq", &t.shape, &t.state.exp_avg_sq);

@@ -131,9 +131,14 @@ pub enum Error {
     /// A tensor that the file format does not define, or that belongs to no parameter.
     #[error("unexpected tensor `{tensor}` (expected {expected})")]
     UnexpectedTensor { tensor: String, expected: String },
-    /// A tensor of another dtype than f32.
-    #[error("tensor `{tensor}` has dtype {dtype}, expected F32")]
-    DType { tensor: String, dtype: String },
+    /// A tensor of another dtype than the config gives it (F32 unless `param_dtype`,
+    /// `grad_dtype` or a state's dtype say otherwise).
+    #[error("tensor `{tensor}` has dtype {dtype}, expected {expected}")]
+    DType {
+        tensor: String,
+        dtype: String,
+        expected: String,
+    },
     /// A tensor whose shape (or element count) does not fit.
     #[error("tensor `{tensor}` has shape {shape:?}, expected {expected}")]
     Shape {

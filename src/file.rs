@@ -3,6 +3,7 @@
 //!
 //! Owns: bytes on disk. May not touch the GPU or the optimizer.
 
+use crate::dtype::Dtype as StorageDtype;
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
@@ -108,20 +109,46 @@ impl<'a> Safetensors<'a> {
     }
 }
 
-/// An f32 tensor's elements (little-endian, as safetensors stores them); any other dtype is an
-/// error naming the tensor.
-pub(crate) fn f32_data(name: &str, view: &TensorView) -> Result<Vec<f32>> {
-    if view.dtype() != Dtype::F32 {
+/// The safetensors name of a storage dtype (a q8 state is written dequantised, as F32).
+pub(crate) fn safetensors_dtype(dtype: StorageDtype) -> Dtype {
+    match dtype {
+        StorageDtype::Bf16 => Dtype::BF16,
+        StorageDtype::F16 => Dtype::F16,
+        StorageDtype::F32 | StorageDtype::Q8 => Dtype::F32,
+    }
+}
+
+/// A tensor's elements widened to f32 (little-endian, as safetensors stores them), when it is
+/// stored as `dtype`; any other dtype is an error naming the tensor.
+pub(crate) fn tensor_data(name: &str, view: &TensorView, dtype: StorageDtype) -> Result<Vec<f32>> {
+    let want = safetensors_dtype(dtype);
+    if view.dtype() != want {
         return Err(Error::DType {
             tensor: name.to_string(),
             dtype: format!("{:?}", view.dtype()),
+            expected: format!("{want:?}"),
         });
     }
-    Ok(view
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect())
+    let halves = || {
+        view.data()
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect::<Vec<u16>>()
+    };
+    Ok(match want {
+        Dtype::BF16 => halves().into_iter().map(crate::dtype::widen_bf16).collect(),
+        Dtype::F16 => halves().into_iter().map(crate::dtype::widen_f16).collect(),
+        _ => view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+    })
+}
+
+/// An f32 tensor's elements; any other dtype is an error naming the tensor.
+pub(crate) fn f32_data(name: &str, view: &TensorView) -> Result<Vec<f32>> {
+    tensor_data(name, view, StorageDtype::F32)
 }
 
 /// Checks that every element is finite.
@@ -137,25 +164,47 @@ pub(crate) fn check_finite(name: &str, data: &[f32]) -> Result<()> {
     }
 }
 
-/// An f32 tensor to serialize: shape and little-endian bytes.
-pub(crate) struct F32Tensor {
+/// A tensor to serialize: dtype, shape and little-endian bytes.
+pub(crate) struct FileTensor {
+    dtype: Dtype,
     shape: Vec<usize>,
     bytes: Vec<u8>,
 }
 
-impl F32Tensor {
+impl FileTensor {
+    /// An F32 tensor.
     pub fn new(shape: &[usize], data: &[f32]) -> Self {
+        Self::stored(shape, data, StorageDtype::F32)
+    }
+
+    /// `data` as `dtype` stores it: 16-bit values rounded to nearest (values a 16-bit buffer
+    /// held are exact), q8 states as their dequantised f32.
+    pub fn stored(shape: &[usize], data: &[f32], dtype: StorageDtype) -> Self {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
-        F32Tensor {
+        let bytes = match dtype {
+            StorageDtype::Bf16 => data
+                .iter()
+                .flat_map(|&x| crate::dtype::narrow_bf16(x).to_le_bytes())
+                .collect(),
+            StorageDtype::F16 => data
+                .iter()
+                .flat_map(|&x| crate::dtype::narrow_f16(x).to_le_bytes())
+                .collect(),
+            StorageDtype::F32 | StorageDtype::Q8 => {
+                data.iter().flat_map(|x| x.to_le_bytes()).collect()
+            }
+        };
+        FileTensor {
+            dtype: safetensors_dtype(dtype),
             shape: shape.to_vec(),
-            bytes: data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            bytes,
         }
     }
 }
 
-impl safetensors::View for &F32Tensor {
+impl safetensors::View for &FileTensor {
     fn dtype(&self) -> Dtype {
-        Dtype::F32
+        self.dtype
     }
     fn shape(&self) -> &[usize] {
         &self.shape
@@ -168,9 +217,9 @@ impl safetensors::View for &F32Tensor {
     }
 }
 
-/// Serializes named f32 tensors and metadata into a safetensors file's bytes.
+/// Serializes named tensors and metadata into a safetensors file's bytes.
 pub(crate) fn serialize(
-    tensors: &[(String, F32Tensor)],
+    tensors: &[(String, FileTensor)],
     metadata: HashMap<String, String>,
 ) -> Result<Vec<u8>> {
     safetensors::serialize(tensors.iter().map(|(n, t)| (n, t)), Some(metadata)).map_err(|e| {

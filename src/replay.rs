@@ -35,7 +35,7 @@ use std::path::Path;
 
 use crate::config::{self, Config};
 use crate::error::{Error, Result};
-use crate::file::{self, F32Tensor, Safetensors};
+use crate::file::{self, FileTensor, Safetensors};
 use crate::gpu;
 use crate::optimizer::Optimizer;
 use crate::params::{BufferView, Parameter};
@@ -105,7 +105,13 @@ impl Trace {
         let mut grads = BTreeMap::new();
         let mut lr = None;
         for (tensor, view) in &st.tensors {
-            let data = file::f32_data(tensor, view)?;
+            // Each tensor in its dtype: params in `param_dtype`, gradients in `grad_dtype`.
+            let dtype = match parse_name(tensor) {
+                Some(Name::Param(_)) => config.param_dtype,
+                Some(Name::Grad(..)) => config.grad_dtype,
+                _ => crate::dtype::Dtype::F32,
+            };
+            let data = file::tensor_data(tensor, view, dtype)?;
             let entry = (tensor.as_str(), view.shape().to_vec(), data);
             match parse_name(tensor) {
                 Some(Name::Param(name)) => {
@@ -226,17 +232,17 @@ impl Trace {
         for (i, p) in self.params.iter().enumerate() {
             tensors.push((
                 format!("param.{}", p.name),
-                F32Tensor::new(&p.shape, &p.data),
+                FileTensor::stored(&p.shape, &p.data, self.config.param_dtype),
             ));
             for (t, grads) in self.grads.iter().enumerate() {
                 tensors.push((
                     format!("grad.{}.{}", t + 1, p.name),
-                    F32Tensor::new(&p.shape, &grads[i]),
+                    FileTensor::stored(&p.shape, &grads[i], self.config.grad_dtype),
                 ));
             }
         }
         if let Some(lr) = &self.lr {
-            tensors.push(("lr".into(), F32Tensor::new(&[lr.len()], lr)));
+            tensors.push(("lr".into(), FileTensor::new(&[lr.len()], lr)));
         }
         let metadata = HashMap::from([("config".to_string(), self.config.to_json())]);
         file::serialize(&tensors, metadata)
@@ -268,18 +274,22 @@ impl Trace {
                 context: format!(" for parameter `{}`", p.name),
             });
         }
-        let buffer = |kind: &str, p: &NamedTensor| {
+        // Each buffer in its dtype (16-bit values two to a word).
+        let (param_dtype, grad_dtype) = (self.config.param_dtype, self.config.grad_dtype);
+        let buffer = |kind: &str, p: &NamedTensor, dtype| {
             let label = format!("wgpu-optim replay {kind}.{}", p.name);
-            gpu::state_buffer(
-                device,
-                &label,
-                crate::dtype::Dtype::F32,
-                p.data.len() as u64,
-                0.0,
-            )
+            gpu::state_buffer(device, &label, dtype, p.data.len() as u64, 0.0)
         };
-        let param_buffers: Vec<_> = self.params.iter().map(|p| buffer("param", p)).collect();
-        let grad_buffers: Vec<_> = self.params.iter().map(|p| buffer("grad", p)).collect();
+        let param_buffers: Vec<_> = self
+            .params
+            .iter()
+            .map(|p| buffer("param", p, param_dtype))
+            .collect();
+        let grad_buffers: Vec<_> = self
+            .params
+            .iter()
+            .map(|p| buffer("grad", p, grad_dtype))
+            .collect();
         let parameters: Vec<Parameter> = self
             .params
             .iter()
@@ -295,17 +305,17 @@ impl Trace {
             .collect();
         let mut optimizer = Optimizer::new(device, self.config.clone(), &parameters)?;
 
-        let write = |buffer: &wgpu::Buffer, data: &[f32]| {
+        let write = |buffer: &wgpu::Buffer, data: &[f32], dtype| {
             if !data.is_empty() {
-                queue.write_buffer(buffer, 0, bytemuck::cast_slice(data));
+                queue.write_buffer(buffer, 0, &crate::state::encode(dtype, data));
             }
         };
         for (p, b) in self.params.iter().zip(&param_buffers) {
-            write(b, &p.data);
+            write(b, &p.data, param_dtype);
         }
         for (t, grads) in (1..).zip(&self.grads) {
             for (g, b) in grads.iter().zip(&grad_buffers) {
-                write(b, g);
+                write(b, g, grad_dtype);
             }
             optimizer.set_lr(self.lr_at(t))?;
             optimizer.step_blocking(device, queue)?;
@@ -315,8 +325,10 @@ impl Trace {
         let mut params = Vec::with_capacity(self.params.len());
         let mut state = Vec::with_capacity(self.params.len());
         for (i, (p, b)) in self.params.iter().zip(&param_buffers).enumerate() {
-            let data = gpu::read_f32_blocking(device, queue, b, 0, p.data.len() as u64)
-                .map_err(Error::Readback)?;
+            let len = p.data.len() as u64;
+            let words = (len * param_dtype.bytes()).div_ceil(4);
+            let data = gpu::read_f32_blocking(device, queue, b, 0, words).map_err(Error::Readback)?;
+            let data = crate::state::decode(param_dtype, &data, 0, len as usize);
             params.push(NamedTensor::new(p.name.clone(), &p.shape, data));
             state.push(optimizer.read_state_blocking(device, queue, i)?);
         }
@@ -366,18 +378,24 @@ impl Trace {
 
 impl ReplayResult {
     /// The result file's bytes: `param.<name>`, `exp_avg.<name>`, `exp_avg_sq.<name>`,
-    /// `max_exp_avg_sq.<name>` (amsgrad), metadata `step` and `config`.
+    /// `max_exp_avg_sq.<name>` (amsgrad), each in its dtype, `master_param.<name>` (F32, with
+    /// master weights), metadata `step` and `config`.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let c = &self.config;
         let mut tensors = Vec::new();
         for (p, s) in self.params.iter().zip(&self.state) {
-            let mut push = |kind: &str, data: &[f32]| {
-                tensors.push((format!("{kind}.{}", p.name), F32Tensor::new(&p.shape, data)));
+            let mut push = |kind: &str, data: &[f32], dtype| {
+                let tensor = FileTensor::stored(&p.shape, data, dtype);
+                tensors.push((format!("{kind}.{}", p.name), tensor));
             };
-            push("param", &p.data);
-            push("exp_avg", &s.exp_avg);
-            push("exp_avg_sq", &s.exp_avg_sq);
+            push("param", &p.data, c.param_dtype);
+            push("exp_avg", &s.exp_avg, c.exp_avg_dtype);
+            push("exp_avg_sq", &s.exp_avg_sq, c.exp_avg_sq_dtype);
             if let Some(vmax) = &s.max_exp_avg_sq {
-                push("max_exp_avg_sq", vmax);
+                push("max_exp_avg_sq", vmax, c.exp_avg_sq_dtype);
+            }
+            if let Some(master) = &s.master_param {
+                push("master_param", master, crate::dtype::Dtype::F32);
             }
         }
         let mut metadata = HashMap::from([

@@ -430,7 +430,7 @@ fn mismatches_are_refused_and_the_optimizer_is_untouched() {
         (
             "f64 state",
             |raw| raw.retype("exp_avg_sq.layer.bias", Dtype::F64),
-            |e| matches!(e, Error::DType { tensor, dtype } if tensor == "exp_avg_sq.layer.bias" && dtype == "F64"),
+            |e| matches!(e, Error::DType { tensor, dtype, .. } if tensor == "exp_avg_sq.layer.bias" && dtype == "F64"),
         ),
         (
             "f16 step",

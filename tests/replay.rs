@@ -532,7 +532,7 @@ fn bad_cases() -> Vec<BadCase> {
         (
             "f64 gradient",
             Box::new(|raw: &mut Raw| raw.retype("grad.1.w", Dtype::F64)),
-            |e| matches!(e, Error::DType { tensor, dtype } if tensor == "grad.1.w" && dtype == "F64"),
+            |e| matches!(e, Error::DType { tensor, dtype, .. } if tensor == "grad.1.w" && dtype == "F64"),
         ),
         (
             "bf16 param",

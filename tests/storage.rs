@@ -580,3 +580,66 @@ fn stochastic_rounding_follows_the_f32_trajectory_where_nearest_stands_still() {
         stochastic.iter().map(|p| p.to_bits()).collect();
     assert!(distinct.len() >= 4, "{distinct:?}");
 }
+
+#[test]
+fn an_arena_lays_out_16_bit_tensors_on_words() {
+    let (device, queue) = gpu();
+    let lens = [3u64, 5, 1, 257, 2];
+    let specs: Vec<(String, u64, usize)> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (format!("t{i}"), n, i % 2))
+        .collect();
+    let specs: Vec<(&str, u64, usize)> =
+        specs.iter().map(|(s, n, g)| (s.as_str(), *n, *g)).collect();
+    let arena = wgpu_optim::Arena::with_dtypes(device, &specs, Dtype::Bf16, Dtype::F16).unwrap();
+    assert!(arena.tensors().iter().all(|t| t.offset % 2 == 0));
+    let config = Config::adamw()
+        .lr(1e-2)
+        .param_dtype(Dtype::Bf16)
+        .grad_dtype(Dtype::F16);
+    let groups = [config.clone(), config.clone().weight_decay(0.0)];
+    let mut optimizer =
+        Optimizer::with_groups(device, &groups, &[], &[arena.flat()], Default::default()).unwrap();
+    let mut rng = Rng::new(5);
+    let mut wants = Vec::new();
+    for (i, t) in arena.tensors().iter().enumerate() {
+        let p: Vec<f32> = rng
+            .normals(t.len as usize, 1.0)
+            .iter()
+            .map(|&x| dtype::round_to(Dtype::Bf16, x))
+            .collect();
+        let g: Vec<f32> = rng
+            .normals(t.len as usize, 1.0)
+            .iter()
+            .map(|&x| dtype::round_to(Dtype::F16, x))
+            .collect();
+        write(&arena.param, Dtype::Bf16, t.offset, &p);
+        write(&arena.grad, Dtype::F16, t.offset, &g);
+        let (mut want, mut state) = (p.clone(), TensorState::new(&groups[i % 2], p.len()));
+        reference::step(&groups[i % 2], 1, 1e-2, &mut want, &g, &mut state);
+        wants.push((want, state, max_abs(&g), max_abs(&p)));
+    }
+    optimizer.step_blocking(device, queue).unwrap();
+    let mut errors = Vec::new();
+    for (i, (t, (want, state, g_max, p_max))) in arena.tensors().iter().zip(wants).enumerate() {
+        let got = read(&arena.param, Dtype::Bf16, t.offset, t.len);
+        errors.extend(compare(
+            &format!("param.t{i}"),
+            Dtype::Bf16,
+            &got,
+            &want,
+            Tolerance::param(1, p_max, 1e-2),
+        ));
+        let got_state = optimizer.read_state_blocking(device, queue, i).unwrap();
+        let m_tol = Tolerance::exp_avg(max_abs(&state.exp_avg), g_max);
+        errors.extend(compare(
+            &format!("exp_avg.t{i}"),
+            Dtype::F32,
+            &got_state.exp_avg,
+            &state.exp_avg,
+            m_tol,
+        ));
+    }
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+}
