@@ -327,7 +327,8 @@ impl Trace {
         for (i, (p, b)) in self.params.iter().zip(&param_buffers).enumerate() {
             let len = p.data.len() as u64;
             let words = (len * param_dtype.bytes()).div_ceil(4);
-            let data = gpu::read_f32_blocking(device, queue, b, 0, words).map_err(Error::Readback)?;
+            let data =
+                gpu::read_f32_blocking(device, queue, b, 0, words).map_err(Error::Readback)?;
             let data = crate::state::decode(param_dtype, &data, 0, len as usize);
             params.push(NamedTensor::new(p.name.clone(), &p.shape, data));
             state.push(optimizer.read_state_blocking(device, queue, i)?);
