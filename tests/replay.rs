@@ -870,3 +870,107 @@ fn example_rejects_bad_input_and_writes_nothing() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+#[test]
+fn sixteen_bit_traces_replay_in_their_dtypes() {
+    use wgpu_optim::dtype::{self, Dtype as Storage};
+    let (device, queue) = gpu();
+    let config = Config::adamw()
+        .lr(1e-2)
+        .amsgrad(true)
+        .param_dtype(Storage::Bf16)
+        .grad_dtype(Storage::F16)
+        .exp_avg_dtype(Storage::Bf16)
+        .exp_avg_sq_dtype(Storage::F16)
+        .master_weights(true);
+    // One iteration, so that the GPU and the reference start from the same values and may
+    // differ only by one rounding of each stored value.
+    let mut trace = generated(config.clone(), Some(vec![1e-2]), 11);
+    for p in &mut trace.params {
+        p.data
+            .iter_mut()
+            .for_each(|x| *x = dtype::round_to(Storage::Bf16, *x));
+    }
+    for g in trace.grads.iter_mut().flatten() {
+        g.iter_mut()
+            .for_each(|x| *x = dtype::round_to(Storage::F16, *x));
+    }
+    // The file holds each tensor in its dtype, and reads back exactly.
+    let bytes = trace.to_bytes().unwrap();
+    let raw = Raw::parse(&bytes);
+    for (name, (dtype, _, _)) in &raw.tensors {
+        let want = if name.starts_with("param.") {
+            Dtype::BF16
+        } else if name.starts_with("grad.") {
+            Dtype::F16
+        } else {
+            Dtype::F32
+        };
+        assert_eq!(*dtype, want, "{name}");
+    }
+    assert_eq!(Trace::from_bytes(&bytes, "trace").unwrap(), trace);
+    // A trace whose param is F32 while the config says bf16 is refused, naming it.
+    let mut wrong = raw.clone();
+    wrong.set_f32("param.head.bias", &[7], &[0.5; 7]);
+    assert!(matches!(
+        Trace::from_bytes(&wrong.bytes(), "trace"),
+        Err(Error::DType { tensor, expected, .. }) if tensor == "param.head.bias" && expected == "BF16"
+    ));
+
+    let got = trace.run(device, queue).unwrap();
+    let want = trace.run_reference();
+    let spacing = |dtype: Storage, x: f32| {
+        let e = ((x.abs().to_bits() >> 23) as i32 - 127).max(-126);
+        match dtype {
+            Storage::Bf16 => 2f32.powi(e - 7),
+            Storage::F16 => 2f32.powi(e.max(-14) - 10),
+            _ => 0.0,
+        }
+    };
+    let close = |what: &str, dtype, got: &[f32], want: &[f32], tol: Tolerance| {
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            let slack = tol.abs + tol.rel * w.abs() + spacing(dtype, g.abs().max(w.abs()));
+            assert!((g - w).abs() <= slack, "{what}[{i}]: got {g:e}, want {w:e}");
+        }
+    };
+    let g_max = processed_grad_max(&trace);
+    for (i, p) in trace.params.iter().enumerate() {
+        let tol = Tolerance::param(1, max_abs(&p.data), 1e-2);
+        close(
+            "param",
+            Storage::Bf16,
+            &got.params[i].data,
+            &want.params[i].data,
+            tol,
+        );
+        let (gs, ws) = (&got.state[i], &want.state[i]);
+        close(
+            "master_param",
+            Storage::F32,
+            gs.master_param.as_ref().unwrap(),
+            ws.master_param.as_ref().unwrap(),
+            tol,
+        );
+        let m_tol = Tolerance::exp_avg(max_abs(&ws.exp_avg), g_max[i]);
+        close("exp_avg", Storage::Bf16, &gs.exp_avg, &ws.exp_avg, m_tol);
+        let v_tol = Tolerance::exp_avg_sq(max_abs(&ws.exp_avg_sq), g_max[i]);
+        close(
+            "exp_avg_sq",
+            Storage::F16,
+            &gs.exp_avg_sq,
+            &ws.exp_avg_sq,
+            v_tol,
+        );
+    }
+    // The result: each state in its dtype, the master weights in F32, bit for bit.
+    let result = Raw::parse(&got.to_bytes().unwrap());
+    for (name, (dtype, _, _)) in &result.tensors {
+        let want = match name.split('.').next().unwrap() {
+            "param" | "exp_avg" => Dtype::BF16,
+            "exp_avg_sq" | "max_exp_avg_sq" => Dtype::F16,
+            _ => Dtype::F32,
+        };
+        assert_eq!(*dtype, want, "{name}");
+    }
+    assert_eq!(result.tensors.len(), 5 * trace.params.len());
+}
