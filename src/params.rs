@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::plan::{self, Segment};
 use crate::protocol::Storage;
-use crate::protocol::{HINTS_BYTES, MAX_GROUPS};
+use crate::protocol::{BINDINGS, BindingKind, HINTS_BYTES, MAX_GROUPS};
 
 /// A range of elements in a user's buffer: `len` elements starting `offset` elements in, in
 /// the dtype the config gives the buffer (`param_dtype` / `grad_dtype`; f32 by default).
@@ -413,15 +413,22 @@ pub(crate) fn check_limits(limits: &wgpu::Limits, workgroup_size: u32) -> Result
             })
         }
     };
+    // Every binding of the step's table is bound in every dispatch.
+    let count = |storage: bool| {
+        BINDINGS
+            .iter()
+            .filter(|b| matches!(b.kind, BindingKind::Storage { .. }) == storage)
+            .count() as u64
+    };
     need(
         "max_storage_buffers_per_shader_stage",
         limits.max_storage_buffers_per_shader_stage as u64,
-        6,
+        count(true),
     )?;
     need(
         "max_uniform_buffers_per_shader_stage",
         limits.max_uniform_buffers_per_shader_stage as u64,
-        3,
+        count(false),
     )?;
     need(
         "max_uniform_buffer_binding_size",

@@ -396,8 +396,8 @@ fn bad_calls_are_typed_errors() {
 
 #[test]
 fn a_device_without_the_needed_limits_is_refused() {
-    // A device that allows only 4 storage buffers per stage cannot bind param, grad, the
-    // three state buffers and the segment table.
+    // A device that allows only 4 storage buffers per stage cannot bind the step's 8: param,
+    // grad, the three moments, the master weights, the table and the device state.
     let (adapter, _, _) = wgpu_optim::util::request_device_blocking().unwrap();
     let (device, _) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
         required_limits: wgpu::Limits {
@@ -436,7 +436,7 @@ fn a_device_without_the_needed_limits_is_refused() {
             Error::DeviceLimit {
                 limit: "max_storage_buffers_per_shader_stage",
                 have: 4,
-                need: 6,
+                need: 8,
                 ..
             }
         ),
