@@ -61,6 +61,7 @@
 mod arena;
 pub mod checkpoint;
 mod config;
+pub mod dtype;
 mod error;
 mod file;
 mod gpu;
