@@ -873,11 +873,10 @@ fn storage_wgsl_is_self_contained_and_fits_between_the_prelude_and_the_family() 
             );
         }
     }
-    for width in [crate::protocol::Width::Vec4, crate::protocol::Width::Scalar] {
-        validate(&format!(
-            "{}{STORAGE_WGSL}{}",
-            crate::protocol::wgsl_prelude(width),
-            include_str!("../../shaders/adam_family.wgsl")
+    for width in crate::protocol::Width::ALL {
+        validate(&crate::gpu::wgsl_source(
+            width,
+            &crate::protocol::Storage::default(),
         ));
     }
 }
