@@ -25,6 +25,8 @@ pub struct Row {
     pub traffic_ratio: Option<f64>,
     /// Multi-tensor rows: median paired time ratio to the one-tensor twin.
     pub vs_one_tensor: Option<f64>,
+    /// Rows with features: median paired time ratio to the plain step on as many tensors.
+    pub vs_plain: Option<f64>,
     pub param_dtype: &'static str,
     pub grad_dtype: &'static str,
     pub exp_avg_dtype: &'static str,
@@ -32,18 +34,22 @@ pub struct Row {
     pub features: Vec<String>,
     pub host_us: Option<f64>,
     pub record_us: Option<f64>,
-    /// For the table only: the interquartile ranges of `traffic_ratio` and `vs_one_tensor`.
+    /// For the table only: the interquartile ranges of `traffic_ratio`, `vs_one_tensor` and
+    /// `vs_plain`.
     #[serde(skip)]
     pub traffic_iqr: Option<[f64; 2]>,
     #[serde(skip)]
     pub vs_one_iqr: Option<[f64; 2]>,
+    #[serde(skip)]
+    pub vs_plain_iqr: Option<[f64; 2]>,
     /// For the table only: a ceiling's workgroup shape.
     #[serde(skip)]
     pub note: String,
 }
 
 impl Row {
-    /// A row of an fp32 plain step (or a ceiling) with its median time; ratios unset.
+    /// A row of an fp32 plain step (or a ceiling) with its median time; ratios unset, no
+    /// features.
     pub fn f32(kernel: &str, elements: u64, tensors: u64, bytes: u64, median_ms: f64) -> Self {
         Row {
             kernel: kernel.into(),
@@ -56,6 +62,7 @@ impl Row {
             ratio_iqr: None,
             traffic_ratio: None,
             vs_one_tensor: None,
+            vs_plain: None,
             param_dtype: "f32",
             grad_dtype: "f32",
             exp_avg_dtype: "f32",
@@ -65,6 +72,7 @@ impl Row {
             record_us: None,
             traffic_iqr: None,
             vs_one_iqr: None,
+            vs_plain_iqr: None,
             note: String::new(),
         }
     }
@@ -98,8 +106,9 @@ impl Report<'_> {
 
 pub fn header() -> String {
     format!(
-        "{:<14} {:>10} {:>7} {:>8} {:>10} {:>6}  {:>5} {:>11}  {:>5} {:>11}  {:>5} {:>11}  {:>7} {:>7}  note",
+        "{:<14} {:<26} {:>10} {:>7} {:>8} {:>10} {:>6}  {:>5} {:>11}  {:>5} {:>11}  {:>5} {:>11}  {:>5} {:>11}  {:>7} {:>7}  note",
         "kernel",
+        "features",
         "elements",
         "tensors",
         "MB/step",
@@ -111,6 +120,8 @@ pub fn header() -> String {
         "(IQR)",
         "vs 1",
         "(IQR)",
+        "plain",
+        "(IQR)",
         "host us",
         "rec us"
     )
@@ -121,8 +132,13 @@ pub fn line(r: &Row) -> String {
     let iqr = |x: Option<[f64; 2]>| x.map_or(String::new(), |[a, b]| format!("{a:.3}-{b:.3}"));
     let us = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.1}"));
     format!(
-        "{:<14} {:>10} {:>7} {:>8.1} {:>10.3} {:>6.2}  {:>5} {:>11}  {:>5} {:>11}  {:>5} {:>11}  {:>7} {:>7}  {}",
+        "{:<14} {:<26} {:>10} {:>7} {:>8.1} {:>10.3} {:>6.2}  {:>5} {:>11}  {:>5} {:>11}  {:>5} {:>11}  {:>5} {:>11}  {:>7} {:>7}  {}",
         r.kernel,
+        if r.features.is_empty() {
+            "-".into()
+        } else {
+            r.features.join(",")
+        },
         r.elements,
         r.tensors,
         r.bytes as f64 / 1e6,
@@ -134,6 +150,8 @@ pub fn line(r: &Row) -> String {
         iqr(r.traffic_iqr),
         ratio(r.vs_one_tensor),
         iqr(r.vs_one_iqr),
+        ratio(r.vs_plain),
+        iqr(r.vs_plain_iqr),
         us(r.host_us),
         us(r.record_us),
         r.note

@@ -1,8 +1,9 @@
 //! The step kernels of the table and the workloads they run on, built through the library's
 //! public API only (`Optimizer::new` for one tensor, `Optimizer::with_groups` over a
-//! `FlatParameters` for many).
+//! `FlatParameters` for many). The plain steps of four algorithms, and AdamW with the pre-step
+//! features (`max_grad_norm`, `loss_scale`, both), each timed against plain AdamW.
 
-use wgpu_optim::{BufferView, Config, FlatParameters, FlatTensor, Optimizer, Parameter};
+use wgpu_optim::{BufferView, Config, FlatParameters, FlatTensor, LossScale, Optimizer, Parameter};
 
 use crate::ceilings::StepBuffers;
 use crate::gpu::Gpu;
@@ -11,32 +12,80 @@ use crate::timing::Kernel;
 /// How many tensors the multi-tensor rows split a size into.
 pub const MULTI_TENSORS: u64 = 1000;
 
-/// One step kernel of the table: a name for the `kernel` column and the configuration.
+/// One step kernel of the table: a name for the `kernel` column, the pre-step features for
+/// the `features` column, and the configuration.
 pub struct StepKernel {
     pub name: &'static str,
+    pub features: &'static [&'static str],
     pub config: Config,
     /// Yogi's `sign(v - g^2)` can resolve a near-tie differently in f32 and in the f64
     /// reference (`wgpu_optim::testing::yogi_ties`).
     pub near_ties: bool,
 }
 
+impl StepKernel {
+    /// The step without features of the same name: what a feature row is timed against.
+    pub fn is_plain(&self) -> bool {
+        self.features.is_empty()
+    }
+
+    /// `adamw [max_grad_norm, loss_scale]`, for messages.
+    pub fn label(&self) -> String {
+        if self.is_plain() {
+            self.name.into()
+        } else {
+            format!("{} [{}]", self.name, self.features.join(", "))
+        }
+    }
+}
+
+/// `max_grad_norm` of the feature rows: the random gradients' global norm is far above it
+/// (about `sqrt(n / 3)` for `n` elements), so the step clips.
+pub const MAX_GRAD_NORM: f64 = 1.0;
+
 pub fn step_kernels() -> Vec<StepKernel> {
     let kernel = |name, config, near_ties| StepKernel {
         name,
+        features: &[],
         config,
         near_ties,
     };
+    let adamw = |features, config| StepKernel {
+        name: "adamw",
+        features,
+        config,
+        near_ties: false,
+    };
+    let clipped = Config::adamw().max_grad_norm(Some(MAX_GRAD_NORM));
+    let scaled = |c: Config| c.loss_scale(Some(LossScale::default()));
     vec![
         kernel("adam", Config::adam(), false),
         kernel("adamw", Config::adamw(), false),
         kernel("yogi", Config::yogi(), true),
         kernel("adam_amsgrad", Config::adam().amsgrad(true), false),
+        adamw(&["max_grad_norm"], clipped.clone()),
+        adamw(&["loss_scale"], scaled(Config::adamw())),
+        adamw(&["max_grad_norm", "loss_scale"], scaled(clipped)),
     ]
 }
 
-/// Bytes an fp32 step moves per element: p, g, m, v read and p, m, v written; vmax both ways.
-pub fn bytes_per_element(config: &Config) -> u64 {
+/// Bytes the per-element step pass moves per element in fp32: p, g, m, v read and p, m, v
+/// written; vmax both ways. The ceilings move as many.
+pub fn step_pass_bytes(config: &Config) -> u64 {
     if config.amsgrad { 36 } else { 28 }
+}
+
+/// Bytes a step moves per element: the step pass's, and 4 more where a pass before it reads
+/// the gradient (any pre-step feature: clipping needs the norm, loss scaling found_inf).
+pub fn bytes_per_element(config: &Config) -> u64 {
+    step_pass_bytes(config) + if config.has_pre_step() { 4 } else { 0 }
+}
+
+/// The initial loss scale S (`LossScale::default()`, torch's 65536): the loss-scale rows'
+/// gradients are the random ones times S, in f32. A power of two, so scaling and unscaling are
+/// exact; the random gradients are below 1 in magnitude, so `g * S` stays far from overflow.
+pub fn loss_scale() -> f32 {
+    LossScale::default().init_scale as f32
 }
 
 /// `elements` split into `tensors` consecutive ranges, (offset, len) each, shaped like a
@@ -87,7 +136,7 @@ impl Step {
         tensors: u64,
         grad: &wgpu::Buffer,
     ) -> Result<Self, String> {
-        let label = format!("bench {} x{tensors}", kernel.name);
+        let label = format!("bench {} x{tensors}", kernel.label());
         let param = gpu.storage_buffer(&label, elements);
         let ranges = split(elements, tensors);
         let (optimizer, groups) = if tensors == 1 {

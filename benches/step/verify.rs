@@ -1,13 +1,17 @@
 //! Verification: every kernel runs once on random inputs and is checked before it is timed;
 //! a wrong one is reported and not timed. Steps are checked against the CPU reference
-//! (`wgpu_optim::reference`), the ceilings bit for bit against what they must write.
+//! (`wgpu_optim::reference`: `step` for plain steps, `iteration` for steps with pre-step
+//! features), the ceilings bit for bit against what they must write.
 
+use std::ops::Range;
+
+use wgpu_optim::TensorState;
+use wgpu_optim::reference::{self, IterationState, IterationTensor};
 use wgpu_optim::testing::{Rng, Tolerance, compare, max_abs, yogi_ties};
-use wgpu_optim::{TensorState, reference};
 
 use crate::ceilings::{Ceiling, StepBuffers, TRAFFIC_SCALE};
 use crate::gpu::Gpu;
-use crate::steps::{Step, StepKernel};
+use crate::steps::{Step, StepKernel, loss_scale};
 use crate::timing::Kernel;
 
 /// `n` magnitudes uniform in [lo, hi), each with a random sign when `signed`.
@@ -42,6 +46,19 @@ impl Inputs {
         }
     }
 
+    /// The gradient times the loss scale `s`, in f32, as the loss-scale rows' buffer holds it;
+    /// an error if a product overflows.
+    pub fn scaled_grad(&self, s: f32) -> Result<Vec<f32>, String> {
+        let scaled: Vec<f32> = self.grad.iter().map(|&g| g * s).collect();
+        match scaled.iter().position(|g| !g.is_finite()) {
+            None => Ok(scaled),
+            Some(i) => Err(format!(
+                "grad[{i}] = {:e} times S = {s} overflows",
+                self.grad[i]
+            )),
+        }
+    }
+
     /// The state of elements `range`, with vmax only for `amsgrad`.
     fn state(&self, range: std::ops::Range<usize>, amsgrad: bool) -> TensorState {
         TensorState {
@@ -66,21 +83,28 @@ fn run_once(gpu: &Gpu, kernel: &mut dyn Kernel) {
     gpu.wait();
 }
 
-/// Uploads `inputs` to the step's parameters and state (the gradient is already in place),
-/// runs one step and compares the parameters and every state buffer with the CPU reference.
+/// Uploads `inputs` to the step's parameters and state (the gradient is already in place: the
+/// random one, times S for loss scaling), runs one step and compares the parameters and every
+/// state buffer with the CPU reference: `reference::step` per tensor for a plain step,
+/// `reference::iteration` over all the tensors for a step with features, whose optimizer-wide
+/// numbers (t, S, found_inf, the global norm) are checked too.
 pub fn step(
     gpu: &Gpu,
     step: &mut Step,
     kernel: &StepKernel,
     inputs: &Inputs,
 ) -> Result<(), String> {
-    let name = format!("{} x{}", kernel.name, step.tensors.len());
+    let name = format!("{} x{}", kernel.label(), step.tensors.len());
     let fail = |e: &dyn std::fmt::Display| format!("{name}: {e}");
     let amsgrad = kernel.config.amsgrad;
+    let ranges: Vec<Range<usize>> = step
+        .tensors
+        .iter()
+        .map(|&(offset, len)| offset as usize..(offset + len) as usize)
+        .collect();
     gpu.write(&step.param, 0, &inputs.param);
-    for (i, &(offset, len)) in step.tensors.iter().enumerate() {
-        let range = offset as usize..(offset + len) as usize;
-        let state = inputs.state(range, amsgrad);
+    for (i, range) in ranges.iter().enumerate() {
+        let state = inputs.state(range.clone(), amsgrad);
         let (buffers, at) = step.optimizer.state_buffers(i).map_err(|e| fail(&e))?;
         gpu.write(&buffers.exp_avg, at, &state.exp_avg);
         gpu.write(&buffers.exp_avg_sq, at, &state.exp_avg_sq);
@@ -88,40 +112,133 @@ pub fn step(
             gpu.write(buffer, at, v);
         }
     }
+    let status = |step: &Step| {
+        step.optimizer
+            .read_status_blocking(&gpu.device, &gpu.queue)
+            .map_err(|e| fail(&e))
+    };
+    let status_before = status(step)?;
     let t = step.optimizer.step_count() + 1;
     run_once(gpu, step);
     let got_param = gpu
         .read(&step.param, 0, inputs.param.len() as u64)
         .map_err(|e| fail(&e))?;
 
-    // One step's tolerances, derived once for every test and the benchmark
-    // (`wgpu_optim::testing::Tolerance`); Yogi may resolve a few near-ties the other way.
-    let g_max = max_abs(&inputs.grad);
+    // The reference's parameters and state after the step, per tensor.
+    let mut want: Vec<Vec<f32>> = ranges
+        .iter()
+        .map(|r| inputs.param[r.clone()].to_vec())
+        .collect();
+    let mut states: Vec<TensorState> = ranges
+        .iter()
+        .map(|r| inputs.state(r.clone(), amsgrad))
+        .collect();
     let mut errors = Vec::new();
-    for (i, &(offset, len)) in step.tensors.iter().enumerate() {
+    if kernel.config.has_pre_step() {
+        // The gradient as the step's buffer holds it: scaled by S in f32 (exact: a power of
+        // two, and far from overflow).
+        let s = if kernel.config.loss_scale.is_some() {
+            loss_scale()
+        } else {
+            1.0
+        };
+        let grads: Vec<Vec<f32>> = ranges
+            .iter()
+            .map(|r| inputs.grad[r.clone()].iter().map(|&g| g * s).collect())
+            .collect();
+        let mut state = IterationState {
+            loss_scale: status_before.loss_scale,
+            growth_tracker: status_before.growth_tracker,
+            step: status_before.applied_steps,
+        };
+        let lrs: Vec<f64> = step.groups.iter().map(|c| c.lr).collect();
+        let mut tensors: Vec<IterationTensor> = want
+            .iter_mut()
+            .zip(&grads)
+            .zip(&mut states)
+            .enumerate()
+            .map(|(i, ((param, grad), state))| IterationTensor {
+                group: step.group(i),
+                param,
+                grad,
+                state,
+            })
+            .collect();
+        let report = reference::iteration(&step.groups, &lrs, &mut tensors, &mut state);
+        drop(grads);
+        let after = status(step)?;
+        if kernel.config.loss_scale.is_some() && status_before.loss_scale != s {
+            errors.push(format!(
+                "{name}: S is {}, the gradients were scaled by {s}",
+                status_before.loss_scale
+            ));
+        }
+        if report.found_inf || !report.applied {
+            errors.push(format!(
+                "{name}: the scaled gradients overflowed: the reference skips"
+            ));
+        }
+        if after.found_inf != report.found_inf
+            || after.applied_steps != state.step
+            || after.loss_scale != state.loss_scale
+            || after.growth_tracker != state.growth_tracker
+        {
+            errors.push(format!(
+                "{name}: status {after:?}, reference {report:?} {state:?}"
+            ));
+        }
+        if kernel.config.max_grad_norm.is_some() {
+            // The norm as tests/pre_step.rs checks it; the step must clip.
+            let norm = after.global_norm as f64;
+            if (norm - report.global_norm).abs() > 1e-5 * report.global_norm {
+                errors.push(format!(
+                    "{name}: global norm {norm}, reference {}",
+                    report.global_norm
+                ));
+            }
+            if report.clip_coef >= 1.0 {
+                errors.push(format!(
+                    "{name}: the gradient's norm {} does not exceed max_grad_norm: nothing clipped",
+                    report.global_norm
+                ));
+            }
+        }
+    } else {
+        for (i, range) in ranges.iter().enumerate() {
+            let config = &step.groups[step.group(i)];
+            reference::step(
+                config,
+                t,
+                config.lr,
+                &mut want[i],
+                &inputs.grad[range.clone()],
+                &mut states[i],
+            );
+        }
+    }
+
+    // One step's tolerances, derived once for every test and the benchmark
+    // (`wgpu_optim::testing::Tolerance`), with the largest unscaled gradient (clipping only
+    // shrinks it, as in tests/pre_step.rs); Yogi may resolve a few near-ties the other way.
+    let g_max = max_abs(&inputs.grad);
+    for (i, range) in ranges.into_iter().enumerate() {
         let config = &step.groups[step.group(i)];
-        let range = offset as usize..(offset + len) as usize;
         let before = &inputs.param[range.clone()];
-        let mut want = before.to_vec();
-        let mut state = inputs.state(range.clone(), amsgrad);
-        reference::step(
-            config,
-            t,
-            config.lr,
-            &mut want,
-            &inputs.grad[range.clone()],
-            &mut state,
-        );
+        let state = &states[i];
         let got_state = step
             .optimizer
             .read_state_blocking(&gpu.device, &gpu.queue, i)
             .map_err(|e| fail(&e))?;
-        let allowed = if kernel.near_ties { yogi_ties(len) } else { 0 };
+        let allowed = if kernel.near_ties {
+            yogi_ties(range.len() as u64)
+        } else {
+            0
+        };
         let mut checks = vec![
             (
                 "param",
                 &got_param[range],
-                &want[..],
+                &want[i][..],
                 Tolerance::param(1, max_abs(before), config.lr),
             ),
             (
@@ -150,6 +267,13 @@ pub fn step(
                 errors.push(format!("{name}, tensor {i}: {e}"));
             }
         }
+    }
+    // A wrong kernel fails on every tensor: 1000 tensors would bury the table.
+    const SHOWN: usize = 12;
+    if errors.len() > SHOWN {
+        let more = errors.len() - SHOWN;
+        errors.truncate(SHOWN);
+        errors.push(format!("{name}: {more} more mismatches not shown"));
     }
     if errors.is_empty() {
         Ok(())
