@@ -288,6 +288,23 @@ fn non_finite(x: Elem) -> Elem {
     return select(Elem(0.0), Elem(1.0), (bitcast<Index>(x) & exponent) == exponent);
 }
 
+// The unscaled gradient of an invocation's Elem in step block `block`: 0 in lanes outside
+// every tensor (whatever the buffer holds there, a NaN included).
+fn unscaled_grad(block: u32, lane: u32) -> Elem {
+    let i = block * WORKGROUP_SIZE + lane;
+    let e = chunk.first_element + i * LANES;
+    let place = locate(block, i, e);
+    if !place.valid {
+        return Elem(0.0);
+    }
+    var g = load_grad(chunk.grad_base + i);
+    if SCALE {
+        g = g * iteration.scalars.inv_scale;
+    }
+    // Lanes past the tensor's end (vec4 and vec2 only) do not count.
+    return select(Elem(0.0), g, Index(e) + LANE < Index(place.end));
+}
+
 // Pass 1 of an iteration: sums of the squared unscaled gradient over the tensors' elements,
 // and whether a non-finite one was seen, into `device.partials`. A workgroup covers NORM_BLOCKS
 // of the step's workgroups (their hints, their elements), so that the reduction's barriers,
@@ -300,29 +317,29 @@ fn grad_norm(
 ) {
     let group_index = workgroup.y * workgroups.x + workgroup.x;
     var sum = 0.0;
-    var flag = 0.0;
     for (var k = 0u; k < NORM_BLOCKS; k += 1u) {
-        let block = group_index * NORM_BLOCKS + k;
-        let i = block * WORKGROUP_SIZE + lane;
-        let e = chunk.first_element + i * LANES;
-        let place = locate(block, i, e);
-        if place.valid {
-            var g = load_grad(chunk.grad_base + i);
-            if SCALE {
-                g = g * iteration.scalars.inv_scale;
-            }
-            // Lanes past the tensor's end (vec4 only) do not count.
-            let mine = select(Elem(0.0), Elem(1.0), Index(e) + LANE < Index(place.end));
-            sum += lane_sum(g * g * mine);
-            flag = max(flag, lane_sum(non_finite(g) * mine));
-        }
+        let g = unscaled_grad(group_index * NORM_BLOCKS + k, lane);
+        sum += lane_sum(g * g);
     }
-    scratch[lane] = vec2<f32>(sum, min(flag, 1.0));
+    scratch[lane] = vec2<f32>(sum, 0.0);
     reduce_scratch(lane);
+    var total = workgroupUniformLoad(&scratch[0]);
+    // A NaN or an infinity makes the sum non-finite, and so can finite squares past f32's
+    // range: only then (an iteration to skip, or a huge gradient) is each value looked at.
+    if SKIP && non_finite_scalar(total.x) != 0u {
+        var flag = 0.0;
+        for (var k = 0u; k < NORM_BLOCKS; k += 1u) {
+            let g = unscaled_grad(group_index * NORM_BLOCKS + k, lane);
+            flag = max(flag, lane_sum(non_finite(g)));
+        }
+        scratch[lane] = vec2<f32>(0.0, min(flag, 1.0));
+        reduce_scratch(lane);
+        total.y = workgroupUniformLoad(&scratch[0]).y;
+    }
     let blocks = (chunk.count + WORKGROUP_SIZE - 1u) / WORKGROUP_SIZE;
     let groups = (blocks + NORM_BLOCKS - 1u) / NORM_BLOCKS;
     if lane == 0u && group_index < groups {
-        device.partials[chunk.partials_base + group_index] = scratch[0];
+        device.partials[chunk.partials_base + group_index] = total;
     }
 }
 

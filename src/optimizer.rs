@@ -521,8 +521,8 @@ fn build_spans(
 }
 
 /// The device's iteration state: `DeviceScalars` (S = `init_scale` and its f32 inverse, no
-/// growth, t = 0) followed by room for `partials` partial sums (at least one, so that the
-/// binding is never shorter than the shader's struct).
+/// growth, t = 0) followed by room for `partials` partial sums (at least one, and the size a
+/// multiple of 16, so that the binding is never shorter than the shader's struct).
 fn device_state(
     device: &wgpu::Device,
     config: &Config,
@@ -539,7 +539,10 @@ fn device_state(
     };
     let bytes = iteration_bytes(&scalars);
     let mut state = bytes.clone();
-    state.resize(state.len() + 8 * partials.max(1) as usize, 0);
+    // The shader's struct with its runtime-sized array is 16-byte aligned: the binding holds
+    // at least one partial, rounded up to that alignment.
+    let len = (state.len() + 8 * partials.max(1) as usize).next_multiple_of(16);
+    state.resize(len, 0);
     let usage =
         wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
     let uniform = wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST;

@@ -449,3 +449,63 @@ fn iterations_recorded_in_one_encoder_equal_one_submit_each() {
     let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&a), bits(&b));
 }
+
+#[test]
+fn garbage_between_tensors_of_a_flat_buffer_counts_for_nothing() {
+    // The gradient buffer holds NaN, infinity and a huge value in the padding between the
+    // tensors of a flat buffer (inside the vec4 lanes of their last elements, and in gaps):
+    // no tensor's element, so no skip, and a finite norm equal to the tensors' own.
+    let (device, queue) = gpu();
+    let layout = [(0u64, 5u64), (8, 7), (16, 300), (320, 1)];
+    let len = 324;
+    let (param, grad) = (buffer(len, STORAGE), buffer(len, STORAGE));
+    let garbage = [f32::NAN, f32::INFINITY, 3e38, f32::NEG_INFINITY];
+    write(
+        &grad,
+        0,
+        &(0..len)
+            .map(|i| garbage[i as usize % 4])
+            .collect::<Vec<f32>>(),
+    );
+    let mut rng = Rng::new(3);
+    let mut grads = Vec::new();
+    for &(offset, n) in &layout {
+        let g = rng.normals(n as usize, 1.0);
+        write(&grad, offset, &g);
+        grads.push(g);
+    }
+    let config = Config::adam().max_grad_norm(Some(1.0)).skip_nonfinite(true);
+    let tensors = layout
+        .iter()
+        .enumerate()
+        .map(|(i, &(offset, n))| wgpu_optim::FlatTensor::new(format!("t{i}"), offset, n))
+        .collect();
+    let flat = wgpu_optim::FlatParameters::new(
+        BufferView::new(&param, 0, len),
+        BufferView::new(&grad, 0, len),
+        tensors,
+    );
+    let mut optimizer =
+        Optimizer::with_groups(device, &[config], &[], &[flat], Default::default()).unwrap();
+    optimizer.step_blocking(device, queue).unwrap();
+    let status = optimizer.read_status_blocking(device, queue).unwrap();
+    let norm = grads
+        .iter()
+        .flatten()
+        .map(|&g| g as f64 * g as f64)
+        .sum::<f64>()
+        .sqrt();
+    assert!(!status.found_inf, "{status:?}");
+    assert_eq!(status.applied_steps, 1);
+    assert!(
+        ((status.global_norm as f64) - norm).abs() <= 1e-6 * norm,
+        "{} vs {norm}",
+        status.global_norm
+    );
+    assert!(read(&param, 0, len).iter().enumerate().all(|(i, p)| {
+        let inside = layout
+            .iter()
+            .any(|&(o, n)| (o..o + n).contains(&(i as u64)));
+        !inside || p.is_finite()
+    }));
+}
