@@ -146,11 +146,6 @@ pub(crate) fn tensor_data(name: &str, view: &TensorView, dtype: StorageDtype) ->
     })
 }
 
-/// An f32 tensor's elements; any other dtype is an error naming the tensor.
-pub(crate) fn f32_data(name: &str, view: &TensorView) -> Result<Vec<f32>> {
-    tensor_data(name, view, StorageDtype::F32)
-}
-
 /// Checks that every element is finite.
 pub(crate) fn check_finite(name: &str, data: &[f32]) -> Result<()> {
     match data.iter().position(|x| !x.is_finite()) {
