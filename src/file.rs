@@ -1,5 +1,6 @@
 //! Files, for [`crate::replay`] and [`crate::checkpoint`]: reading, writing atomically, and the
-//! safetensors helpers they share (f32 tensors in, f32 tensors out, the `config` metadata).
+//! safetensors helpers they share (tensors in and out in their storage dtypes, widened to f32 in
+//! memory; the `config` metadata).
 //!
 //! Owns: bytes on disk. May not touch the GPU or the optimizer.
 
