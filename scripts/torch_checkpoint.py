@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Move Adam/AdamW optimizer state between PyTorch and wgpu-optim checkpoints.
 
-Needs torch and safetensors; not run in CI. The checkpoint layout (the README's "Checkpoints",
-and src/checkpoint.rs): tensors `exp_avg.<name>`, `exp_avg_sq.<name>`, `max_exp_avg_sq.<name>`
-(amsgrad), `step.<name>` (0-d f32, torch's per-parameter step); metadata `config` (JSON,
-semantics.md keys), `step` (decimal) and `param_names` (JSON list). `<name>` is the name from
-`model.named_parameters()`; torch's state dict is keyed by parameter index instead, and these
-functions map one to the other.
+Needs torch and safetensors; not run in CI. The checkpoint layout (docs/checkpoint-format.md,
+the README's "Checkpoints", src/checkpoint.rs): tensors `exp_avg.<name>` (in the config's
+`exp_avg_dtype`), `exp_avg_sq.<name>` and `max_exp_avg_sq.<name>` (amsgrad) (in
+`exp_avg_sq_dtype`), `master_param.<name>` (f32 master weights; only with `master_weights` and a
+16-bit `param_dtype`), `step.<name>` (0-d f32, torch's per-parameter step); metadata `config`
+(JSON, semantics.md keys), `step` (decimal) and `param_names` (JSON list). `<name>` is the name
+from `model.named_parameters()`; torch's state dict is keyed by parameter index instead, and
+these functions map one to the other.
 
     from torch_checkpoint import export_checkpoint, import_checkpoint  # scripts/ on sys.path
 
@@ -20,6 +22,15 @@ maximize; the algorithm from the class, `algorithm=` overrides). An import refus
 algorithm or hyperparameters differ from the optimizer's, or which uses an option torch lacks
 (yogi, eps_root, eps_mode folded, rescale_grad, clip_gradient, no bias correction); it restores
 the learning rate, as torch's load_state_dict does.
+
+Storage dtypes (semantics.md, "Storage dtypes"). An export writes f32 states and a config with
+no storage keys (f32 storage), whatever the torch parameters' dtype. An import reads states saved
+as BF16 or F16 (each must have the dtype its config key gives it) and loads them widened to f32
+(exact): torch's Adam state is f32 for f32 parameters, and load_state_dict casts it to each
+parameter's dtype. Torch's Adam has no master weights: `master_param.<name>` is checked but not
+loaded into the optimizer; `import_checkpoint(..., params_from_master=True)` copies it into the
+torch parameters (the f32 weights the run was training; the engine's 16-bit parameters are
+their rounding), and without it the parameters are left as they are.
 
 Command line:
 
@@ -48,6 +59,20 @@ from torch_trace import (F32_EPS, TinyModel, _atomic_save, _named, optimizer_con
 
 GENERATOR = "scripts/torch_checkpoint.py"
 STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# The storage dtypes a checkpoint tensor can have, by config value (q8 is not implemented).
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+def stored_dtype(config, kind):
+    """The dtype name (a key of DTYPES) a checkpoint stores tensor `kind` in under `config`."""
+    key = {"exp_avg": "exp_avg_dtype", "exp_avg_sq": "exp_avg_sq_dtype",
+           "max_exp_avg_sq": "exp_avg_sq_dtype"}.get(kind)
+    return config.get(key, "f32") if key else "f32"
+
+
+def keeps_master(config):
+    """Whether a checkpoint of `config` holds master weights (`master_param.<name>`)."""
+    return bool(config.get("master_weights", False)) and config.get("param_dtype", "f32") != "f32"
 
 
 def _indices(optimizer):
@@ -87,8 +112,13 @@ def export_checkpoint(named_parameters, optimizer, path, algorithm=None):
     })
 
 
-def import_checkpoint(named_parameters, optimizer, path):
-    """Loads a wgpu-optim checkpoint into a torch.optim.Adam / AdamW built on the same model."""
+def import_checkpoint(named_parameters, optimizer, path, params_from_master=False):
+    """Loads a wgpu-optim checkpoint into a torch.optim.Adam / AdamW built on the same model.
+
+    States saved as BF16 or F16 are loaded as f32. With `params_from_master`, the checkpoint's
+    master weights (it must have them) are copied into the parameters; otherwise the parameters
+    are not touched. Everything is checked before anything is written.
+    """
     with safe_open(path, "pt") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -108,6 +138,14 @@ def import_checkpoint(named_parameters, optimizer, path):
     for key, bad in lacking.items():
         if bad:
             raise ValueError(f"{path}: config {key}={config[key]!r} has no torch.optim equivalent")
+    for key in ("exp_avg_dtype", "exp_avg_sq_dtype"):
+        if config.get(key, "f32") not in DTYPES:
+            raise ValueError(f"{path}: config {key}={config[key]!r} is not supported here "
+                             f"(one of {sorted(DTYPES)})")
+    master = keeps_master(config)
+    if params_from_master and not master:
+        raise ValueError(f"{path}: params_from_master=True, but the checkpoint has no master "
+                         "weights (master_weights with a 16-bit param_dtype)")
     mine = optimizer_config(optimizer)
     for key in ("algorithm", "betas", "eps", "weight_decay", "amsgrad", "maximize"):
         if config[key] != mine[key]:
@@ -120,22 +158,38 @@ def import_checkpoint(named_parameters, optimizer, path):
                          f"{[n for n, _ in named]}")
     index = _indices(optimizer)
     state_dict = optimizer.state_dict()
+    masters = []
+
+    def stored(kind, n, p):
+        """Tensor `kind.n`, checked (present, its dtype, p's element count), widened to f32."""
+        key = f"{kind}.{n}"
+        if key not in tensors:
+            raise ValueError(f"{path}: {key} is missing")
+        t, want = tensors[key], DTYPES[stored_dtype(config, kind)]
+        if t.dtype != want:
+            raise ValueError(f"{path}: {key} has dtype {t.dtype}, but the config gives it {want}")
+        if t.numel() != p.numel():
+            raise ValueError(f"{path}: {key} has {t.numel()} elements, the parameter {p.numel()}")
+        return t.to(torch.float32).reshape(p.shape).clone()
+
     for n, p in named:
         s = {"step": tensors[f"step.{n}"].to(torch.float32).reshape(()).clone()}
         if float(s["step"]) != float(step):
             raise ValueError(f"{path}: step.{n} = {float(s['step'])} but the metadata step is {step}")
         for kind in STATE:
-            key = f"{kind}.{n}"
             if kind == "max_exp_avg_sq" and not config["amsgrad"]:
                 continue
-            if tensors[key].numel() != p.numel():
-                raise ValueError(f"{path}: {key} has {tensors[key].numel()} elements, "
-                                 f"the parameter {p.numel()}")
-            s[kind] = tensors[key].reshape(p.shape).clone()
+            s[kind] = stored(kind, n, p)
+        if master:
+            masters.append((p, stored("master_param", n, p)))
         state_dict["state"][index[id(p)]] = s
     for group in state_dict["param_groups"]:
         group["lr"] = config["lr"]
     optimizer.load_state_dict(state_dict)
+    if params_from_master:
+        with torch.no_grad():
+            for p, weights in masters:
+                p.copy_(weights)
 
 
 # The test data: a tiny model trained with AdamW + amsgrad, exported after SAVED_AT steps.

@@ -3,10 +3,14 @@
 //!
 //! | tensor | content |
 //! | --- | --- |
-//! | `exp_avg.<name>` | f32, one element per parameter element |
-//! | `exp_avg_sq.<name>` | f32, the same shape |
-//! | `max_exp_avg_sq.<name>` | f32, the same shape; only with amsgrad |
+//! | `exp_avg.<name>` | in `exp_avg_dtype` (F32, BF16 or F16), one element per parameter element |
+//! | `exp_avg_sq.<name>` | in `exp_avg_sq_dtype`, the same shape |
+//! | `max_exp_avg_sq.<name>` | in `exp_avg_sq_dtype`, the same shape; only with amsgrad |
+//! | `master_param.<name>` | f32, the same shape; only with master weights ([`Config::keeps_master`]) |
 //! | `step.<name>` | f32, 0-d: the step count, like torch's per-parameter `step` |
+//!
+//! Each state is written as its buffer stores it, so a 16-bit state is saved and restored bit
+//! for bit (the values a 16-bit buffer holds are exact in f32, where the host keeps them).
 //!
 //! | metadata | content |
 //! | --- | --- |
@@ -22,10 +26,11 @@
 //! `scripts/torch_checkpoint.py` maps a `torch.optim.Adam`/`AdamW` state dict to and from this
 //! layout. Other metadata keys are ignored.
 //!
-//! Loading checks the file on its own (names, dtypes, shapes, the config, every `step.<name>`
-//! equal to `step`), then against the optimizer (the same parameter names, element counts,
-//! and config in every key but `lr`), and only then writes the state, the step counter and
-//! the learning rate: a failed load returns a typed error and leaves the optimizer as it was.
+//! Loading checks the file on its own (names, each tensor's dtype against the file's config,
+//! shapes, the config, every `step.<name>` equal to `step`), then against the optimizer (the
+//! same parameter names, element counts, and config in every key but `lr`: the storage keys
+//! included), and only then writes the state, the step counter and the learning rate: a failed
+//! load returns a typed error and leaves the optimizer as it was.
 //! Saving writes a temporary file in the same directory and renames it over the target.
 //!
 //! Owns: the checkpoint format (`docs/checkpoint-format.md`). May not reach into the optimizer
@@ -48,6 +53,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::config::{CONFIG_KEYS, Config};
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::file::{self, FileTensor, Safetensors};
 use crate::optimizer::Optimizer;
@@ -185,15 +191,16 @@ impl Checkpoint {
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let mut tensors = Vec::new();
         for t in &self.tensors {
-            let mut push = |kind: &str, shape: &[usize], data: &[f32]| {
-                tensors.push((format!("{kind}.{}", t.name), FileTensor::new(shape, data)));
+            let mut push = |kind: &str, shape: &[usize], data: &[f32], dtype| {
+                let tensor = FileTensor::stored(shape, data, dtype);
+                tensors.push((format!("{kind}.{}", t.name), tensor));
             };
-            push("exp_avg", &t.shape, &t.state.exp_avg);
-            push("exp_avg_sq", &t.shape, &t.state.exp_avg_sq);
-            if let Some(vmax) = &t.state.max_exp_avg_sq {
-                push("max_exp_avg_sq", &t.shape, vmax);
+            // Each state in its dtype: the values were read from buffers of that dtype, so
+            // narrowing them again is exact.
+            for (kind, dtype, data) in state_tensors(&self.config, &t.state) {
+                push(kind, &t.shape, data, dtype);
             }
-            push("step", &[], &[self.step as f32]);
+            push("step", &[], &[self.step as f32], Dtype::F32);
         }
         let names: Vec<&str> = self.names().collect();
         let mut metadata = HashMap::from([
@@ -237,8 +244,9 @@ impl Checkpoint {
     }
 
     /// Parses and checks a checkpoint on its own: the config, the metadata, every tensor
-    /// present with the f32 dtype and consistent shapes, no other tensor. `file` names it in
-    /// errors.
+    /// present in the dtype the config gives it and with consistent shapes (`master_param.<name>`
+    /// exactly with master weights, `max_exp_avg_sq.<name>` exactly with amsgrad), no other
+    /// tensor. `file` names it in errors.
     pub fn from_bytes(bytes: &[u8], file: &str) -> Result<Self> {
         let st = Safetensors::parse(bytes, file)?;
         let config = st.config()?;
@@ -312,15 +320,29 @@ impl Checkpoint {
             st.tensors.iter().map(|(n, v)| (n.as_str(), v)).collect();
         let mut tensors = Vec::with_capacity(names.len());
         for (name, group) in names.into_iter().zip(member) {
+            // Each tensor must have the dtype the file's config gives it.
             let mut take = |kind: &str, expected: &str| {
                 let tensor = format!("{kind}.{name}");
-                match views.remove(tensor.as_str()) {
-                    Some(view) => Ok((file::f32_data(&tensor, view)?, view.shape().to_vec())),
-                    None => Err(Error::MissingTensor {
+                let Some(view) = views.remove(tensor.as_str()) else {
+                    return Err(Error::MissingTensor {
                         tensor,
                         expected: expected.into(),
-                    }),
-                }
+                    });
+                };
+                let (dtype, why) = stored_as(&config, kind);
+                let data = file::tensor_data(&tensor, view, dtype).map_err(|e| match e {
+                    Error::DType {
+                        tensor,
+                        dtype,
+                        expected,
+                    } => Error::DType {
+                        tensor,
+                        dtype,
+                        expected: format!("{expected}: {why}"),
+                    },
+                    e => e,
+                })?;
+                Ok((data, view.shape().to_vec()))
             };
             let (exp_avg, shape) = take("exp_avg", "the first moment of every parameter")?;
             let same_shape = |kind: &str, (data, s): (Vec<f32>, Vec<usize>)| {
@@ -344,6 +366,16 @@ impl Checkpoint {
                     take(
                         "max_exp_avg_sq",
                         "the running maximum of exp_avg_sq: amsgrad is on",
+                    )?,
+                )?),
+                false => None,
+            };
+            let master_param = match config.keeps_master() {
+                true => Some(same_shape(
+                    "master_param",
+                    take(
+                        "master_param",
+                        "the f32 master weights: master_weights is on with 16-bit params",
                     )?,
                 )?),
                 false => None,
@@ -372,17 +404,23 @@ impl Checkpoint {
                     exp_avg,
                     exp_avg_sq,
                     max_exp_avg_sq,
-                    master_param: None,
+                    master_param,
                 },
             });
         }
         if let Some(tensor) = views.keys().next() {
+            let on = |on: bool| if on { "on" } else { "off" };
             return Err(Error::UnexpectedTensor {
                 tensor: tensor.to_string(),
                 expected: format!(
-                    "`exp_avg.<name>`, `exp_avg_sq.<name>`, `step.<name>` and, with amsgrad \
-                     (here {}), `max_exp_avg_sq.<name>`, for each name of `param_names`",
-                    if config.amsgrad { "on" } else { "off" }
+                    "`exp_avg.<name>`, `exp_avg_sq.<name>`, `step.<name>`, with amsgrad (here \
+                     {}) `max_exp_avg_sq.<name>` and with master weights (here {}: \
+                     `master_weights` {}, `param_dtype` \"{}\") `master_param.<name>`, for each \
+                     name of `param_names`",
+                    on(config.amsgrad),
+                    on(config.keeps_master()),
+                    config.master_weights,
+                    config.param_dtype.name(),
                 ),
             });
         }
@@ -397,8 +435,9 @@ impl Checkpoint {
 
     /// Loads the checkpoint into `optimizer`: checks that it has the same parameter names
     /// (in any order), element counts and configuration (every key but `lr`, which is restored
-    /// as torch's `load_state_dict` does), then writes the state and sets the step counter and
-    /// learning rate. On error the optimizer is untouched. Load between submits.
+    /// as torch's `load_state_dict` does; the storage keys included, so each state goes back
+    /// into a buffer of the dtype it was saved from), then writes the state and sets the step
+    /// counter and learning rate. On error the optimizer is untouched. Load between submits.
     pub fn restore(&self, optimizer: &mut Optimizer, queue: &wgpu::Queue) -> Result<()> {
         let saved_groups: Vec<&Config> = self.groups().collect();
         if saved_groups.len() != optimizer.groups().len() {
@@ -509,6 +548,36 @@ fn parse_groups(
         })?;
     groups.remove(0);
     Ok((groups, member))
+}
+
+/// The state tensors of one parameter that a file holds, by kind (without `step`).
+fn state_tensors<'a>(
+    config: &Config,
+    state: &'a TensorState,
+) -> impl Iterator<Item = (&'static str, Dtype, &'a [f32])> {
+    [
+        ("exp_avg", Some(&state.exp_avg)),
+        ("exp_avg_sq", Some(&state.exp_avg_sq)),
+        ("max_exp_avg_sq", state.max_exp_avg_sq.as_ref()),
+        ("master_param", state.master_param.as_ref()),
+    ]
+    .into_iter()
+    .filter_map(move |(kind, data)| Some((kind, stored_as(config, kind).0, data?.as_slice())))
+}
+
+/// The dtype a tensor of `kind` is stored in under `config`, and why (for errors): the moments
+/// in their storage keys' dtypes, the master weights and the step always in f32.
+fn stored_as(config: &Config, kind: &str) -> (Dtype, String) {
+    let by_key = |key: &str, dtype: Dtype| {
+        let why = format!("the checkpoint's config has `{key}` \"{}\"", dtype.name());
+        (dtype, why)
+    };
+    match kind {
+        "exp_avg" => by_key("exp_avg_dtype", config.exp_avg_dtype),
+        "exp_avg_sq" | "max_exp_avg_sq" => by_key("exp_avg_sq_dtype", config.exp_avg_sq_dtype),
+        "master_param" => (Dtype::F32, "master weights are always f32".into()),
+        _ => (Dtype::F32, "the step count is always f32".into()),
+    }
 }
 
 fn json_map(config: &Config) -> serde_json::Map<String, Value> {

@@ -1,5 +1,6 @@
 //! Files, for [`crate::replay`] and [`crate::checkpoint`]: reading, writing atomically, and the
-//! safetensors helpers they share (f32 tensors in, f32 tensors out, the `config` metadata).
+//! safetensors helpers they share (tensors in and out in their storage dtypes, widened to f32 in
+//! memory; the `config` metadata).
 //!
 //! Owns: bytes on disk. May not touch the GPU or the optimizer.
 
@@ -144,11 +145,6 @@ pub(crate) fn tensor_data(name: &str, view: &TensorView, dtype: StorageDtype) ->
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect(),
     })
-}
-
-/// An f32 tensor's elements; any other dtype is an error naming the tensor.
-pub(crate) fn f32_data(name: &str, view: &TensorView) -> Result<Vec<f32>> {
-    tensor_data(name, view, StorageDtype::F32)
 }
 
 /// Checks that every element is finite.

@@ -1,37 +1,92 @@
-//! Checkpoints: the file layout, save and load round trips, resuming bit for bit on the GPU, a
-//! checkpoint written by PyTorch, and every mismatch refused with the optimizer untouched.
+//! Checkpoints: the file layout, save and load round trips, resuming bit for bit on the GPU
+//! (f32, and each state in its storage dtype: 16-bit states, 16-bit parameters with master
+//! weights or stochastic rounding), a checkpoint written by PyTorch, and every mismatch refused
+//! with the optimizer untouched.
 
 mod common;
 mod raw;
 
 use std::path::{Path, PathBuf};
 
-use common::{Rng, STORAGE, Tolerance, buffer, compare, gpu, max_abs, read, write};
+use common::{Rng, STORAGE, Tolerance, compare, gpu, max_abs, read, write};
 use raw::Raw;
 use safetensors::tensor::Dtype;
 use wgpu_optim::checkpoint::{self, Checkpoint};
-use wgpu_optim::{BufferView, Config, EpsMode, Error, Optimizer, Parameter, TensorState};
+use wgpu_optim::dtype::{self, Dtype as Storage};
+use wgpu_optim::{
+    BufferView, Config, EpsMode, Error, LossScale, Optimizer, Parameter, Rounding, TensorState,
+};
 
-/// An optimizer over fresh buffers, the parameters set to `init`.
+/// A buffer of `len` elements of `dtype` (whole 32-bit words, 16-bit values two to a word).
+fn buffer_of(dtype: Storage, len: u64) -> wgpu::Buffer {
+    gpu().0.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("checkpoint test"),
+        size: (len * dtype.bytes()).next_multiple_of(4).max(4),
+        usage: STORAGE,
+        mapped_at_creation: false,
+    })
+}
+
+/// `data` as a buffer of `dtype` holds it (rounded to nearest), as 32-bit words.
+fn encode(dtype: Storage, data: &[f32]) -> Vec<u32> {
+    let halves = |narrow: fn(f32) -> u16| -> Vec<u32> {
+        data.chunks(2)
+            .map(|c| narrow(c[0]) as u32 | (c.get(1).map_or(0, |&x| narrow(x)) as u32) << 16)
+            .collect()
+    };
+    match dtype {
+        Storage::Bf16 => halves(dtype::narrow_bf16),
+        Storage::F16 => halves(dtype::narrow_f16),
+        _ => data.iter().map(|x| x.to_bits()).collect(),
+    }
+}
+
+/// The first `len` values of `dtype` in `words`, widened to f32.
+fn decode(dtype: Storage, words: &[u32], len: usize) -> Vec<f32> {
+    let halves = words.iter().flat_map(|w| [*w as u16, (*w >> 16) as u16]);
+    match dtype {
+        Storage::Bf16 => halves.take(len).map(dtype::widen_bf16).collect(),
+        Storage::F16 => halves.take(len).map(dtype::widen_f16).collect(),
+        _ => words[..len].iter().map(|&w| f32::from_bits(w)).collect(),
+    }
+}
+
+/// Writes 32-bit words at the start of `buffer`.
+fn write_words(buffer: &wgpu::Buffer, words: &[u32]) {
+    if !words.is_empty() {
+        gpu().1.write_buffer(buffer, 0, bytemuck::cast_slice(words));
+    }
+}
+
+/// The 32-bit words that hold `len` elements of `dtype` from the start of `buffer`.
+fn read_words(buffer: &wgpu::Buffer, dtype: Storage, len: u64) -> Vec<u32> {
+    bits(&read(buffer, 0, (len * dtype.bytes()).div_ceil(4)))
+}
+
+/// An optimizer over fresh buffers of the config's `param_dtype` and `grad_dtype`, the
+/// parameters set to `init` (rounded to nearest into 16-bit buffers).
 struct Model {
     names: Vec<String>,
     params: Vec<wgpu::Buffer>,
     grads: Vec<wgpu::Buffer>,
+    param_dtype: Storage,
+    grad_dtype: Storage,
     optimizer: Optimizer,
 }
 
 impl Model {
     fn new(config: &Config, names: &[&str], init: &[Vec<f32>]) -> Model {
+        let (param_dtype, grad_dtype) = (config.param_dtype, config.grad_dtype);
         let params: Vec<_> = init
             .iter()
-            .map(|p| buffer(p.len() as u64, STORAGE))
+            .map(|p| buffer_of(param_dtype, p.len() as u64))
             .collect();
         let grads: Vec<_> = init
             .iter()
-            .map(|p| buffer(p.len() as u64, STORAGE))
+            .map(|p| buffer_of(grad_dtype, p.len() as u64))
             .collect();
         for (b, p) in params.iter().zip(init) {
-            write(b, 0, p);
+            write_words(b, &encode(param_dtype, p));
         }
         let parameters: Vec<Parameter> = names
             .iter()
@@ -51,6 +106,8 @@ impl Model {
             names: names.iter().map(|n| n.to_string()).collect(),
             params,
             grads,
+            param_dtype,
+            grad_dtype,
             optimizer,
         }
     }
@@ -65,19 +122,36 @@ impl Model {
     fn step(&mut self, grads: &dyn Fn(u64, usize, u64) -> Vec<f32>, lr: f64) {
         let t = self.optimizer.step_count() + 1;
         for (i, len) in self.lens().into_iter().enumerate() {
-            write(&self.grads[i], 0, &grads(t, i, len));
+            write_words(&self.grads[i], &encode(self.grad_dtype, &grads(t, i, len)));
         }
         self.optimizer.set_lr(lr).unwrap();
         let (device, queue) = gpu();
         self.optimizer.step_blocking(device, queue).unwrap();
     }
 
+    /// The parameters, widened to f32.
     fn params(&self) -> Vec<Vec<f32>> {
+        self.param_words()
+            .iter()
+            .zip(self.lens())
+            .map(|(words, len)| decode(self.param_dtype, words, len as usize))
+            .collect()
+    }
+
+    /// The parameter buffers' bytes, as 32-bit words (a 16-bit buffer's last half word too).
+    fn param_words(&self) -> Vec<Vec<u32>> {
         self.lens()
             .into_iter()
             .zip(&self.params)
-            .map(|(len, b)| read(b, 0, len))
+            .map(|(len, b)| read_words(b, self.param_dtype, len))
             .collect()
+    }
+
+    /// Overwrites the parameter buffers with another model's bytes.
+    fn set_param_words(&self, words: &[Vec<u32>]) {
+        for (b, w) in self.params.iter().zip(words) {
+            write_words(b, w);
+        }
     }
 
     fn states(&self) -> Vec<TensorState> {
@@ -121,6 +195,7 @@ fn same_bits(a: &TensorState, b: &TensorState) -> bool {
     bits(&a.exp_avg) == bits(&b.exp_avg)
         && bits(&a.exp_avg_sq) == bits(&b.exp_avg_sq)
         && a.max_exp_avg_sq.as_deref().map(bits) == b.max_exp_avg_sq.as_deref().map(bits)
+        && a.master_param.as_deref().map(bits) == b.master_param.as_deref().map(bits)
 }
 
 const NAMES: [&str; 3] = ["encoder.layer.0.weight", "temperature", "head.bias"];
@@ -264,6 +339,255 @@ fn resume_is_bit_exact() {
             );
         }
     }
+}
+
+/// Storage keys on top of `config`: the dtypes of params, grads, exp_avg and exp_avg_sq, and
+/// for 16-bit params master weights or the rounding (with a fixed seed).
+fn stored(config: Config, dtypes: [Storage; 4], master: bool, rounding: Rounding) -> Config {
+    let [param, grad, m, v] = dtypes;
+    config
+        .param_dtype(param)
+        .grad_dtype(grad)
+        .exp_avg_dtype(m)
+        .exp_avg_sq_dtype(v)
+        .master_weights(master)
+        .rounding(rounding)
+        .seed(0x2545_f491_4f6c_dd1d)
+}
+
+fn safetensors_dtype(dtype: Storage) -> Dtype {
+    match dtype {
+        Storage::Bf16 => Dtype::BF16,
+        Storage::F16 => Dtype::F16,
+        _ => Dtype::F32,
+    }
+}
+
+/// The bytes of elements `offset..offset + len` of a buffer of `dtype`.
+fn element_bytes(buffer: &wgpu::Buffer, dtype: Storage, offset: u64, len: u64) -> Vec<u8> {
+    let size = dtype.bytes();
+    let first = offset * size / 4;
+    let words = read(buffer, first, ((offset + len) * size).div_ceil(4) - first);
+    let skip = (offset * size - first * 4) as usize;
+    bytemuck::cast_slice::<f32, u8>(&words)[skip..skip + (len * size) as usize].to_vec()
+}
+
+/// The file `model` saved to `path` holds each state tensor in its dtype with the bytes of its
+/// state buffer (`master_param` in F32 exactly with master weights), a 0-d F32 step each, and
+/// nothing else.
+fn check_layout(case: &str, model: &Model, path: &Path) -> Vec<String> {
+    let raw = Raw::read(path);
+    let config = model.optimizer.config();
+    let mut errors = Vec::new();
+    let mut want = Vec::new();
+    for (i, (name, len)) in model.names.iter().zip(model.lens()).enumerate() {
+        let (buffers, offset) = model.optimizer.state_buffers(i).unwrap();
+        let (m, v) = (config.exp_avg_dtype, config.exp_avg_sq_dtype);
+        let states = [
+            ("exp_avg", Some(&buffers.exp_avg), m),
+            ("exp_avg_sq", Some(&buffers.exp_avg_sq), v),
+            ("max_exp_avg_sq", buffers.max_exp_avg_sq.as_ref(), v),
+            ("master_param", buffers.master_param.as_ref(), Storage::F32),
+        ];
+        for (kind, buffer, dtype) in states {
+            let tensor = format!("{kind}.{name}");
+            let Some(buffer) = buffer else { continue };
+            match raw.tensors.get(&tensor) {
+                None => errors.push(format!("{case}: no {tensor} in the file")),
+                Some((got, shape, bytes)) => {
+                    if (*got, shape.as_slice()) != (safetensors_dtype(dtype), &[len as usize][..]) {
+                        errors.push(format!(
+                            "{case}: {tensor} is {got:?} {shape:?}, want {dtype:?} [{len}]"
+                        ));
+                    } else if *bytes != element_bytes(buffer, dtype, offset, len) {
+                        errors.push(format!(
+                            "{case}: {tensor} holds other bytes than its buffer"
+                        ));
+                    }
+                }
+            }
+            want.push(tensor);
+        }
+        let step = format!("step.{name}");
+        if raw.tensors.get(&step).map(|t| t.0) != Some(Dtype::F32) {
+            errors.push(format!("{case}: {step} missing or not F32"));
+        }
+        want.push(step);
+    }
+    want.sort();
+    let have: Vec<String> = raw.tensors.keys().cloned().collect();
+    if have != want {
+        errors.push(format!("{case}: the file has {have:?}, want {want:?}"));
+    }
+    errors
+}
+
+type Grads = fn(u64, usize, u64) -> Vec<f32>;
+
+/// Gradients as a loss-scaled backward pass leaves them (times 1024), with an infinity in
+/// iterations 2 and 6, which are skipped.
+fn scaled_grads(t: u64, i: usize, len: u64) -> Vec<f32> {
+    let mut g: Vec<f32> = grads(t, i, len).iter().map(|x| x * 1024.0).collect();
+    if (t == 2 || t == 6) && i == 0 {
+        g[0] = f32::INFINITY;
+    }
+    g
+}
+
+/// N steps, save, load into a fresh optimizer whose parameter buffers hold the saved run's
+/// bytes, M more steps: the same parameter bytes, state bits (master weights included) and
+/// counts as N + M steps without the break. Also checks the file's layout, and that the state
+/// loaded is the one saved, bit for bit. With stochastic rounding, a run with another seed
+/// must end elsewhere: else the random bits would not show in this comparison.
+fn check_resume(case: &str, config: &Config, grads: Grads, dir: &Path) -> Vec<String> {
+    let (device, queue) = gpu();
+    let (n, m) = (5, 4);
+    let sizes = [1027, 1, 8];
+    let start = init(&sizes, 20);
+    let lr = |t: u64| config.lr * (1.0 + 0.1 * t as f64);
+    let run = |c: &Config, steps: u64| {
+        let mut model = Model::new(c, &NAMES, &start);
+        for t in 1..=steps {
+            model.step(&grads, lr(t));
+        }
+        model
+    };
+    let mut errors = Vec::new();
+    let straight = run(config, n + m);
+    let first = run(config, n);
+    let path = dir.join(format!("{}.safetensors", case.replace([' ', ','], "_")));
+    checkpoint::save(&first.optimizer, device, queue, &path).unwrap();
+    errors.extend(check_layout(case, &first, &path));
+
+    // A fresh optimizer, constructed with another lr and other parameters, given the saved
+    // run's parameter bytes (the engine's to save) and the checkpoint.
+    let mut resumed = Model::new(&config.clone().lr(1.0), &NAMES, &init(&sizes, 21));
+    resumed.set_param_words(&first.param_words());
+    checkpoint::load(&mut resumed.optimizer, queue, &path).unwrap();
+    if resumed.optimizer.step_count() != n {
+        errors.push(format!(
+            "{case}: {} iterations after loading",
+            resumed.optimizer.step_count()
+        ));
+    }
+    for ((name, a), b) in NAMES.iter().zip(resumed.states()).zip(first.states()) {
+        if !same_bits(&a, &b) {
+            errors.push(format!(
+                "{case}: the state of {name} loaded is not the one saved"
+            ));
+        }
+    }
+    for t in n + 1..=n + m {
+        resumed.step(&grads, lr(t));
+    }
+    let (params, states) = (resumed.param_words(), resumed.states());
+    for (i, name) in NAMES.iter().enumerate() {
+        if params[i] != straight.param_words()[i] {
+            errors.push(format!("{case}: the bytes of param {name} differ"));
+        }
+        if !same_bits(&states[i], &straight.states()[i]) {
+            errors.push(format!("{case}: the state of {name} differs"));
+        }
+    }
+    let status = |model: &Model| {
+        let s = model.optimizer.read_status_blocking(device, queue).unwrap();
+        (s.applied_steps, s.loss_scale, s.growth_tracker)
+    };
+    if status(&resumed) != status(&straight) {
+        errors.push(format!(
+            "{case}: t, S and the growth tracker are {:?} resumed, {:?} straight",
+            status(&resumed),
+            status(&straight)
+        ));
+    }
+    if config.rounds_stochastically()
+        && run(&config.clone().seed(config.seed ^ 1), n + m).param_words() == params
+    {
+        errors.push(format!(
+            "{case}: another seed ends with the same parameters"
+        ));
+    }
+    errors
+}
+
+/// The storage cases of one 16-bit format `h` (mixed with the other, `o`, in one case).
+fn storage_cases(h: Storage, o: Storage) -> Vec<(String, Config, Grads)> {
+    use Rounding::{Nearest, Stochastic};
+    let f = Storage::F32;
+    let adam = Config::adam().amsgrad(true).weight_decay(0.02);
+    let adamw = Config::adamw().lr(1e-3).weight_decay(0.1);
+    let scaled = adamw.clone().loss_scale(Some(
+        LossScale::default()
+            .init_scale(2f64.powi(20))
+            .growth_interval(2),
+    ));
+    let name = |what: &str| format!("{} {what}", h.name());
+    vec![
+        (
+            name("states, amsgrad"),
+            stored(adam.clone(), [f, f, h, h], false, Nearest),
+            grads,
+        ),
+        (
+            name("exp_avg, other exp_avg_sq"),
+            stored(adamw.clone(), [f, f, h, o], false, Nearest),
+            grads,
+        ),
+        (
+            name("params and grads, master weights"),
+            stored(adamw.clone(), [h, h, f, f], true, Nearest),
+            grads,
+        ),
+        (
+            name("everything, master weights, amsgrad"),
+            stored(adam.clone(), [h, h, h, h], true, Nearest),
+            grads,
+        ),
+        (
+            name("params, nearest"),
+            stored(adamw.clone(), [h, f, f, f], false, Nearest),
+            grads,
+        ),
+        (
+            name("params, stochastic rounding"),
+            stored(adamw.clone(), [h, f, h, h], false, Stochastic),
+            grads,
+        ),
+        (
+            name("params, stochastic rounding, loss scale with skips"),
+            stored(scaled.clone(), [h, h, f, h], false, Stochastic),
+            scaled_grads,
+        ),
+        (
+            name("params, master weights, loss scale with skips"),
+            stored(scaled, [h, o, h, f], true, Nearest),
+            scaled_grads,
+        ),
+    ]
+}
+
+#[test]
+fn bf16_storage_resumes_bit_exact() {
+    // Each state in bf16, bf16 parameters with master weights or stochastic rounding (whose
+    // random bits follow t and the element index: resuming must continue them).
+    let dir = scratch("resume-bf16");
+    let mut errors = Vec::new();
+    // The mixed case pairs bf16 with f32 here; bf16 with f16 is in the f16 test.
+    for (case, config, grads) in storage_cases(Storage::Bf16, Storage::F32) {
+        errors.extend(check_resume(&case, &config, grads, &dir));
+    }
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+}
+
+#[test]
+fn f16_storage_resumes_bit_exact() {
+    // As bf16_storage_resumes_bit_exact, in f16 (and f16 mixed with bf16).
+    let dir = scratch("resume-f16");
+    let mut errors = Vec::new();
+    for (case, config, grads) in storage_cases(Storage::F16, Storage::Bf16) {
+        errors.extend(check_resume(&case, &config, grads, &dir));
+    }
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
 }
 
 fn torch_data() -> PathBuf {
@@ -636,6 +960,195 @@ fn mismatches_are_refused_and_the_optimizer_is_untouched() {
         .restore(&mut victim.optimizer, queue)
         .unwrap();
     assert_eq!(victim.optimizer.step_count(), 3);
+}
+
+/// Gives tensor `name` another dtype (zeros of the right size: the dtype is checked first).
+fn retag(raw: &mut Raw, name: &str, dtype: Dtype) {
+    let (_, shape, _) = raw.tensors.remove(name).expect(name);
+    let bytes = vec![0u8; shape.iter().product::<usize>() * dtype.bitsize() / 8];
+    raw.tensors.insert(name.to_string(), (dtype, shape, bytes));
+}
+
+/// Sets a key of the file's `config`.
+fn set_config(raw: &mut Raw, key: &str, value: serde_json::Value) {
+    let mut config: serde_json::Value = serde_json::from_str(&raw.metadata["config"]).unwrap();
+    config[key] = value;
+    raw.metadata.insert("config".into(), config.to_string());
+}
+
+#[test]
+fn storage_mismatches_are_refused_and_the_optimizer_is_untouched() {
+    // A checkpoint with bf16 parameters, gradients and states, master weights and amsgrad;
+    // every tensor of the wrong dtype, a master_param missing or unexpected, and every storage
+    // key differing from the optimizer's is refused, naming the tensor or key.
+    let (device, queue) = gpu();
+    let b = Storage::Bf16;
+    let config = stored(
+        Config::adamw().amsgrad(true).lr(0.01),
+        [b, b, b, b],
+        true,
+        Rounding::Nearest,
+    );
+    let names = ["layer.weight", "layer.bias"];
+    let sizes = [13, 3];
+    let mut source = Model::new(&config, &names, &init(&sizes, 1));
+    for _ in 0..3 {
+        source.step(&grads, 0.01);
+    }
+    let good = Checkpoint::capture(&source.optimizer, device, queue)
+        .unwrap()
+        .to_bytes()
+        .unwrap();
+    let mut victim = Model::new(&config, &names, &init(&sizes, 2));
+    for _ in 0..2 {
+        victim.step(&|t, i, len| grads(t + 10, i, len), 0.5);
+    }
+    let before = victim.snapshot();
+    let mut failures = Vec::new();
+    let mut attempt =
+        |what: &str, result: Result<(), Error>, expected: &dyn Fn(&Error) -> bool| match result {
+            Ok(()) => failures.push(format!("{what}: accepted")),
+            Err(e) if expected(&e) => eprintln!("{what}: {e}"),
+            Err(e) => failures.push(format!("{what}: unexpected error {e:?}")),
+        };
+
+    let corruptions: Vec<Corruption> = vec![
+        (
+            "exp_avg in F32, the config says bf16",
+            |raw| retag(raw, "exp_avg.layer.bias", Dtype::F32),
+            |e| matches!(e, Error::DType { tensor, dtype, expected } if tensor == "exp_avg.layer.bias" && dtype == "F32" && expected.contains("BF16") && expected.contains("exp_avg_dtype")),
+        ),
+        (
+            "exp_avg_sq in F16, the config says bf16",
+            |raw| retag(raw, "exp_avg_sq.layer.weight", Dtype::F16),
+            |e| matches!(e, Error::DType { tensor, dtype, expected } if tensor == "exp_avg_sq.layer.weight" && dtype == "F16" && expected.contains("BF16") && expected.contains("exp_avg_sq_dtype")),
+        ),
+        (
+            "max_exp_avg_sq in F32, the config says bf16",
+            |raw| retag(raw, "max_exp_avg_sq.layer.bias", Dtype::F32),
+            |e| matches!(e, Error::DType { tensor, expected, .. } if tensor == "max_exp_avg_sq.layer.bias" && expected.contains("exp_avg_sq_dtype")),
+        ),
+        (
+            "master_param in BF16",
+            |raw| retag(raw, "master_param.layer.weight", Dtype::BF16),
+            |e| matches!(e, Error::DType { tensor, dtype, expected } if tensor == "master_param.layer.weight" && dtype == "BF16" && expected.starts_with("F32")),
+        ),
+        (
+            "states in bf16, the config says f32",
+            |raw| set_config(raw, "exp_avg_dtype", "f32".into()),
+            |e| matches!(e, Error::DType { tensor, dtype, expected } if tensor == "exp_avg.layer.weight" && dtype == "BF16" && expected.starts_with("F32")),
+        ),
+        (
+            "master_param missing",
+            |raw| {
+                raw.tensors.remove("master_param.layer.bias");
+            },
+            |e| matches!(e, Error::MissingTensor { tensor, .. } if tensor == "master_param.layer.bias"),
+        ),
+        (
+            "master_param without master_weights",
+            |raw| set_config(raw, "master_weights", false.into()),
+            |e| matches!(e, Error::UnexpectedTensor { tensor, .. } if tensor.starts_with("master_param.")),
+        ),
+        (
+            "master_param with f32 params",
+            |raw| set_config(raw, "param_dtype", "f32".into()),
+            |e| matches!(e, Error::UnexpectedTensor { tensor, .. } if tensor.starts_with("master_param.")),
+        ),
+        (
+            "master_param of a parameter not in the file",
+            |raw| raw.set_f32("master_param.layer.scale", &[3], &[0.0; 3]),
+            |e| matches!(e, Error::UnexpectedTensor { tensor, .. } if tensor == "master_param.layer.scale"),
+        ),
+    ];
+    for (what, corrupt, expected) in corruptions {
+        let mut raw = Raw::parse(&good);
+        corrupt(&mut raw);
+        let result = Checkpoint::from_bytes(&raw.bytes(), "ckpt.safetensors")
+            .and_then(|c| c.restore(&mut victim.optimizer, queue));
+        attempt(what, result, &expected);
+    }
+
+    // Valid checkpoints of an optimizer that differs in one storage key.
+    let other = |config: Config| {
+        let mut m = Model::new(&config, &names, &init(&sizes, 3));
+        m.step(&grads, 0.01);
+        Checkpoint::capture(&m.optimizer, device, queue).unwrap()
+    };
+    let f = Storage::F32;
+    let cases: Vec<(&str, Config, &str)> = vec![
+        ("f32 params", config.clone().param_dtype(f), "param_dtype"),
+        ("f32 grads", config.clone().grad_dtype(f), "grad_dtype"),
+        (
+            "f32 exp_avg",
+            config.clone().exp_avg_dtype(f),
+            "exp_avg_dtype",
+        ),
+        (
+            "f32 exp_avg_sq",
+            config.clone().exp_avg_sq_dtype(f),
+            "exp_avg_sq_dtype",
+        ),
+        (
+            "no master weights",
+            config.clone().master_weights(false),
+            "master_weights",
+        ),
+        (
+            "stochastic rounding",
+            config.clone().rounding(Rounding::Stochastic),
+            "rounding",
+        ),
+        ("another seed", config.clone().seed(7), "seed"),
+    ];
+    for (what, other_config, key) in cases {
+        attempt(
+            what,
+            other(other_config).restore(&mut victim.optimizer, queue),
+            &|e| matches!(e, Error::ConfigMismatch { key: k, .. } if *k == key),
+        );
+    }
+    // The error shows both values.
+    attempt(
+        "f32 exp_avg, both values",
+        other(config.clone().exp_avg_dtype(f)).restore(&mut victim.optimizer, queue),
+        &|e| {
+            matches!(e, Error::ConfigMismatch { key: "exp_avg_dtype", checkpoint, optimizer }
+                if checkpoint == "\"f32\"" && optimizer == "\"bf16\"")
+        },
+    );
+
+    // Optimizer::load_state checks master weights too.
+    let mut state = victim.states()[0].clone();
+    state.master_param = None;
+    attempt(
+        "load_state without master_param",
+        victim.optimizer.load_state(queue, 0, &state),
+        &|e| matches!(e, Error::MissingTensor { tensor, .. } if tensor == "master_param.layer.weight"),
+    );
+    let mut plain = Model::new(&Config::adamw().amsgrad(true), &names, &init(&sizes, 4));
+    attempt(
+        "load_state with master_param, f32 params",
+        plain.optimizer.load_state(queue, 0, &victim.states()[0]),
+        &|e| matches!(e, Error::UnexpectedTensor { tensor, .. } if tensor == "master_param.layer.weight"),
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // Nothing was written: state (master weights included), step and lr as before.
+    let after = victim.snapshot();
+    assert_eq!((after.1, after.2), (before.1, before.2));
+    for (a, b) in after.0.iter().zip(&before.0) {
+        assert!(same_bits(a, b));
+    }
+    // And the good file still loads, bit for bit.
+    Checkpoint::from_bytes(&good, "good")
+        .unwrap()
+        .restore(&mut victim.optimizer, queue)
+        .unwrap();
+    assert_eq!(victim.optimizer.step_count(), 3);
+    for (a, b) in victim.states().iter().zip(source.states()) {
+        assert!(same_bits(a, &b));
+    }
 }
 
 #[test]
