@@ -623,3 +623,148 @@ fn loss_scale_fields_are_checked_like_top_level_keys() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn storage_keys_parse_and_refuse_naming_the_key() {
+    use wgpu_optim::{Dtype, Rounding};
+    let c = Config::from_json(
+        r#"{"algorithm": "adamw", "param_dtype": "bf16", "grad_dtype": "f16",
+            "exp_avg_dtype": "bf16", "exp_avg_sq_dtype": "f32", "master_weights": true,
+            "rounding": "stochastic", "seed": 18446744073709551615}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            c.param_dtype,
+            c.grad_dtype,
+            c.exp_avg_dtype,
+            c.exp_avg_sq_dtype
+        ),
+        (Dtype::Bf16, Dtype::F16, Dtype::Bf16, Dtype::F32)
+    );
+    assert_eq!(
+        (c.master_weights, c.rounding, c.seed),
+        (true, Rounding::Stochastic, u64::MAX)
+    );
+    assert_eq!(Config::from_json(&c.to_json()).unwrap(), c);
+    // Defaults: f32 everywhere, nearest, seed 0, no master weights.
+    let d = Config::from_json(r#"{"algorithm": "adam"}"#).unwrap();
+    assert_eq!(
+        (d.param_dtype, d.rounding, d.seed, d.master_weights),
+        (Dtype::F32, Rounding::Nearest, 0, false)
+    );
+    for (json, key) in [
+        (r#""param_dtype": "f64""#, "param_dtype"),
+        (r#""param_dtype": "q8""#, "param_dtype"),
+        (r#""grad_dtype": "q8""#, "grad_dtype"),
+        (r#""grad_dtype": 16"#, "grad_dtype"),
+        (r#""exp_avg_dtype": "BF16""#, "exp_avg_dtype"),
+        // q8 states are specified but not built: refused by name, never stored otherwise.
+        (r#""exp_avg_dtype": "q8""#, "exp_avg_dtype"),
+        (r#""exp_avg_sq_dtype": "q8""#, "exp_avg_sq_dtype"),
+        (r#""master_weights": "yes""#, "master_weights"),
+        (r#""rounding": "up""#, "rounding"),
+        (r#""seed": -1"#, "seed"),
+        (r#""seed": 1.5"#, "seed"),
+        (r#""seed": 18446744073709551616"#, "seed"),
+    ] {
+        let text = format!(r#"{{"algorithm": "adam", {json}}}"#);
+        match Config::from_json(&text) {
+            Err(Error::InvalidConfig { key: k, .. }) => assert_eq!(k, key, "{json}"),
+            other => panic!("{json}: expected InvalidConfig for {key}, got {other:?}"),
+        }
+    }
+    // Groups must agree on the storage keys.
+    let (p, g) = param(4);
+    let flat = wgpu_optim::FlatParameters::new(
+        BufferView::whole(&p),
+        BufferView::whole(&g),
+        vec![
+            wgpu_optim::FlatTensor::new("a", 0, 2),
+            wgpu_optim::FlatTensor::new("b", 2, 2).in_group(1),
+        ],
+    );
+    let groups = [Config::adam(), Config::adam().exp_avg_dtype(Dtype::Bf16)];
+    let err =
+        Optimizer::with_groups(&gpu().0, &groups, &[], &[flat], Default::default()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::GroupMismatch {
+                key: "exp_avg_dtype",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn sixteen_bit_views_must_start_on_words_and_fit_their_buffers() {
+    use wgpu_optim::{Dtype, FlatParameters, FlatTensor};
+    let device = &gpu().0;
+    let bytes = |n: u64| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: n,
+            usage: STORAGE,
+            mapped_at_creation: false,
+        })
+    };
+    let bf16 = Config::adam().param_dtype(Dtype::Bf16);
+    // A view at an odd element: two invocations would share a word.
+    let (p, g) = (bytes(64), bytes(64));
+    let odd = Parameter::new("w", BufferView::new(&p, 1, 4), BufferView::new(&g, 0, 4));
+    let err = new(bf16.clone(), &[odd]).unwrap_err();
+    assert!(
+        matches!(&err, Error::Misaligned { tensor, offset: 1, .. } if tensor == "w"),
+        "{err}"
+    );
+    // Even with f32 params, a 16-bit state makes every invocation take whole words.
+    let odd_grad = Parameter::new("w", BufferView::new(&p, 0, 4), BufferView::new(&g, 3, 4));
+    let err = new(Config::adam().exp_avg_sq_dtype(Dtype::F16), &[odd_grad]).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::Misaligned {
+                which: "grad view",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // A flat tensor at an odd element.
+    let flat = FlatParameters::new(
+        BufferView::new(&p, 0, 16),
+        BufferView::new(&g, 0, 16),
+        vec![FlatTensor::new("a", 0, 3), FlatTensor::new("b", 3, 5)],
+    );
+    let err = Optimizer::with_groups(device, &[bf16.clone()], &[], &[flat], Default::default())
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Misaligned { tensor, which: "tensor", offset: 3, .. } if tensor == "b"),
+        "{err}"
+    );
+    // 3 bf16 elements take 6 bytes but are loaded and stored as 2 words: a 4-byte buffer is
+    // refused, an 8-byte one holds them (in f32 they would need 12).
+    let (small, g8) = (bytes(4), bytes(12));
+    let three = Parameter::new(
+        "w",
+        BufferView::new(&small, 0, 3),
+        BufferView::new(&g8, 0, 3),
+    );
+    let err = new(bf16.clone(), &[three]).unwrap_err();
+    assert!(
+        matches!(&err, Error::OutOfBounds { which: "param", .. }),
+        "{err}"
+    );
+    let (p8, g8) = (bytes(8), bytes(12));
+    let fits = Parameter::new("w", BufferView::new(&p8, 0, 3), BufferView::new(&g8, 0, 3));
+    new(bf16, &[fits]).unwrap();
+    // The same views in f32 elements do not fit: the view counts elements of its dtype.
+    let f32_view = Parameter::new("w", BufferView::new(&p8, 0, 3), BufferView::new(&g8, 0, 3));
+    assert!(matches!(
+        new(Config::adam(), &[f32_view]),
+        Err(Error::OutOfBounds { .. })
+    ));
+}
