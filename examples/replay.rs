@@ -55,6 +55,24 @@ fn run(trace_path: &Path, out: &Path) -> wgpu_optim::Result<()> {
         trace.config.algorithm,
         trace.params.len(),
     );
+    let c = &trace.config;
+    let dtypes = [c.param_dtype, c.grad_dtype, c.exp_avg_dtype, c.exp_avg_sq_dtype];
+    if dtypes.iter().any(|&d| d != wgpu_optim::Dtype::F32) {
+        println!(
+            "storage: param {}, grad {}, exp_avg {}, exp_avg_sq {}{}",
+            c.param_dtype.name(),
+            c.grad_dtype.name(),
+            c.exp_avg_dtype.name(),
+            c.exp_avg_sq_dtype.name(),
+            if c.keeps_master() {
+                ", f32 master weights"
+            } else if c.rounds_stochastically() {
+                ", stochastic rounding"
+            } else {
+                ""
+            }
+        );
+    }
     if trace.config.has_pre_step() {
         let scale = result.loss_scale.map_or(String::new(), |s| {
             format!(", final loss scale {}", s as f64)
