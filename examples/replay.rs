@@ -56,7 +56,12 @@ fn run(trace_path: &Path, out: &Path) -> wgpu_optim::Result<()> {
         trace.params.len(),
     );
     let c = &trace.config;
-    let dtypes = [c.param_dtype, c.grad_dtype, c.exp_avg_dtype, c.exp_avg_sq_dtype];
+    let dtypes = [
+        c.param_dtype,
+        c.grad_dtype,
+        c.exp_avg_dtype,
+        c.exp_avg_sq_dtype,
+    ];
     if dtypes.iter().any(|&d| d != wgpu_optim::Dtype::F32) {
         println!(
             "storage: param {}, grad {}, exp_avg {}, exp_avg_sq {}{}",

@@ -200,7 +200,7 @@ pub(crate) fn spans(
     let mut tensors = Vec::new();
     // With 16-bit storage every view and tensor starts on a word (an even element).
     let on_word = |tensor: &str, which: &'static str, offset: u64| {
-        if !storage.pairs() || offset % 2 == 0 {
+        if !storage.pairs() || offset.is_multiple_of(2) {
             return Ok(());
         }
         Err(Error::Misaligned {

@@ -313,7 +313,7 @@ pub(crate) fn check(
         if lanes > 1
             && (first % lanes != 0
                 || count % lanes != 0
-                || d.rows.iter().any(|r| r[0] as u64 % lanes != 0))
+                || d.rows.iter().any(|r| !(r[0] as u64).is_multiple_of(lanes)))
         {
             return fail("vec4 or vec2 where not aligned");
         }
@@ -326,8 +326,8 @@ pub(crate) fn check(
             && (count != 1
                 || chunk_start + first + 1 != span.len
                 || (chunk_start + first) % 2 != 0
-                || span.param_offset % 2 != 0
-                || span.grad_offset % 2 != 0)
+                || !span.param_offset.is_multiple_of(2)
+                || !span.grad_offset.is_multiple_of(2))
         {
             return fail("a scalar dispatch would share a word with another invocation");
         }

@@ -116,10 +116,10 @@ impl StateBuffers {
             state.master_param.as_ref(),
         ];
         for ((buffer, dtype), data) in self.buffers().into_iter().zip(data) {
-            if let (Some(buffer), Some(data)) = (buffer, data) {
-                if !data.is_empty() {
-                    queue.write_buffer(buffer, offset * dtype.bytes(), &encode(dtype, data));
-                }
+            if let (Some(buffer), Some(data)) = (buffer, data)
+                && !data.is_empty()
+            {
+                queue.write_buffer(buffer, offset * dtype.bytes(), &encode(dtype, data));
             }
         }
     }

@@ -44,7 +44,10 @@ fn cases() -> Vec<(&'static str, Config)> {
 }
 
 /// (name, optimizer-wide keys): clipping alone, scaling alone, both, skipping alone.
-fn features() -> Vec<(&'static str, fn(Config) -> Config)> {
+/// A feature: its name and how it changes a config.
+type Feature = (&'static str, fn(Config) -> Config);
+
+fn features() -> Vec<Feature> {
     vec![
         ("max_grad_norm", |c| c.max_grad_norm(Some(0.5))),
         ("loss_scale", |c| {
