@@ -739,8 +739,14 @@ fn sixteen_bit_views_must_start_on_words_and_fit_their_buffers() {
         BufferView::new(&g, 0, 16),
         vec![FlatTensor::new("a", 0, 3), FlatTensor::new("b", 3, 5)],
     );
-    let err = Optimizer::with_groups(device, &[bf16.clone()], &[], &[flat], Default::default())
-        .unwrap_err();
+    let err = Optimizer::with_groups(
+        device,
+        std::slice::from_ref(&bf16),
+        &[],
+        &[flat],
+        Default::default(),
+    )
+    .unwrap_err();
     assert!(
         matches!(&err, Error::Misaligned { tensor, which: "tensor", offset: 3, .. } if tensor == "b"),
         "{err}"

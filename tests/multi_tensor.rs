@@ -570,7 +570,7 @@ fn a_groups_result_does_not_depend_on_the_options_of_other_groups() {
             ),
             ("lr and betas", base.clone().lr(0.1).betas(0.5, 0.9)),
         ];
-        let alone = isolation_run(&[base.clone()], 0, 0);
+        let alone = isolation_run(std::slice::from_ref(&base), 0, 0);
         for (option, other) in others {
             let groups = [base.clone(), other.clone()];
             let b_alone = isolation_run(&[other.clone(), other.clone()], 1, 1);
@@ -612,7 +612,7 @@ fn a_single_padded_tensor_past_the_hint_window() {
     );
     let mut optimizer = Optimizer::with_groups(
         device,
-        &[config.clone()],
+        std::slice::from_ref(&config),
         &[],
         &[flat],
         OptimizerOptions::default(),
