@@ -90,8 +90,9 @@ impl Optimizer {
     ///
     /// `groups` are like `torch.optim` param_groups: each a full [`Config`]; they must agree on
     /// `algorithm`, `amsgrad`, `maximize` and `initial_accumulator` (one kernel runs them all)
-    /// and on the optimizer-wide `loss_scale`, `skip_nonfinite` and `max_grad_norm`, and may
-    /// differ in everything else. At most 16 ([`crate::MAX_GROUPS`]). Tensors are
+    /// and on the optimizer-wide `loss_scale`, `skip_nonfinite`, `max_grad_norm` and storage
+    /// keys (`param_dtype`, `grad_dtype`, `exp_avg_dtype`, `exp_avg_sq_dtype`,
+    /// `master_weights`, `rounding`, `seed`), and may differ in everything else. At most 16 ([`crate::MAX_GROUPS`]). Tensors are
     /// numbered `parameters` first, then the tensors of each of `flats` in order (for
     /// [`Optimizer::read_state`] and friends). What the device refuses while building (out of
     /// memory, a destroyed buffer) is [`Error::Creation`].
