@@ -1,29 +1,34 @@
 // The optimizer step's memory traffic with none of its arithmetic: the second ceiling of the
 // benchmark (benches/step/ceilings.rs). It makes exactly the loads and stores of the fused step
 // in shaders/adam_family.wgsl over the step's own buffers (read p, g, m, v and write p, m, v;
-// with AMSGRAD also read and write vmax), four f32 at a time, so no step kernel that moves
-// these bytes this way can be faster. On drivers where a load costs more than a store, this
-// kernel, not a copy of as many bytes, is the step's roofline.
+// with AMSGRAD also read and write vmax; with MASTER also read and write the f32 master copy of
+// the parameters), four elements at a time, each buffer in its storage dtype, so no step kernel
+// that moves these bytes this way can be faster. On drivers where a load costs more than a
+// store, this kernel, not a copy of as many bytes, is the step's roofline.
+//
+// The bindings and `load_<name>(i) -> vec4<f32>` / `store_<name>(i, v)` come from a short
+// prefix that the benchmark generates for the step's dtypes: an f32 buffer is an
+// array<vec4<f32>>; a 16-bit one an array<vec2<u32>>, two values to a word, low half first,
+// widened on load and rounded to nearest on store by shaders/storage.wgsl's functions (placed
+// between the prefix and this file). Element i of every array is the same four elements.
 //
 // The arithmetic is trivial but cannot be dropped: each stored value depends on the loads.
-// SCALE is a power of two, so `x + SCALE * g` is rounded once (with or without a fused
-// multiply-add), and the benchmark checks the result bit for bit against the CPU. The values
-// drift by at most SCALE per run, far too little to reach an infinity or a subnormal.
+// SCALE is a power of two, so `x + SCALE * g` is rounded once to f32 (with or without a fused
+// multiply-add) and then once to the buffer's dtype, and the benchmark checks the result bit for
+// bit against the CPU. The values drift by at most SCALE per run, far too little to reach an
+// infinity or a subnormal.
 //
-// Each invocation handles VEC4_PER_INVOCATION vec4s, WORKGROUP_SIZE apart (as copy.wgsl does);
-// the benchmark tries several shapes and keeps the fastest.
+// Each invocation handles VEC4_PER_INVOCATION groups of four, WORKGROUP_SIZE apart (as
+// copy.wgsl does); the benchmark runs it in the step's own shape.
 
 override WORKGROUP_SIZE: u32 = 256u;
 override VEC4_PER_INVOCATION: u32 = 1u;
 override AMSGRAD: bool = false;
+override MASTER: bool = false;
 override SCALE: f32 = 0.0009765625;  // 2^-10
 
-@group(0) @binding(0) var<storage, read_write> param: array<vec4<f32>>;
-@group(0) @binding(1) var<storage, read> grad: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> exp_avg: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> exp_avg_sq: array<vec4<f32>>;
-// Bound only with AMSGRAD (a 16-byte placeholder otherwise, never touched).
-@group(0) @binding(4) var<storage, read_write> max_exp_avg_sq: array<vec4<f32>>;
+// Bound only with AMSGRAD or MASTER (a 16-byte placeholder otherwise, never touched):
+// max_exp_avg_sq (binding 4), master_param (binding 5).
 
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn traffic(
@@ -38,16 +43,24 @@ fn traffic(
     for (var k = 0u; k < VEC4_PER_INVOCATION; k++) {
         let i = first + k * WORKGROUP_SIZE;
         if i < count {
-            // The step's order: p and g loaded, m and v updated and stored, p stored last.
-            let p = param[i];
-            let d = SCALE * grad[i];
-            exp_avg[i] = exp_avg[i] + d;
-            let v = exp_avg_sq[i] + abs(d);
-            exp_avg_sq[i] = v;
-            if AMSGRAD {
-                max_exp_avg_sq[i] = max(max_exp_avg_sq[i], v);
+            // The step's order: p (and its master copy) and g loaded, m and v updated and
+            // stored, the master copy and p stored last.
+            let p = load_param(i);
+            var master = vec4<f32>(0.0);
+            if MASTER {
+                master = load_master_param(i);
             }
-            param[i] = p + d;
+            let d = SCALE * load_grad(i);
+            store_exp_avg(i, load_exp_avg(i) + d);
+            let v = load_exp_avg_sq(i) + abs(d);
+            store_exp_avg_sq(i, v);
+            if AMSGRAD {
+                store_max_exp_avg_sq(i, max(load_max_exp_avg_sq(i), v));
+            }
+            if MASTER {
+                store_master_param(i, master + d);
+            }
+            store_param(i, p + d);
         }
     }
 }

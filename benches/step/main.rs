@@ -6,19 +6,25 @@
 //! cargo bench --bench step -- --elements 4194304    # sizes of your choosing
 //! ```
 //!
-//! For every size, each kind of step (the 28-byte steps, and amsgrad's 36) is timed with its
-//! two ceilings: `copy`, a plain copy of as many bytes, and `traffic`, the step's own loads and
-//! stores with trivial arithmetic (`ceilings.rs`). AdamW is also timed with the pre-step
-//! features (`max_grad_norm`, `loss_scale`, both: 32 bytes, the step's 28 and the norm pass's
-//! gradient read) against the plain AdamW step. Every kernel is checked before it is timed
-//! (`verify.rs`); a wrong one is reported, not timed, and the benchmark exits 1. Then the
-//! timing: a block per plain step kernel and size (its copy, its traffic kernel, the step on
-//! one tensor and on 1000) and, for AdamW, a block per tensor count (the plain step and the
-//! three with features) run back to back, and every block runs once a round, the rounds
-//! spreading each ratio's runs over the whole benchmark. Each ratio is the median of the
-//! per-round ratios (`timing.rs`), so that a noisy machine slows both sides of a ratio alike;
-//! a feature row's ratios to copy and traffic pair it with the plain AdamW block's ceilings of
-//! the same round. `output.rs` prints the table and writes the JSON.
+//! For every size, each kind of step is timed with the two ceilings of its pattern (the bytes
+//! and dtypes it loads and stores: `steps::Pattern`): `copy`, a plain copy of as many bytes,
+//! and `traffic`, the step's own loads and stores in its dtypes with trivial arithmetic
+//! (`ceilings.rs`). The plain f32 steps move 28 bytes per element (amsgrad 36). AdamW is also
+//! timed with the pre-step features (`max_grad_norm`, `loss_scale`, both: 32 bytes, the step's
+//! 28 and the norm pass's gradient read) and in 16-bit storage dtypes (bf16 `m` and `v`: 20
+//! bytes; bf16 `p`, `g`, `m`, `v`: 14; the same with f32 master weights: 22), each against the
+//! plain f32 AdamW step. Every kernel is checked before it is timed (`verify.rs`); a wrong one
+//! is reported, not timed, and the benchmark exits 1. Then the timing (`plan_blocks`): a block
+//! per plain step kernel and size (its copy, its traffic kernel, the step on one tensor and on
+//! 1000) and, for AdamW, a block per size, tensor count and comparison (the plain step and the
+//! three with features; the plain step and the three in 16-bit dtypes, whose one-tensor block
+//! also holds each dtype row's own ceilings) run back to back, and every block runs once a
+//! round, the rounds spreading each ratio's runs over the whole benchmark. Each ratio is the
+//! median of the per-round ratios (`timing.rs`), so that a noisy machine slows both sides of a
+//! ratio alike; a ratio whose other side is not in a row's own block pairs it with that side's
+//! runs of the same round in another block (a feature row's ceilings: the plain AdamW block's;
+//! a 1000-tensor dtype row's ceilings: the one-tensor dtype block's). `output.rs` prints the
+//! table and writes the JSON.
 //!
 //! Modules: `args` (command line), `gpu` (device and buffers), `ceilings` (copy and traffic
 //! kernels, the benchmark's own pipelines), `steps` (the optimizers timed, through the
@@ -37,10 +43,12 @@ use ceilings::Ceiling;
 use gpu::Gpu;
 use output::{Adapter, Progress, Report, Row};
 use steps::{
-    MULTI_TENSORS, Step, StepKernel, bytes_per_element, loss_scale, step_kernels, step_pass_bytes,
+    Comparison, MULTI_TENSORS, Pattern, Step, StepKernel, bytes_per_element, loss_scale,
+    step_kernels,
 };
 use timing::{Kernel, Quartiles, Slot, Timer, paired_rounds};
 use verify::Inputs;
+use wgpu_optim::Dtype;
 use wgpu_optim::testing::Rng;
 
 const SEED: u64 = 0x5eed_0004;
@@ -98,10 +106,7 @@ fn main() {
     println!("{}", output::header());
 
     let kernels = step_kernels();
-    let mut classes: Vec<u64> = kernels.iter().map(|k| step_pass_bytes(&k.config)).collect();
-    classes.sort();
-    classes.dedup();
-    let planned = planned_bytes(&sizes, &classes, &kernels, &runs, &gpu.limits);
+    let planned = planned_bytes(&sizes, &kernels, &runs, &gpu.limits);
     let progress = Progress::new(planned);
 
     // Check every kernel and pick the ceilings' shapes, size by size; then time everything in
@@ -112,46 +117,19 @@ fn main() {
     for &n in &sizes {
         progress.message(format!("{n} elements: inputs"));
         let inputs = Inputs::new(&mut rng, n);
-        let grad = gpu.storage_buffer("bench grad", n);
-        gpu.write(&grad, 0, &inputs.grad);
-        // The loss-scale rows' gradient: the same, times S.
-        let mut scaled = None;
-        if kernels.iter().any(|k| k.config.loss_scale.is_some()) {
-            match inputs.scaled_grad(loss_scale()) {
-                Ok(g) => {
-                    let buffer = gpu.storage_buffer("bench grad x S", n);
-                    gpu.write(&buffer, 0, &g);
-                    scaled = Some(buffer);
-                }
-                Err(e) => {
-                    let f = format!("{n} elements, loss scaling: {e}");
-                    progress.println(&format!("FAILED CHECK, not timed: {f}"));
-                    failures.push(f);
-                }
-            }
+        let (grads, grad_failures) = Grads::new(&gpu, &kernels, &inputs, n);
+        for f in &grad_failures {
+            progress.println(&format!("FAILED CHECK, not timed: {f}"));
         }
-        let grads = Grads {
-            plain: &grad,
-            scaled: scaled.as_ref(),
-        };
-        for &class in &classes {
-            let class_kernels: Vec<&StepKernel> = kernels
-                .iter()
-                .filter(|k| step_pass_bytes(&k.config) == class)
-                .collect();
-            let class = Class {
-                elements: n,
-                bytes_per_element: class,
-                kernels: class_kernels,
-            };
-            let (ready, new_failures) =
-                prepare(&gpu, &mut rng, class, &inputs, grads, &runs, &progress);
-            for f in &new_failures {
-                progress.println(&format!("FAILED CHECK, not timed: {f}"));
-            }
-            failures.extend(new_failures);
-            prepared.extend(ready);
+        failures.extend(grad_failures);
+        let (ready, new_failures) = prepare(
+            &gpu, &mut rng, n, &kernels, &inputs, &grads, &runs, &progress,
+        );
+        for f in &new_failures {
+            progress.println(&format!("FAILED CHECK, not timed: {f}"));
         }
+        failures.extend(new_failures);
+        prepared.extend(ready);
     }
 
     progress.message("timing".into());
@@ -218,112 +196,243 @@ fn main() {
     }
 }
 
-/// The bytes the runs of the whole benchmark move, for the progress bar: per size and class,
-/// one checked step per kernel and workload, each ceiling's shapes checked once and picked
-/// with `per_shape + 1` runs, and the paired rounds.
-fn planned_bytes(
-    sizes: &[u64],
-    classes: &[u64],
-    kernels: &[StepKernel],
-    runs: &Runs,
-    limits: &wgpu::Limits,
-) -> u64 {
+/// The bytes the runs of the whole benchmark move, for the progress bar: per size, one
+/// checked step per kernel and workload, each pattern's ceilings (the copy's shapes checked
+/// and picked with `per_shape + 1` runs, the traffic kernel's one shape checked), and the
+/// paired rounds of `plan_blocks`.
+fn planned_bytes(sizes: &[u64], kernels: &[StepKernel], runs: &Runs, limits: &wgpu::Limits) -> u64 {
     let shapes = ceilings::shape_count(limits) as u64;
     let rounds = (runs.warm_up + runs.timed) as u64;
-    let mut bytes = 0;
-    for &n in sizes {
-        for &class in classes {
-            let ks: Vec<&StepKernel> = kernels
-                .iter()
-                .filter(|k| step_pass_bytes(&k.config) == class)
-                .collect();
-            // Every step on one tensor and on many.
-            let steps: u64 = ks.iter().map(|k| 2 * bytes_per_element(&k.config)).sum();
-            // The copy's shapes checked and picked; the traffic kernel's one shape checked.
-            let per_ceiling = (shapes * (2 + runs.per_shape as u64) + 1) * class;
-            // A block per plain kernel (copy, traffic, one tensor, many) and, for a plain
-            // kernel with features, one per tensor count (the plain step, those with features).
-            let plain = ks.iter().filter(|k| k.is_plain());
-            let ceilings = 2 * plain.clone().count() as u64 * class;
-            let twins: u64 = plain
-                .filter(|p| ks.iter().any(|k| !k.is_plain() && k.name == p.name))
-                .map(|p| 2 * bytes_per_element(&p.config))
-                .sum();
-            bytes += (CHECK_RUNS * steps + per_ceiling + rounds * (ceilings + steps + twins)) * n;
+    let steps: Vec<(&StepKernel, u64)> = [1, MULTI_TENSORS]
+        .into_iter()
+        .flat_map(|tensors| kernels.iter().map(move |k| (k, tensors)))
+        .collect();
+    let patterns = patterns(steps.iter().map(|(k, _)| *k));
+    let checks: u64 = steps
+        .iter()
+        .map(|(k, _)| CHECK_RUNS * bytes_per_element(&k.config))
+        .sum();
+    let picks: u64 = patterns
+        .iter()
+        .map(|p| (shapes * (2 + runs.per_shape as u64) + 1) * p.bytes())
+        .sum();
+    let timed: u64 = plan_blocks(&steps, &patterns)
+        .iter()
+        .flatten()
+        .map(|m| match *m {
+            Member::Copy(p) | Member::Traffic(p) => patterns[p].bytes(),
+            Member::Step(i) => bytes_per_element(&steps[i].0.config),
+        })
+        .sum();
+    sizes
+        .iter()
+        .map(|&n| (checks + picks + rounds * timed) * n)
+        .sum()
+}
+
+/// The patterns of `kernels`, in the order they first appear.
+fn patterns<'a>(kernels: impl Iterator<Item = &'a StepKernel>) -> Vec<Pattern> {
+    let mut out: Vec<Pattern> = Vec::new();
+    for k in kernels {
+        if !out.contains(&k.pattern()) {
+            out.push(k.pattern());
         }
     }
-    bytes
+    out
 }
 
-/// The steps of one size whose per-element pass moves as many bytes per element, timed
-/// together with their ceilings (which move as many; a pass before the step adds its own).
-struct Class<'a> {
-    elements: u64,
-    /// The step pass's bytes per element: the ceilings'.
-    bytes_per_element: u64,
-    kernels: Vec<&'a StepKernel>,
+/// A member of a block: the copy or the traffic kernel of pattern `p` (an index into the
+/// patterns), or step `i`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Member {
+    Copy(usize),
+    Traffic(usize),
+    Step(usize),
 }
 
-/// A step of the class that passed its check: which kernel, on how many tensors.
+/// The blocks of one size, from its steps (kernel, tensor count) and the patterns of their
+/// ceilings:
+///
+/// - one per plain kernel: its pattern's copy and traffic kernel, the step on one tensor and
+///   on `MULTI_TENSORS`;
+/// - one per comparison (features, dtypes), kernel name and tensor count: the plain step and
+///   the steps compared with it;
+/// - the ceilings that no plain block holds (those of the dtype rows' own patterns) join the
+///   first block with a step of their pattern, beside it: the dtype rows' one-tensor block.
+fn plan_blocks(steps: &[(&StepKernel, u64)], patterns: &[Pattern]) -> Vec<Vec<Member>> {
+    let pattern = |k: &StepKernel| patterns.iter().position(|p| *p == k.pattern());
+    let ceilings = |p: usize| [Member::Copy(p), Member::Traffic(p)];
+    let mut plain: Vec<&StepKernel> = Vec::new();
+    let mut compared: Vec<(&str, Comparison, u64)> = Vec::new();
+    for &(k, tensors) in steps {
+        match k.comparison() {
+            None if !plain.iter().any(|p| std::ptr::eq(*p, k)) => plain.push(k),
+            Some(c) if !compared.contains(&(k.name, c, tensors)) => {
+                compared.push((k.name, c, tensors))
+            }
+            _ => {}
+        }
+    }
+    let mut blocks: Vec<Vec<Member>> = plain
+        .iter()
+        .map(|&k| {
+            let own = steps
+                .iter()
+                .enumerate()
+                .filter(|(_, (s, _))| std::ptr::eq(*s, k));
+            pattern(k)
+                .into_iter()
+                .flat_map(ceilings)
+                .chain(own.map(|(i, _)| Member::Step(i)))
+                .collect()
+        })
+        .collect();
+    for (name, comparison, tensors) in compared {
+        let twin = steps
+            .iter()
+            .position(|(s, n)| s.is_plain() && s.name == name && *n == tensors);
+        let members = steps.iter().enumerate().filter(|(_, (s, n))| {
+            s.name == name && s.comparison() == Some(comparison) && *n == tensors
+        });
+        let block = twin
+            .into_iter()
+            .chain(members.map(|(i, _)| i))
+            .map(Member::Step)
+            .collect();
+        blocks.push(block);
+    }
+    for p in 0..patterns.len() {
+        if blocks.iter().flatten().any(|m| *m == Member::Copy(p)) {
+            continue;
+        }
+        let of_p = |m: &Member| matches!(*m, Member::Step(i) if pattern(steps[i].0) == Some(p));
+        for block in &mut blocks {
+            if let Some(at) = block.iter().position(of_p) {
+                block.splice(at + 1..at + 1, ceilings(p));
+                break;
+            }
+        }
+    }
+    blocks
+}
+
+/// A step that passed its check: which kernel, on how many tensors.
 struct Checked<'a> {
     kernel: &'a StepKernel,
     tensors: u64,
     step: Step,
 }
 
-/// The gradients of a size: the random one, and the same times S for the loss-scale rows
-/// (`None` if that overflowed).
-#[derive(Clone, Copy)]
-struct Grads<'a> {
-    plain: &'a wgpu::Buffer,
-    scaled: Option<&'a wgpu::Buffer>,
+/// The gradients of a size: the random one in f32 and in each other gradient dtype a kernel
+/// reads (rounded to nearest), and in f32 times S for the loss-scale rows (`None` if that
+/// overflowed).
+struct Grads {
+    plain: wgpu::Buffer,
+    scaled: Option<wgpu::Buffer>,
+    narrow: Vec<(Dtype, wgpu::Buffer)>,
 }
 
-impl<'a> Grads<'a> {
-    fn of(&self, kernel: &StepKernel) -> Result<&'a wgpu::Buffer, String> {
-        if kernel.config.loss_scale.is_none() {
-            Ok(self.plain)
-        } else {
+impl Grads {
+    /// The gradients `kernels` read, and the failure of the scaled one if it overflowed.
+    fn new(gpu: &Gpu, kernels: &[StepKernel], inputs: &Inputs, n: u64) -> (Self, Vec<String>) {
+        let plain = gpu.storage_buffer("bench grad", n);
+        gpu.write(&plain, 0, &inputs.grad);
+        let mut failures = Vec::new();
+        // The loss-scale rows' gradient: the same, times S.
+        let mut scaled = None;
+        if kernels.iter().any(|k| k.config.loss_scale.is_some()) {
+            match inputs.scaled_grad(loss_scale()) {
+                Ok(g) => {
+                    let buffer = gpu.storage_buffer("bench grad x S", n);
+                    gpu.write(&buffer, 0, &g);
+                    scaled = Some(buffer);
+                }
+                Err(e) => failures.push(format!("{n} elements, loss scaling: {e}")),
+            }
+        }
+        let mut narrow: Vec<(Dtype, wgpu::Buffer)> = Vec::new();
+        for k in kernels {
+            let dtype = k.config.grad_dtype;
+            if dtype != Dtype::F32 && !narrow.iter().any(|(d, _)| *d == dtype) {
+                let buffer = gpu.buffer(&format!("bench grad {}", dtype.name()), dtype, n);
+                gpu.write_as(&buffer, dtype, 0, &inputs.grad);
+                narrow.push((dtype, buffer));
+            }
+        }
+        let grads = Grads {
+            plain,
+            scaled,
+            narrow,
+        };
+        (grads, failures)
+    }
+
+    /// The gradient buffer `kernel` reads.
+    fn of(&self, kernel: &StepKernel) -> Result<&wgpu::Buffer, String> {
+        let dtype = kernel.config.grad_dtype;
+        if kernel.config.loss_scale.is_some() {
+            if dtype != Dtype::F32 {
+                return Err(format!(
+                    "{}: no scaled {} gradient",
+                    kernel.label(),
+                    dtype.name()
+                ));
+            }
             self.scaled
+                .as_ref()
                 .ok_or_else(|| format!("{}: no scaled gradient", kernel.label()))
+        } else if dtype == Dtype::F32 {
+            Ok(&self.plain)
+        } else {
+            self.narrow
+                .iter()
+                .find(|(d, _)| *d == dtype)
+                .map(|(_, b)| b)
+                .ok_or_else(|| format!("{}: no {} gradient", kernel.label(), dtype.name()))
         }
     }
 }
 
-/// A class whose kernels passed their checks, ready to be timed: the ceilings in their
-/// picked shapes and the steps.
-struct Prepared<'a> {
-    class: Class<'a>,
+/// The ceilings of one pattern where they passed their checks.
+struct Ceilings {
+    pattern: Pattern,
     copy: Option<Ceiling>,
     traffic: Option<Ceiling>,
+}
+
+/// A size whose steps passed their checks, ready to be timed: the ceilings of their patterns
+/// in their picked shapes, and the steps.
+struct Prepared<'a> {
+    elements: u64,
+    ceilings: Vec<Ceilings>,
     steps: Vec<Checked<'a>>,
-    /// Where this class's blocks and kernels start in `paired_rounds`'s, and how many blocks
+    /// Where this size's blocks and kernels start in `paired_rounds`'s, and how many blocks
     /// it has.
     first_block: usize,
     first_kernel: usize,
     block_count: usize,
 }
 
-/// Checks the class's steps (each on one tensor and on `MULTI_TENSORS`) and its two ceilings,
-/// and picks each ceiling's shape. Returns the class ready to time (`None` if no step passed)
-/// and the failed checks.
+/// Checks the steps of every kernel (each on one tensor and on `MULTI_TENSORS`) and the
+/// ceilings of their patterns, and picks each copy's shape. Returns the size ready to time
+/// (`None` if no step passed) and the failed checks.
+#[allow(clippy::too_many_arguments)]
 fn prepare<'a>(
     gpu: &Gpu,
     rng: &mut Rng,
-    class: Class<'a>,
+    n: u64,
+    kernels: &'a [StepKernel],
     inputs: &Inputs,
-    grads: Grads,
+    grads: &Grads,
     runs: &Runs,
     progress: &Progress,
 ) -> (Option<Prepared<'a>>, Vec<String>) {
-    let n = class.elements;
-    let run_bytes = class.bytes_per_element * n;
     let mut failures = Vec::new();
 
     progress.message(format!("{n} elements: checking the steps"));
     let mut steps: Vec<Checked> = Vec::new();
     for tensors in [1, MULTI_TENSORS] {
-        for &kernel in &class.kernels {
+        for kernel in kernels {
             let checked = grads
                 .of(kernel)
                 .and_then(|grad| Step::new(gpu, kernel, n, tensors, grad))
@@ -343,51 +452,61 @@ fn prepare<'a>(
         return (None, failures);
     }
 
-    // The copy of as many bytes.
-    progress.message(format!("{n} elements: copy shapes"));
-    let len = (run_bytes / 8).next_multiple_of(4);
-    let src_values = verify::values(rng, len, 0.01, 1.0, true);
-    let src = gpu.storage_buffer("bench copy src", len);
-    let dst = gpu.storage_buffer("bench copy dst", len);
-    gpu.write(&src, 0, &src_values);
-    let mut copy = Ceiling::copy(gpu, &src, &dst, len);
-    let (passed, copy_failures) = verify::copy_shapes(gpu, &mut copy, &dst, &src_values);
-    drop(src_values);
-    progress.inc(copy.shapes() as u64 * run_bytes);
-    failures.extend(copy_failures);
-    let copy = pick(gpu, copy, &passed, runs, progress, run_bytes, &mut failures);
+    let mut ceilings = Vec::new();
+    for pattern in patterns(steps.iter().map(|s| s.kernel)) {
+        let run_bytes = pattern.bytes() * n;
+        let which = pattern.label();
+        // The copy of as many bytes.
+        progress.message(format!("{n} elements: copy shapes ({which})"));
+        let len = (run_bytes / 8).next_multiple_of(4);
+        let src_values = verify::values(rng, len, 0.01, 1.0, true);
+        let src = gpu.storage_buffer("bench copy src", len);
+        let dst = gpu.storage_buffer("bench copy dst", len);
+        gpu.write(&src, 0, &src_values);
+        let mut copy = Ceiling::copy(gpu, &src, &dst, len);
+        let (passed, copy_failures) = verify::copy_shapes(gpu, &mut copy, &dst, &src_values);
+        drop(src_values);
+        progress.inc(copy.shapes() as u64 * run_bytes);
+        failures.extend(copy_failures);
+        let copy = pick(gpu, copy, &passed, runs, progress, run_bytes, &mut failures);
 
-    // The traffic kernel over the first plain one-tensor step's buffers.
-    progress.message(format!("{n} elements: traffic shapes"));
-    let mut traffic = None;
-    if let Some(first) = steps
-        .iter()
-        .find(|s| s.tensors == 1 && s.kernel.config.loss_scale.is_none())
-    {
-        match first.step.buffers(grads.plain) {
-            Ok(buffers) if n >= 4 => {
-                let mut kernel = Ceiling::traffic(gpu, &buffers, n / 4 * 4);
-                let (passed, traffic_failures) = verify::traffic_shapes(gpu, &mut kernel, &buffers);
-                progress.inc(kernel.shapes() as u64 * run_bytes);
-                failures.extend(traffic_failures);
-                traffic = pick(
-                    gpu,
-                    kernel,
-                    &passed,
-                    runs,
-                    progress,
-                    run_bytes,
-                    &mut failures,
-                );
+        // The traffic kernel over the buffers of the pattern's first one-tensor step.
+        progress.message(format!("{n} elements: traffic ({which})"));
+        let mut traffic = None;
+        let first = steps.iter().find(|s| {
+            s.tensors == 1 && s.kernel.pattern() == pattern && s.kernel.config.loss_scale.is_none()
+        });
+        if let Some(first) = first {
+            match grads.of(first.kernel).and_then(|g| first.step.buffers(g)) {
+                Ok(buffers) if n >= 4 => {
+                    let mut kernel = Ceiling::traffic(gpu, &buffers, n / 4 * 4);
+                    let (passed, traffic_failures) =
+                        verify::traffic_shapes(gpu, &mut kernel, &buffers);
+                    progress.inc(kernel.shapes() as u64 * run_bytes);
+                    failures.extend(traffic_failures);
+                    traffic = pick(
+                        gpu,
+                        kernel,
+                        &passed,
+                        runs,
+                        progress,
+                        run_bytes,
+                        &mut failures,
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => failures.push(format!("traffic: {e}")),
             }
-            Ok(_) => {}
-            Err(e) => failures.push(format!("traffic: {e}")),
         }
+        ceilings.push(Ceilings {
+            pattern,
+            copy,
+            traffic,
+        });
     }
     let prepared = Prepared {
-        class,
-        copy,
-        traffic,
+        elements: n,
+        ceilings,
         steps,
         first_block: 0,
         first_kernel: 0,
@@ -397,38 +516,56 @@ fn prepare<'a>(
 }
 
 impl Prepared<'_> {
-    /// The kernels to time, in the order `blocks` numbers them: copy and traffic where they
-    /// passed their checks, then the steps.
+    /// The kernels to time, in the order `ids` numbers them: each pattern's copy and traffic
+    /// kernel where they passed their checks, then the steps.
     fn kernels(&mut self) -> impl Iterator<Item = &mut dyn Kernel> {
-        let copy = self.copy.iter_mut().map(|c| c as &mut dyn Kernel);
-        let traffic = self.traffic.iter_mut().map(|t| t as &mut dyn Kernel);
+        let ceilings = self.ceilings.iter_mut().flat_map(|c| {
+            let copy = c.copy.iter_mut().map(|c| c as &mut dyn Kernel);
+            copy.chain(c.traffic.iter_mut().map(|t| t as &mut dyn Kernel))
+        });
         let steps = self
             .steps
             .iter_mut()
             .map(|s| &mut s.step as &mut dyn Kernel);
-        copy.chain(traffic).chain(steps)
+        ceilings.chain(steps)
     }
 
-    /// The number `kernels` gives the copy, the traffic kernel and step `i`, from `base`.
-    fn ids(&self, base: usize) -> (Option<usize>, Option<usize>, impl Fn(usize) -> usize) {
-        let copy = self.copy.as_ref().map(|_| base);
-        let ceilings = self.copy.iter().count() + self.traffic.iter().count();
-        let traffic = self.traffic.as_ref().map(|_| base + ceilings - 1);
-        (copy, traffic, move |i| base + ceilings + i)
+    /// The members in the order of `kernels`.
+    fn members(&self) -> Vec<Member> {
+        let mut out = Vec::new();
+        for (p, c) in self.ceilings.iter().enumerate() {
+            out.extend(c.copy.as_ref().map(|_| Member::Copy(p)));
+            out.extend(c.traffic.as_ref().map(|_| Member::Traffic(p)));
+        }
+        out.extend((0..self.steps.len()).map(Member::Step));
+        out
+    }
+
+    /// The number `paired_rounds` gives member `m` (`None`: a ceiling that failed its check).
+    fn id(&self, m: Member) -> Option<usize> {
+        let at = self.members().iter().position(|&x| x == m)?;
+        Some(self.first_kernel + at)
     }
 
     /// The bytes each of `kernels` moves per run, in its order.
     fn kernel_bytes(&self) -> Vec<u64> {
-        let n = self.class.elements;
-        let ceilings = self.copy.iter().chain(&self.traffic).map(|c| c.bytes);
-        let steps = self
-            .steps
-            .iter()
-            .map(|s| bytes_per_element(&s.kernel.config) * n);
-        ceilings.chain(steps).collect()
+        self.members()
+            .into_iter()
+            .map(|m| match m {
+                Member::Copy(p) => self.ceilings[p].copy.as_ref().map_or(0, |c| c.bytes),
+                Member::Traffic(p) => self.ceilings[p].traffic.as_ref().map_or(0, |c| c.bytes),
+                Member::Step(i) => bytes_per_element(&self.steps[i].kernel.config) * self.elements,
+            })
+            .collect()
     }
 
-    /// The step `i`'s twin without features on as many tensors, if it passed its check.
+    /// The index in `ceilings` of step `i`'s pattern.
+    fn pattern_of(&self, i: usize) -> Option<usize> {
+        let pattern = self.steps[i].kernel.pattern();
+        self.ceilings.iter().position(|c| c.pattern == pattern)
+    }
+
+    /// The step `i`'s plain f32 twin on as many tensors, if it passed its check.
     fn plain_twin(&self, i: usize) -> Option<usize> {
         let s = &self.steps[i];
         self.steps.iter().position(|o| {
@@ -436,63 +573,36 @@ impl Prepared<'_> {
         })
     }
 
-    /// The blocks of the class, numbered from `first_kernel`: one per plain step kernel (copy,
-    /// traffic, one tensor, 1000 tensors: those that passed their checks), then one per kernel
-    /// name with features and tensor count (the plain step and the steps with features).
+    /// The blocks of `plan_blocks`, numbered from `first_kernel` (ceilings that failed their
+    /// checks left out).
     fn blocks(&self, gpu: &Gpu, timed: usize) -> Vec<Vec<Slot>> {
-        let (copy, traffic, step) = self.ids(self.first_kernel);
-        let slots = |ids: Vec<usize>| -> Vec<Slot> {
-            ids.into_iter()
-                .map(|kernel| Slot {
-                    kernel,
-                    timer: Timer::new(gpu, timed),
-                })
-                .collect()
-        };
-        let mut blocks: Vec<Vec<Slot>> = self
-            .class
-            .kernels
-            .iter()
-            .filter(|k| k.is_plain())
-            .map(|kernel| {
-                let own = self
-                    .steps
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, s)| std::ptr::eq(s.kernel, *kernel))
-                    .map(|(i, _)| step(i));
-                slots(copy.into_iter().chain(traffic).chain(own).collect())
+        let steps: Vec<(&StepKernel, u64)> =
+            self.steps.iter().map(|s| (s.kernel, s.tensors)).collect();
+        let patterns: Vec<Pattern> = self.ceilings.iter().map(|c| c.pattern).collect();
+        plan_blocks(&steps, &patterns)
+            .into_iter()
+            .map(|block| {
+                block
+                    .into_iter()
+                    .filter_map(|m| self.id(m))
+                    .map(|kernel| Slot {
+                        kernel,
+                        timer: Timer::new(gpu, timed),
+                    })
+                    .collect()
             })
-            .collect();
-        let mut featured: Vec<(&str, u64)> = Vec::new();
-        for s in self.steps.iter().filter(|s| !s.kernel.is_plain()) {
-            if !featured.contains(&(s.kernel.name, s.tensors)) {
-                featured.push((s.kernel.name, s.tensors));
-            }
-        }
-        for (name, tensors) in featured {
-            let ids = self
-                .steps
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.kernel.name == name && s.tensors == tensors)
-                .filter(|(i, s)| !s.kernel.is_plain() || self.plain_twin(*i) == Some(*i))
-                .map(|(i, _)| step(i))
-                .collect();
-            blocks.push(slots(ids));
-        }
-        blocks
+            .collect()
     }
 
-    /// The rows of the class from its timed `blocks`: copy, traffic, then the steps, every
-    /// kernel on one tensor and then on many. A step's time and ratios come from the first
-    /// block it is in (its own); where that block lacks the other side of a ratio (a step with
-    /// features: the copy, the traffic kernel, the one-tensor twin), the other side's runs
-    /// come from the block of the plain twin (or the other side's own block), of the same
-    /// rounds.
+    /// The rows of the size from its timed `blocks`, pattern by pattern: its copy and traffic
+    /// kernel, then its steps, every kernel on one tensor and then on many. A step's time and
+    /// ratios come from the first block it is in (its own); where that block lacks the other
+    /// side of a ratio (a step with features: the copy, the traffic kernel, the one-tensor
+    /// twin; a dtype row on many tensors: its ceilings and its one-tensor twin), the other
+    /// side's runs come from the block of the plain twin, else from the other side's own
+    /// block, of the same rounds.
     fn rows(&self, gpu: &Gpu, blocks: &[Vec<Slot>]) -> Result<Vec<Row>, String> {
-        let (copy_id, traffic_id, step_id) = self.ids(self.first_kernel);
-        let n = self.class.elements;
+        let n = self.elements;
         let mut times: Vec<Vec<(usize, Vec<f64>, &Timer)>> = Vec::new();
         for block in blocks {
             let mut block_times = Vec::new();
@@ -529,68 +639,81 @@ impl Prepared<'_> {
         };
 
         let mut rows = Vec::new();
-        let ceiling_row = |c: &Ceiling, t: &[f64]| {
-            let mut row = Row::f32(c.which.name(), n, 1, c.bytes, median(t));
-            row.note = c.shape_name(c.shape);
-            row
-        };
-        if let Some(c) = &self.copy {
-            rows.push(ceiling_row(c, &all_runs(copy_id)));
-        }
-        if let Some(t) = &self.traffic {
-            let traffic_ms = all_runs(traffic_id);
-            let mut row = ceiling_row(t, &traffic_ms);
-            if let Some(c) = &self.copy {
-                let q = Quartiles::paired(&traffic_ms, &all_runs(copy_id), |t_ms, c_ms| {
-                    (t.bytes as f64 / t_ms) / (c.bytes as f64 / c_ms)
-                });
-                row.note = format!("{:.3} of copy; {}", q.median, row.note);
-            }
-            rows.push(row);
-        }
-        for (i, s) in self.steps.iter().enumerate() {
-            let own = home(step_id(i));
-            let (t, timer) = in_block(own, Some(step_id(i))).ok_or("a step was not timed")?;
-            let plain = self.plain_twin(i).map(&step_id);
-            // The other side of a ratio in this step's block, else in `fallback`'s block.
-            let other = |id: Option<usize>, fallback: Option<usize>| {
-                in_block(own, id).or_else(|| in_block(fallback.and_then(home), id))
+        for (p, c) in self.ceilings.iter().enumerate() {
+            let copy_id = self.id(Member::Copy(p));
+            let traffic_id = self.id(Member::Traffic(p));
+            let ceiling_row = |c: &Ceiling, t: &[f64]| {
+                let mut row = Row::f32(c.which.name(), n, 1, c.bytes, median(t));
+                row.note = c.shape_name(c.shape);
+                row
             };
-            let run_bytes = bytes_per_element(&s.kernel.config) * n;
-            let mut row = Row::f32(s.kernel.name, n, s.tensors, run_bytes, median(t));
-            row.features = s.kernel.features.iter().map(|f| f.to_string()).collect();
-            let gbps_over = |other_bytes: u64, other: &[f64]| {
-                Quartiles::paired(t, other, |s_ms, o_ms| {
-                    (run_bytes as f64 / s_ms) / (other_bytes as f64 / o_ms)
-                })
-            };
-            if let (Some(c), Some((c_ms, _))) = (&self.copy, other(copy_id, plain)) {
-                (row.ceiling_ratio, row.ratio_iqr) = output::split(gbps_over(c.bytes, c_ms));
+            if let Some(copy) = &c.copy {
+                rows.push(ceiling_row(copy, &all_runs(copy_id)).with_pattern(&c.pattern));
             }
-            if let (Some(tr), Some((tr_ms, _))) = (&self.traffic, other(traffic_id, plain)) {
-                (row.traffic_ratio, row.traffic_iqr) = output::split(gbps_over(tr.bytes, tr_ms));
-            }
-            if s.tensors > 1 {
-                let twin = self
-                    .steps
-                    .iter()
-                    .position(|o| o.tensors == 1 && std::ptr::eq(o.kernel, s.kernel))
-                    .map(&step_id);
-                if let Some((one_ms, _)) = other(twin, twin) {
-                    let q = Quartiles::paired(t, one_ms, |a, b| a / b);
-                    (row.vs_one_tensor, row.vs_one_iqr) = output::split(q);
+            if let Some(t) = &c.traffic {
+                let traffic_ms = all_runs(traffic_id);
+                let mut row = ceiling_row(t, &traffic_ms);
+                if let Some(copy) = &c.copy {
+                    let q = Quartiles::paired(&traffic_ms, &all_runs(copy_id), |t_ms, c_ms| {
+                        (t.bytes as f64 / t_ms) / (copy.bytes as f64 / c_ms)
+                    });
+                    row.note = format!("{:.3} of copy; {}", q.median, row.note);
                 }
+                rows.push(row.with_pattern(&c.pattern));
             }
-            if !s.kernel.is_plain()
-                && let Some((plain_ms, _)) = in_block(own, plain)
-            {
-                let q = Quartiles::paired(t, plain_ms, |a, b| a / b);
-                (row.vs_plain, row.vs_plain_iqr) = output::split(q);
+            for (i, s) in self.steps.iter().enumerate() {
+                if self.pattern_of(i) != Some(p) {
+                    continue;
+                }
+                let step_id = |i: usize| self.id(Member::Step(i));
+                let own = step_id(i).and_then(home);
+                let (t, timer) = in_block(own, step_id(i)).ok_or("a step was not timed")?;
+                let plain = self.plain_twin(i).and_then(step_id);
+                // The other side of a ratio in this step's block, else in the plain twin's,
+                // else in its own.
+                let other = |id: Option<usize>| {
+                    in_block(own, id)
+                        .or_else(|| in_block(plain.and_then(home), id))
+                        .or_else(|| in_block(id.and_then(home), id))
+                };
+                let run_bytes = bytes_per_element(&s.kernel.config) * n;
+                let mut row = Row::f32(s.kernel.name, n, s.tensors, run_bytes, median(t))
+                    .with_pattern(&c.pattern);
+                row.features = s.kernel.features.iter().map(|f| f.to_string()).collect();
+                let gbps_over = |other_bytes: u64, other: &[f64]| {
+                    Quartiles::paired(t, other, |s_ms, o_ms| {
+                        (run_bytes as f64 / s_ms) / (other_bytes as f64 / o_ms)
+                    })
+                };
+                if let (Some(copy), Some((c_ms, _))) = (&c.copy, other(copy_id)) {
+                    (row.ceiling_ratio, row.ratio_iqr) = output::split(gbps_over(copy.bytes, c_ms));
+                }
+                if let (Some(tr), Some((tr_ms, _))) = (&c.traffic, other(traffic_id)) {
+                    (row.traffic_ratio, row.traffic_iqr) =
+                        output::split(gbps_over(tr.bytes, tr_ms));
+                }
+                if s.tensors > 1 {
+                    let twin = self
+                        .steps
+                        .iter()
+                        .position(|o| o.tensors == 1 && std::ptr::eq(o.kernel, s.kernel))
+                        .and_then(step_id);
+                    if let Some((one_ms, _)) = other(twin) {
+                        let q = Quartiles::paired(t, one_ms, |a, b| a / b);
+                        (row.vs_one_tensor, row.vs_one_iqr) = output::split(q);
+                    }
+                }
+                if !s.kernel.is_plain()
+                    && let Some((plain_ms, _)) = in_block(own, plain)
+                {
+                    let q = Quartiles::paired(t, plain_ms, |a, b| a / b);
+                    (row.vs_plain, row.vs_plain_iqr) = output::split(q);
+                }
+                let (host_us, record_us) = timer.host_us();
+                row.host_us = Some(host_us);
+                row.record_us = Some(record_us);
+                rows.push(row);
             }
-            let (host_us, record_us) = timer.host_us();
-            row.host_us = Some(host_us);
-            row.record_us = Some(record_us);
-            rows.push(row);
         }
         Ok(rows)
     }

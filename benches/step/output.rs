@@ -7,6 +7,7 @@ use std::path::Path;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
+use crate::steps::Pattern;
 use crate::timing::Quartiles;
 
 /// One row of the table and of the JSON, as `bench-output.md` names the fields.
@@ -25,12 +26,15 @@ pub struct Row {
     pub traffic_ratio: Option<f64>,
     /// Multi-tensor rows: median paired time ratio to the one-tensor twin.
     pub vs_one_tensor: Option<f64>,
-    /// Rows with features: median paired time ratio to the plain step on as many tensors.
+    /// Rows with features or other dtypes: median paired time ratio to the plain f32 step on
+    /// as many tensors.
     pub vs_plain: Option<f64>,
     pub param_dtype: &'static str,
     pub grad_dtype: &'static str,
     pub exp_avg_dtype: &'static str,
     pub exp_avg_sq_dtype: &'static str,
+    /// With 16-bit parameters: whether the optimizer steps an f32 master copy of them.
+    pub master_weights: bool,
     pub features: Vec<String>,
     pub host_us: Option<f64>,
     pub record_us: Option<f64>,
@@ -45,6 +49,9 @@ pub struct Row {
     /// For the table only: a ceiling's workgroup shape.
     #[serde(skip)]
     pub note: String,
+    /// For the table only: `Pattern::label` (`f32`, `f32,f32,bf16,bf16`, ...).
+    #[serde(skip)]
+    pub dtypes: String,
 }
 
 impl Row {
@@ -67,6 +74,7 @@ impl Row {
             grad_dtype: "f32",
             exp_avg_dtype: "f32",
             exp_avg_sq_dtype: "f32",
+            master_weights: false,
             features: Vec::new(),
             host_us: None,
             record_us: None,
@@ -74,7 +82,20 @@ impl Row {
             vs_one_iqr: None,
             vs_plain_iqr: None,
             note: String::new(),
+            dtypes: "f32".into(),
         }
+    }
+
+    /// The row in the dtypes of `pattern`: a step's own, or those of the steps a ceiling is
+    /// the ceiling of.
+    pub fn with_pattern(mut self, pattern: &Pattern) -> Self {
+        self.param_dtype = pattern.param.name();
+        self.grad_dtype = pattern.grad.name();
+        self.exp_avg_dtype = pattern.exp_avg.name();
+        self.exp_avg_sq_dtype = pattern.exp_avg_sq.name();
+        self.master_weights = pattern.master;
+        self.dtypes = pattern.label();
+        self
     }
 }
 
@@ -106,9 +127,10 @@ impl Report<'_> {
 
 pub fn header() -> String {
     format!(
-        "{:<14} {:<26} {:>10} {:>7} {:>8} {:>10} {:>6}  {:>5} {:>11}  {:>5} {:>11}  {:>5} {:>11}  {:>5} {:>11}  {:>7} {:>7}  note",
+        "{:<14} {:<26} {:<26} {:>10} {:>7} {:>8} {:>10} {:>6}  {:>5} {:>11}  {:>5} {:>11}  {:>5} {:>11}  {:>5} {:>11}  {:>7} {:>7}  note",
         "kernel",
         "features",
+        "dtypes (p,g,m,v)",
         "elements",
         "tensors",
         "MB/step",
@@ -132,13 +154,14 @@ pub fn line(r: &Row) -> String {
     let iqr = |x: Option<[f64; 2]>| x.map_or(String::new(), |[a, b]| format!("{a:.3}-{b:.3}"));
     let us = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.1}"));
     format!(
-        "{:<14} {:<26} {:>10} {:>7} {:>8.1} {:>10.3} {:>6.2}  {:>5} {:>11}  {:>5} {:>11}  {:>5} {:>11}  {:>5} {:>11}  {:>7} {:>7}  {}",
+        "{:<14} {:<26} {:<26} {:>10} {:>7} {:>8.1} {:>10.3} {:>6.2}  {:>5} {:>11}  {:>5} {:>11}  {:>5} {:>11}  {:>5} {:>11}  {:>7} {:>7}  {}",
         r.kernel,
         if r.features.is_empty() {
             "-".into()
         } else {
             r.features.join(",")
         },
+        r.dtypes,
         r.elements,
         r.tensors,
         r.bytes as f64 / 1e6,

@@ -1,9 +1,13 @@
 //! The step kernels of the table and the workloads they run on, built through the library's
 //! public API only (`Optimizer::new` for one tensor, `Optimizer::with_groups` over a
-//! `FlatParameters` for many). The plain steps of four algorithms, and AdamW with the pre-step
-//! features (`max_grad_norm`, `loss_scale`, both), each timed against plain AdamW.
+//! `FlatParameters` for many). The plain f32 steps of four algorithms; AdamW with the pre-step
+//! features (`max_grad_norm`, `loss_scale`, both) and AdamW in 16-bit storage dtypes (bf16 `m`
+//! and `v`; bf16 everything; bf16 everything with master weights), each timed against the
+//! plain f32 AdamW step.
 
-use wgpu_optim::{BufferView, Config, FlatParameters, FlatTensor, LossScale, Optimizer, Parameter};
+use wgpu_optim::{
+    BufferView, Config, Dtype, FlatParameters, FlatTensor, LossScale, Optimizer, Parameter,
+};
 
 use crate::ceilings::StepBuffers;
 use crate::gpu::Gpu;
@@ -23,19 +27,109 @@ pub struct StepKernel {
     pub near_ties: bool,
 }
 
+/// What a non-plain step is timed against the plain step of its name for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Comparison {
+    /// Pre-step features (`features` not empty), f32 storage.
+    Features,
+    /// Storage dtypes other than f32, no features.
+    Dtypes,
+}
+
 impl StepKernel {
-    /// The step without features of the same name: what a feature row is timed against.
+    /// The f32 step without features: what the feature and dtype rows of its name are timed
+    /// against.
     pub fn is_plain(&self) -> bool {
-        self.features.is_empty()
+        self.comparison().is_none()
     }
 
-    /// `adamw [max_grad_norm, loss_scale]`, for messages.
-    pub fn label(&self) -> String {
-        if self.is_plain() {
-            self.name.into()
+    /// `None` for a plain step; else what it is compared with the plain step for.
+    pub fn comparison(&self) -> Option<Comparison> {
+        if !self.features.is_empty() {
+            Some(Comparison::Features)
+        } else if !self.pattern().is_f32() {
+            Some(Comparison::Dtypes)
         } else {
-            format!("{} [{}]", self.name, self.features.join(", "))
+            None
         }
+    }
+
+    pub fn pattern(&self) -> Pattern {
+        Pattern::of(&self.config)
+    }
+
+    /// `adamw [max_grad_norm, loss_scale]`, `adamw (bf16,bf16,bf16,bf16+master)`, for
+    /// messages.
+    pub fn label(&self) -> String {
+        let mut label = self.name.to_string();
+        if !self.features.is_empty() {
+            label += &format!(" [{}]", self.features.join(", "));
+        }
+        if !self.pattern().is_f32() {
+            label += &format!(" ({})", self.pattern().label());
+        }
+        label
+    }
+}
+
+/// What the per-element step pass loads and stores: each buffer's dtype, `vmax` (amsgrad, in
+/// `v`'s dtype) and master weights (an f32 copy of 16-bit parameters, read and written beside
+/// them). Steps of one pattern share their ceilings: the copy of as many bytes and the traffic
+/// kernel in these dtypes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pattern {
+    pub param: Dtype,
+    pub grad: Dtype,
+    pub exp_avg: Dtype,
+    pub exp_avg_sq: Dtype,
+    pub amsgrad: bool,
+    pub master: bool,
+}
+
+impl Pattern {
+    pub fn of(config: &Config) -> Self {
+        Pattern {
+            param: config.param_dtype,
+            grad: config.grad_dtype,
+            exp_avg: config.exp_avg_dtype,
+            exp_avg_sq: config.exp_avg_sq_dtype,
+            amsgrad: config.amsgrad,
+            master: config.keeps_master(),
+        }
+    }
+
+    /// f32 everywhere (and so no master weights).
+    pub fn is_f32(&self) -> bool {
+        [self.param, self.grad, self.exp_avg, self.exp_avg_sq] == [Dtype::F32; 4] && !self.master
+    }
+
+    /// Bytes per element (docs/semantics.md, "Bytes per element"): p read and written, g
+    /// read, m and v read and written, vmax read and written, and the master copy read and
+    /// written (the kernel loads the 16-bit parameter too: it is the parameter at t = 1).
+    /// f32: 28 (amsgrad 36); bf16 m and v: 20; bf16 p, g, m, v: 14; with master weights: 22.
+    pub fn bytes(&self) -> u64 {
+        let vmax = if self.amsgrad {
+            self.exp_avg_sq.bytes()
+        } else {
+            0
+        };
+        let master = if self.master { Dtype::F32.bytes() } else { 0 };
+        2 * self.param.bytes()
+            + self.grad.bytes()
+            + 2 * self.exp_avg.bytes()
+            + 2 * self.exp_avg_sq.bytes()
+            + 2 * vmax
+            + 2 * master
+    }
+
+    /// `f32`, or the dtypes of p, g, m and v (`bf16,bf16,bf16,bf16`) and `+master`.
+    pub fn label(&self) -> String {
+        if self.is_f32() {
+            return "f32".into();
+        }
+        let names = [self.param, self.grad, self.exp_avg, self.exp_avg_sq].map(Dtype::name);
+        let master = if self.master { "+master" } else { "" };
+        format!("{}{master}", names.join(","))
     }
 }
 
@@ -58,6 +152,13 @@ pub fn step_kernels() -> Vec<StepKernel> {
     };
     let clipped = Config::adamw().max_grad_norm(Some(MAX_GRAD_NORM));
     let scaled = |c: Config| c.loss_scale(Some(LossScale::default()));
+    let bf16_states = Config::adamw()
+        .exp_avg_dtype(Dtype::Bf16)
+        .exp_avg_sq_dtype(Dtype::Bf16);
+    let bf16 = bf16_states
+        .clone()
+        .param_dtype(Dtype::Bf16)
+        .grad_dtype(Dtype::Bf16);
     vec![
         kernel("adam", Config::adam(), false),
         kernel("adamw", Config::adamw(), false),
@@ -66,19 +167,28 @@ pub fn step_kernels() -> Vec<StepKernel> {
         adamw(&["max_grad_norm"], clipped.clone()),
         adamw(&["loss_scale"], scaled(Config::adamw())),
         adamw(&["max_grad_norm", "loss_scale"], scaled(clipped)),
+        adamw(&[], bf16_states),
+        adamw(&[], bf16.clone()),
+        adamw(&[], bf16.master_weights(true)),
     ]
 }
 
-/// Bytes the per-element step pass moves per element in fp32: p, g, m, v read and p, m, v
-/// written; vmax both ways. The ceilings move as many.
+/// Bytes the per-element step pass moves per element (`Pattern::bytes`). The ceilings of its
+/// pattern move as many.
 pub fn step_pass_bytes(config: &Config) -> u64 {
-    if config.amsgrad { 36 } else { 28 }
+    Pattern::of(config).bytes()
 }
 
-/// Bytes a step moves per element: the step pass's, and 4 more where a pass before it reads
-/// the gradient (any pre-step feature: clipping needs the norm, loss scaling found_inf).
+/// Bytes a step moves per element: the step pass's, and the gradient's once more where a pass
+/// before it reads the gradient (any pre-step feature: clipping needs the norm, loss scaling
+/// found_inf).
 pub fn bytes_per_element(config: &Config) -> u64 {
-    step_pass_bytes(config) + if config.has_pre_step() { 4 } else { 0 }
+    let pre_step = if config.has_pre_step() {
+        config.grad_dtype.bytes()
+    } else {
+        0
+    };
+    step_pass_bytes(config) + pre_step
 }
 
 /// The initial loss scale S (`LossScale::default()`, torch's 65536): the loss-scale rows'
@@ -128,7 +238,7 @@ pub struct Step {
 
 impl Step {
     /// `elements` as `tensors` tensors (1: a `Parameter`; more: a flat buffer, one dispatch),
-    /// all reading `grad`.
+    /// all reading `grad` (in the kernel's gradient dtype), the parameters in their dtype.
     pub fn new(
         gpu: &Gpu,
         kernel: &StepKernel,
@@ -137,7 +247,7 @@ impl Step {
         grad: &wgpu::Buffer,
     ) -> Result<Self, String> {
         let label = format!("bench {} x{tensors}", kernel.label());
-        let param = gpu.storage_buffer(&label, elements);
+        let param = gpu.buffer(&label, kernel.config.param_dtype, elements);
         let ranges = split(elements, tensors);
         let (optimizer, groups) = if tensors == 1 {
             let parameter = Parameter::new(
@@ -188,11 +298,13 @@ impl Step {
             return Err("the traffic kernel runs over a one-tensor step's buffers".into());
         }
         Ok(StepBuffers {
+            pattern: Pattern::of(self.optimizer.config()),
             param: &self.param,
             grad,
             exp_avg: &state.exp_avg,
             exp_avg_sq: &state.exp_avg_sq,
             max_exp_avg_sq: state.max_exp_avg_sq.as_ref(),
+            master_param: state.master_param.as_ref(),
         })
     }
 }

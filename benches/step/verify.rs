@@ -1,15 +1,15 @@
 //! Verification: every kernel runs once on random inputs and is checked before it is timed;
 //! a wrong one is reported and not timed. Steps are checked against the CPU reference
-//! (`wgpu_optim::reference`: `step` for plain steps, `iteration` for steps with pre-step
-//! features), the ceilings bit for bit against what they must write.
+//! (`wgpu_optim::reference`: `step` for plain steps and steps in 16-bit dtypes, `iteration`
+//! for steps with pre-step features), the ceilings bit for bit against what they must write.
 
 use std::ops::Range;
 
-use wgpu_optim::TensorState;
 use wgpu_optim::reference::{self, IterationState, IterationTensor};
 use wgpu_optim::testing::{Rng, Tolerance, compare, max_abs, yogi_ties};
+use wgpu_optim::{Config, Dtype, TensorState, dtype};
 
-use crate::ceilings::{Ceiling, StepBuffers, TRAFFIC_SCALE};
+use crate::ceilings::{Ceiling, StepBuffers, TRAFFIC_BUFFERS, TRAFFIC_SCALE};
 use crate::gpu::Gpu;
 use crate::steps::{Step, StepKernel, loss_scale};
 use crate::timing::Kernel;
@@ -59,8 +59,9 @@ impl Inputs {
         }
     }
 
-    /// The state of elements `range`, with vmax only for `amsgrad`.
-    fn state(&self, range: std::ops::Range<usize>, amsgrad: bool) -> TensorState {
+    /// The state of elements `range` for `config`: vmax only with amsgrad, and with master
+    /// weights the parameters themselves (in f32) as the master copy.
+    fn state(&self, range: Range<usize>, config: &Config) -> TensorState {
         TensorState {
             exp_avg: self.state.exp_avg[range.clone()].to_vec(),
             exp_avg_sq: self.state.exp_avg_sq[range.clone()].to_vec(),
@@ -68,10 +69,133 @@ impl Inputs {
                 .state
                 .max_exp_avg_sq
                 .as_ref()
-                .filter(|_| amsgrad)
-                .map(|v| v[range].to_vec()),
-            master_param: None,
+                .filter(|_| config.amsgrad)
+                .map(|v| v[range.clone()].to_vec()),
+            master_param: config.keeps_master().then(|| self.param[range].to_vec()),
         }
+    }
+
+    /// The gradient of elements `range` as a buffer of `dtype` holds it (rounded to nearest).
+    pub fn grad_as(&self, dtype: Dtype, range: Range<usize>) -> Vec<f32> {
+        rounded(dtype, &self.grad[range])
+    }
+}
+
+/// `data` as a buffer of `dtype` holds it: rounded to nearest, widened back (exact).
+fn rounded(dtype: Dtype, data: &[f32]) -> Vec<f32> {
+    data.iter().map(|&x| dtype::round_to(dtype, x)).collect()
+}
+
+/// `state` as the optimizer stores it in `config`'s dtypes (what `load_state` leaves there).
+fn stored(config: &Config, state: TensorState) -> TensorState {
+    let (m, v) = (config.exp_avg_dtype, config.exp_avg_sq_dtype);
+    TensorState {
+        exp_avg: rounded(m, &state.exp_avg),
+        exp_avg_sq: rounded(v, &state.exp_avg_sq),
+        max_exp_avg_sq: state.max_exp_avg_sq.map(|x| rounded(v, &x)),
+        master_param: state.master_param,
+    }
+}
+
+/// The spacing of `dtype`'s values at `x` (0 for f32: no rounding beyond f32's).
+fn spacing(dtype: Dtype, x: f32) -> f32 {
+    let exponent = |x: f32| ((x.abs().to_bits() >> 23) as i32 - 127).max(-126);
+    match dtype {
+        Dtype::Bf16 => 2f32.powi(exponent(x) - 7),
+        Dtype::F16 => 2f32.powi(exponent(x).max(-14) - 10),
+        Dtype::F32 | Dtype::Q8 => 0.0,
+    }
+}
+
+/// The values of one stored buffer of a step that are not the reference's rounding bit for
+/// bit, over all its tensors: how many, of how many, and the first few.
+#[derive(Default)]
+struct Inexact {
+    count: usize,
+    total: usize,
+    shown: Vec<String>,
+}
+
+impl Inexact {
+    /// At most 2 + 2% of a 16-bit buffer's values may differ from the reference's rounding
+    /// (`compare_as`); an error names the buffer, the count and the first few.
+    fn check(&self, what: &str, dtype: Dtype) -> Result<(), String> {
+        if self.count <= 2 + self.total / 50 {
+            return Ok(());
+        }
+        Err(format!(
+            "{what} ({}): {} of {} stored values are not the reference's rounding: {}",
+            dtype.name(),
+            self.count,
+            self.total,
+            self.shown.join(", ")
+        ))
+    }
+}
+
+/// A stored buffer of `dtype` of one tensor against the reference: f32 as `testing::compare`
+/// (with `allowed` mismatches); 16-bit as `tests/storage.rs` checks it. There each value may
+/// differ by the f32 tolerance plus one rounding of the dtype (the spacing at the larger of
+/// the two: an f32 result within its tolerance of a rounding boundary may round either way),
+/// and the values that are not the reference's rounding bit for bit are counted in `inexact`,
+/// which the caller checks over the whole buffer (`Inexact::check`): the f32 results within
+/// their tolerance of a boundary are about 1e-4 of random values, while a rounding done wrong
+/// (truncation, a wrong half of a word) differs in about half of them. The count is over the
+/// buffer, not per tensor, because with 16-bit inputs a result is often exactly a tie: with
+/// bf16 `m` and `g` (8-bit significands), `0.9 m + 0.1 g` in f64 is often exactly the midpoint
+/// of two bf16 values (0.3% of the elements of a random step), which the reference rounds to
+/// even and the kernel, whose f32 result is an ulp to one side, may round the other way: a
+/// 32-element bias may hold three such.
+fn compare_as(
+    what: &str,
+    dtype: Dtype,
+    got: &[f32],
+    want: &[f32],
+    tol: Tolerance,
+    allowed: usize,
+    inexact: &mut Inexact,
+) -> Result<(), String> {
+    if !dtype.is_16bit() {
+        return compare(what, got, want, tol, allowed);
+    }
+    if got.len() != want.len() {
+        return Err(format!(
+            "{what}: got {} elements, want {}",
+            got.len(),
+            want.len()
+        ));
+    }
+    let same = |g: f32, w: f32| g.to_bits() == w.to_bits() || g.is_nan() && w.is_nan();
+    let far: Vec<String> = got
+        .iter()
+        .zip(want)
+        .enumerate()
+        .filter(|&(_, (&g, &w))| {
+            let slack = tol.abs + tol.rel * w.abs() + spacing(dtype, g.abs().max(w.abs()));
+            !((g - w).abs() <= slack || same(g, w))
+        })
+        .take(5)
+        .map(|(i, (g, w))| format!("[{i}] got {g:e} want {w:e}"))
+        .collect();
+    inexact.total += got.len();
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if !same(g, w) {
+            inexact.count += 1;
+            if inexact.shown.len() < 3 {
+                inexact
+                    .shown
+                    .push(format!("{what}[{i}] got {g:e} want {w:e}"));
+            }
+        }
+    }
+    if far.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} ({}): beyond {tol:?} plus one rounding: {}",
+            dtype.name(),
+            far.join(", ")
+        ))
     }
 }
 
@@ -83,11 +207,15 @@ fn run_once(gpu: &Gpu, kernel: &mut dyn Kernel) {
     gpu.wait();
 }
 
-/// Uploads `inputs` to the step's parameters and state (the gradient is already in place: the
-/// random one, times S for loss scaling), runs one step and compares the parameters and every
-/// state buffer with the CPU reference: `reference::step` per tensor for a plain step,
-/// `reference::iteration` over all the tensors for a step with features, whose optimizer-wide
-/// numbers (t, S, found_inf, the global norm) are checked too.
+/// Uploads `inputs` to the step's parameters and state in their dtypes (the gradient is
+/// already in place: the random one in its dtype, times S for loss scaling), runs one step and
+/// compares the parameters and every state buffer with the CPU reference, which starts from
+/// the inputs rounded to their dtypes: `reference::step` per tensor for a plain step or one in
+/// 16-bit dtypes, `reference::iteration` over all the tensors for a step with features, whose
+/// optimizer-wide numbers (t, S, found_inf, the global norm) are checked too. With master
+/// weights the step checked is t = 2, which steps the f32 copy (the inputs' parameters; the
+/// 16-bit buffer holds their rounding) as every timed step does: t = 1 would read the 16-bit
+/// parameters instead.
 pub fn step(
     gpu: &Gpu,
     step: &mut Step,
@@ -96,21 +224,22 @@ pub fn step(
 ) -> Result<(), String> {
     let name = format!("{} x{}", kernel.label(), step.tensors.len());
     let fail = |e: &dyn std::fmt::Display| format!("{name}: {e}");
-    let amsgrad = kernel.config.amsgrad;
+    let config = &kernel.config;
+    let pattern = kernel.pattern();
     let ranges: Vec<Range<usize>> = step
         .tensors
         .iter()
         .map(|&(offset, len)| offset as usize..(offset + len) as usize)
         .collect();
-    gpu.write(&step.param, 0, &inputs.param);
+    if config.keeps_master() {
+        step.optimizer.set_step_count(1);
+    }
+    gpu.write_as(&step.param, pattern.param, 0, &inputs.param);
     for (i, range) in ranges.iter().enumerate() {
-        let state = inputs.state(range.clone(), amsgrad);
-        let (buffers, at) = step.optimizer.state_buffers(i).map_err(|e| fail(&e))?;
-        gpu.write(&buffers.exp_avg, at, &state.exp_avg);
-        gpu.write(&buffers.exp_avg_sq, at, &state.exp_avg_sq);
-        if let (Some(buffer), Some(v)) = (&buffers.max_exp_avg_sq, &state.max_exp_avg_sq) {
-            gpu.write(buffer, at, v);
-        }
+        let state = inputs.state(range.clone(), config);
+        step.optimizer
+            .load_state(&gpu.queue, i, &state)
+            .map_err(|e| fail(&e))?;
     }
     let status = |step: &Step| {
         step.optimizer
@@ -121,23 +250,25 @@ pub fn step(
     let t = step.optimizer.step_count() + 1;
     run_once(gpu, step);
     let got_param = gpu
-        .read(&step.param, 0, inputs.param.len() as u64)
+        .read_as(&step.param, pattern.param, 0, inputs.param.len() as u64)
         .map_err(|e| fail(&e))?;
 
-    // The reference's parameters and state after the step, per tensor.
-    let mut want: Vec<Vec<f32>> = ranges
+    // The reference's parameters and state after the step, per tensor, from the inputs as
+    // the buffers hold them.
+    let before: Vec<Vec<f32>> = ranges
         .iter()
-        .map(|r| inputs.param[r.clone()].to_vec())
+        .map(|r| rounded(pattern.param, &inputs.param[r.clone()]))
         .collect();
+    let mut want = before.clone();
     let mut states: Vec<TensorState> = ranges
         .iter()
-        .map(|r| inputs.state(r.clone(), amsgrad))
+        .map(|r| stored(config, inputs.state(r.clone(), config)))
         .collect();
     let mut errors = Vec::new();
-    if kernel.config.has_pre_step() {
+    if config.has_pre_step() {
         // The gradient as the step's buffer holds it: scaled by S in f32 (exact: a power of
         // two, and far from overflow).
-        let s = if kernel.config.loss_scale.is_some() {
+        let s = if config.loss_scale.is_some() {
             loss_scale()
         } else {
             1.0
@@ -167,7 +298,7 @@ pub fn step(
         let report = reference::iteration(&step.groups, &lrs, &mut tensors, &mut state);
         drop(grads);
         let after = status(step)?;
-        if kernel.config.loss_scale.is_some() && status_before.loss_scale != s {
+        if config.loss_scale.is_some() && status_before.loss_scale != s {
             errors.push(format!(
                 "{name}: S is {}, the gradients were scaled by {s}",
                 status_before.loss_scale
@@ -187,7 +318,7 @@ pub fn step(
                 "{name}: status {after:?}, reference {report:?} {state:?}"
             ));
         }
-        if kernel.config.max_grad_norm.is_some() {
+        if config.max_grad_norm.is_some() {
             // The norm as tests/pre_step.rs checks it; the step must clip.
             let norm = after.global_norm as f64;
             if (norm - report.global_norm).abs() > 1e-5 * report.global_norm {
@@ -206,24 +337,42 @@ pub fn step(
     } else {
         for (i, range) in ranges.iter().enumerate() {
             let config = &step.groups[step.group(i)];
-            reference::step(
-                config,
-                t,
-                config.lr,
-                &mut want[i],
-                &inputs.grad[range.clone()],
-                &mut states[i],
-            );
+            let grad = inputs.grad_as(pattern.grad, range.clone());
+            reference::step(config, t, config.lr, &mut want[i], &grad, &mut states[i]);
         }
     }
 
     // One step's tolerances, derived once for every test and the benchmark
     // (`wgpu_optim::testing::Tolerance`), with the largest unscaled gradient (clipping only
     // shrinks it, as in tests/pre_step.rs); Yogi may resolve a few near-ties the other way.
-    let g_max = max_abs(&inputs.grad);
+    // 16-bit buffers get one rounding of their dtype more (`compare_as`).
+    // (Rounding to nearest keeps the order of magnitudes: the largest rounded gradient is the
+    // largest gradient rounded.)
+    let g_max = dtype::round_to(pattern.grad, max_abs(&inputs.grad));
+    let mut inexact: [Inexact; 5] = Default::default();
+    let names = [
+        "param",
+        "exp_avg",
+        "exp_avg_sq",
+        "max_exp_avg_sq",
+        "master_param",
+    ];
+    let dtypes = [
+        pattern.param,
+        pattern.exp_avg,
+        pattern.exp_avg_sq,
+        pattern.exp_avg_sq,
+        Dtype::F32,
+    ];
     for (i, range) in ranges.into_iter().enumerate() {
         let config = &step.groups[step.group(i)];
-        let before = &inputs.param[range.clone()];
+        // The parameter the step starts from: the master copy's f32 values, where it has one.
+        let p_max = if config.keeps_master() {
+            max_abs(&inputs.param[range.clone()])
+        } else {
+            max_abs(&before[i])
+        };
+        let p_tol = Tolerance::param(1, p_max, config.lr);
         let state = &states[i];
         let got_state = step
             .optimizer
@@ -234,38 +383,42 @@ pub fn step(
         } else {
             0
         };
+        // (index into `names`, got, want, tolerance)
         let mut checks = vec![
+            (0, &got_param[range], &want[i][..], p_tol),
             (
-                "param",
-                &got_param[range],
-                &want[i][..],
-                Tolerance::param(1, max_abs(before), config.lr),
-            ),
-            (
-                "exp_avg",
+                1,
                 &got_state.exp_avg[..],
                 &state.exp_avg[..],
                 Tolerance::exp_avg(max_abs(&state.exp_avg), g_max),
             ),
             (
-                "exp_avg_sq",
+                2,
                 &got_state.exp_avg_sq[..],
                 &state.exp_avg_sq[..],
                 Tolerance::exp_avg_sq(max_abs(&state.exp_avg_sq), g_max),
             ),
         ];
         if let (Some(got), Some(want)) = (&got_state.max_exp_avg_sq, &state.max_exp_avg_sq) {
-            checks.push((
-                "max_exp_avg_sq",
-                got,
-                want,
-                Tolerance::exp_avg_sq(max_abs(want), g_max),
-            ));
+            checks.push((3, got, want, Tolerance::exp_avg_sq(max_abs(want), g_max)));
         }
-        for (what, got, want, tol) in checks {
-            if let Err(e) = compare(what, got, want, tol, allowed) {
+        match (&got_state.master_param, &state.master_param) {
+            (Some(got), Some(want)) => checks.push((4, got, want, p_tol)),
+            (None, None) => {}
+            _ => errors.push(format!(
+                "{name}, tensor {i}: master weights where none were asked, or none where asked"
+            )),
+        }
+        for (k, got, want, tol) in checks {
+            let (what, dtype) = (names[k], dtypes[k]);
+            if let Err(e) = compare_as(what, dtype, got, want, tol, allowed, &mut inexact[k]) {
                 errors.push(format!("{name}, tensor {i}: {e}"));
             }
+        }
+    }
+    for k in 0..names.len() {
+        if let Err(e) = inexact[k].check(names[k], dtypes[k]) {
+            errors.push(format!("{name}: {e}"));
         }
     }
     // A wrong kernel fails on every tensor: 1000 tensors would bury the table.
@@ -317,45 +470,52 @@ pub fn copy_shapes(
 }
 
 /// Runs the traffic kernel once in each of its shapes over the step's buffers `b` and checks
-/// every buffer it writes bit for bit: `p + s g`, `m + s g`, `v + |s g|`, `max(vmax, v)` with
-/// `s = TRAFFIC_SCALE` (a power of two: one rounding, fused or not). Returns the shapes that
-/// passed and the failures.
+/// every buffer it writes bit for bit: `p + s g`, `m + s g`, `v + |s g|`, `max(vmax, v)` and
+/// the master copy's `x + s g` with `s = TRAFFIC_SCALE` (a power of two: one rounding to f32,
+/// fused or not), each computed on the values widened from its dtype and rounded to nearest
+/// into it (`wgpu_optim::dtype`, which the shader's conversions equal bit for bit). Returns the
+/// shapes that passed and the failures.
 pub fn traffic_shapes(
     gpu: &Gpu,
     traffic: &mut Ceiling,
     b: &StepBuffers,
 ) -> (Vec<usize>, Vec<String>) {
     let len = traffic.len;
-    let read_all = || -> Result<[Vec<f32>; 4], String> {
-        let vmax = match b.max_exp_avg_sq {
-            Some(buffer) => gpu.read(buffer, 0, len)?,
-            None => Vec::new(),
-        };
-        Ok([
-            gpu.read(b.param, 0, len)?,
-            gpu.read(b.exp_avg, 0, len)?,
-            gpu.read(b.exp_avg_sq, 0, len)?,
-            vmax,
-        ])
+    let bindings = b.bindings();
+    // Every binding widened to f32 (empty where it is a placeholder); the gradient is read.
+    let read_all = || -> Result<Vec<Vec<f32>>, String> {
+        bindings
+            .iter()
+            .map(|&(buffer, dtype)| match buffer {
+                Some(buffer) => gpu.read_as(buffer, dtype, 0, len),
+                None => Ok(Vec::new()),
+            })
+            .collect()
     };
-    let (before, grad) = match read_all().and_then(|s| Ok((s, gpu.read(b.grad, 0, len)?))) {
+    let mut before = match read_all() {
         Ok(x) => x,
         Err(e) => return (Vec::new(), vec![format!("traffic: {e}")]),
     };
-    let mut before = before;
     let mut passed = Vec::new();
     let mut failures = Vec::new();
     for shape in 0..traffic.shapes() {
         traffic.shape = shape;
-        let [p, m, v, vmax] = &before;
-        let mut want = [p.clone(), m.clone(), v.clone(), vmax.clone()];
+        let [p, g, m, v, vmax, master] = &before[..] else {
+            unreachable!("six bindings")
+        };
+        let round = |k: usize, x: f32| dtype::round_to(bindings[k].1, x);
+        let mut want = before.clone();
         for i in 0..len as usize {
-            let d = TRAFFIC_SCALE * grad[i];
-            want[0][i] = p[i] + d;
-            want[1][i] = m[i] + d;
-            want[2][i] = v[i] + d.abs();
+            let d = TRAFFIC_SCALE * g[i];
+            want[0][i] = round(0, p[i] + d);
+            want[2][i] = round(2, m[i] + d);
+            let v_new = v[i] + d.abs();
+            want[3][i] = round(3, v_new);
             if !vmax.is_empty() {
-                want[3][i] = vmax[i].max(want[2][i]);
+                want[4][i] = round(4, vmax[i].max(v_new));
+            }
+            if !master.is_empty() {
+                want[5][i] = master[i] + d;
             }
         }
         run_once(gpu, traffic);
@@ -366,20 +526,26 @@ pub fn traffic_shapes(
                 break;
             }
         };
-        let names = ["param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"];
-        let wrong = (0..4).find_map(|k| {
+        let wrong = (0..bindings.len()).find_map(|k| {
             let i = got[k]
                 .iter()
                 .zip(&want[k])
                 .position(|(g, w)| g.to_bits() != w.to_bits())?;
             Some(format!(
-                "{}[{i}] = {:e}, want {:e}",
-                names[k], got[k][i], want[k][i]
+                "{} ({})[{i}] = {:e}, want {:e}",
+                TRAFFIC_BUFFERS[k].0,
+                bindings[k].1.name(),
+                got[k][i],
+                want[k][i]
             ))
         });
         match wrong {
             None => passed.push(shape),
-            Some(e) => failures.push(format!("traffic ({}): {e}", traffic.shape_name(shape))),
+            Some(e) => failures.push(format!(
+                "traffic {} ({}): {e}",
+                b.pattern.label(),
+                traffic.shape_name(shape)
+            )),
         }
         before = got;
     }
