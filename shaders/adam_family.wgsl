@@ -177,9 +177,11 @@ fn step(
     if SKIP {
         t = iteration.scalars.step;
     }
-    var p = load_param(chunk.param_base + i);
+    var p: Elem;
     if MASTER && t != 1u {
         p = load_master_param(k);
+    } else {
+        p = load_param(chunk.param_base + i);
     }
 
     // Unscale and clip the global norm, rounding each product to f32 as torch's `unscale_`

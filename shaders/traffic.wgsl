@@ -1,8 +1,8 @@
 // The optimizer step's memory traffic with none of its arithmetic: the second ceiling of the
 // benchmark (benches/step/ceilings.rs). It makes exactly the loads and stores of the fused step
 // in shaders/adam_family.wgsl over the step's own buffers (read p, g, m, v and write p, m, v;
-// with AMSGRAD also read and write vmax; with MASTER also read and write the f32 master copy of
-// the parameters), four elements at a time, each buffer in its storage dtype, so no step kernel
+// with AMSGRAD also read and write vmax; with MASTER read the f32 master copy of the
+// parameters in place of p, and write both), four elements at a time, each buffer in its storage dtype, so no step kernel
 // that moves these bytes this way can be faster. On drivers where a load costs more than a
 // store, this kernel, not a copy of as many bytes, is the step's roofline.
 //
@@ -43,12 +43,13 @@ fn traffic(
     for (var k = 0u; k < VEC4_PER_INVOCATION; k++) {
         let i = first + k * WORKGROUP_SIZE;
         if i < count {
-            // The step's order: p (and its master copy) and g loaded, m and v updated and
-            // stored, the master copy and p stored last.
-            let p = load_param(i);
-            var master = vec4<f32>(0.0);
+            // The step's order: p (its master copy, with one) and g loaded, m and v updated
+            // and stored, the master copy and p stored last.
+            var p: vec4<f32>;
             if MASTER {
-                master = load_master_param(i);
+                p = load_master_param(i);
+            } else {
+                p = load_param(i);
             }
             let d = SCALE * load_grad(i);
             store_exp_avg(i, load_exp_avg(i) + d);
@@ -58,7 +59,7 @@ fn traffic(
                 store_max_exp_avg_sq(i, max(load_max_exp_avg_sq(i), v));
             }
             if MASTER {
-                store_master_param(i, master + d);
+                store_master_param(i, p + d);
             }
             store_param(i, p + d);
         }

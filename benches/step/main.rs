@@ -12,7 +12,7 @@
 //! (`ceilings.rs`). The plain f32 steps move 28 bytes per element (amsgrad 36). AdamW is also
 //! timed with the pre-step features (`max_grad_norm`, `loss_scale`, both: 32 bytes, the step's
 //! 28 and the norm pass's gradient read) and in 16-bit storage dtypes (bf16 `m` and `v`: 20
-//! bytes; bf16 `p`, `g`, `m`, `v`: 14; the same with f32 master weights: 22), each against the
+//! bytes; bf16 `p`, `g`, `m`, `v`: 14; the same with f32 master weights: 20), each against the
 //! plain f32 AdamW step. Every kernel is checked before it is timed (`verify.rs`); a wrong one
 //! is reported, not timed, and the benchmark exits 1. Then the timing (`plan_blocks`): a block
 //! per plain step kernel and size (its copy, its traffic kernel, the step on one tensor and on

@@ -105,16 +105,22 @@ impl Pattern {
 
     /// Bytes per element (docs/semantics.md, "Bytes per element"): p read and written, g
     /// read, m and v read and written, vmax read and written, and the master copy read and
-    /// written (the kernel loads the 16-bit parameter too: it is the parameter at t = 1).
-    /// f32: 28 (amsgrad 36); bf16 m and v: 20; bf16 p, g, m, v: 14; with master weights: 22.
+    /// written, its read in place of the parameter's (the step reads the 16-bit parameter only at
+    /// t = 1). f32: 28 (amsgrad 36); bf16 m and v: 20; bf16 p, g, m, v: 14; with master
+    /// weights: 20.
     pub fn bytes(&self) -> u64 {
         let vmax = if self.amsgrad {
             self.exp_avg_sq.bytes()
         } else {
             0
         };
-        let master = if self.master { Dtype::F32.bytes() } else { 0 };
-        2 * self.param.bytes()
+        // The master copy is read instead of the parameter, and both are written.
+        let (param_reads, master) = if self.master {
+            (0, Dtype::F32.bytes())
+        } else {
+            (1, 0)
+        };
+        (1 + param_reads) * self.param.bytes()
             + self.grad.bytes()
             + 2 * self.exp_avg.bytes()
             + 2 * self.exp_avg_sq.bytes()

@@ -470,8 +470,8 @@ pub fn copy_shapes(
 }
 
 /// Runs the traffic kernel once in each of its shapes over the step's buffers `b` and checks
-/// every buffer it writes bit for bit: `p + s g`, `m + s g`, `v + |s g|`, `max(vmax, v)` and
-/// the master copy's `x + s g` with `s = TRAFFIC_SCALE` (a power of two: one rounding to f32,
+/// every buffer it writes bit for bit: `p + s g` (with master weights `x + s g` from the master
+/// copy `x`, into both), `m + s g`, `v + |s g|` and `max(vmax, v)` with `s = TRAFFIC_SCALE` (a power of two: one rounding to f32,
 /// fused or not), each computed on the values widened from its dtype and rounded to nearest
 /// into it (`wgpu_optim::dtype`, which the shader's conversions equal bit for bit). Returns the
 /// shapes that passed and the failures.
@@ -507,7 +507,9 @@ pub fn traffic_shapes(
         let mut want = before.clone();
         for i in 0..len as usize {
             let d = TRAFFIC_SCALE * g[i];
-            want[0][i] = round(0, p[i] + d);
+            // As the step: with master weights the copy is the parameter it reads.
+            let x = if master.is_empty() { p[i] } else { master[i] };
+            want[0][i] = round(0, x + d);
             want[2][i] = round(2, m[i] + d);
             let v_new = v[i] + d.abs();
             want[3][i] = round(3, v_new);
@@ -515,7 +517,7 @@ pub fn traffic_shapes(
                 want[4][i] = round(4, vmax[i].max(v_new));
             }
             if !master.is_empty() {
-                want[5][i] = master[i] + d;
+                want[5][i] = x + d;
             }
         }
         run_once(gpu, traffic);
