@@ -277,5 +277,7 @@ pub fn round_to(dtype: Dtype, x: f32) -> f32 {
     }
 }
 
+pub mod q8;
+
 #[cfg(test)]
 mod tests;
