@@ -309,10 +309,19 @@ impl Optimizer {
         &self.tensors
     }
 
-    /// The smallest unit of [`OptimizerOptions::chunk_elements`] on this device, and the
-    /// alignment (in elements) at which an [`crate::Arena`] places its tensors.
+    /// The smallest unit of [`OptimizerOptions::chunk_elements`] on this device with f32
+    /// storage, and the alignment (in elements) at which an [`crate::Arena`] places its
+    /// tensors. With 16-bit storage see [`Optimizer::chunk_granularity_for`].
     pub fn chunk_granularity(limits: &wgpu::Limits) -> u64 {
         plan::granularity(params::storage_alignment(limits), 4)
+    }
+
+    /// The smallest unit of [`OptimizerOptions::chunk_elements`] on this device for `config`'s
+    /// storage dtypes: every buffer's binding of a chunk starts at an aligned offset, so a
+    /// narrower dtype needs chunks of more elements (twice as many with a 16-bit buffer).
+    pub fn chunk_granularity_for(limits: &wgpu::Limits, config: &Config) -> u64 {
+        let min_bytes = Storage::new(config).min_bytes();
+        plan::granularity(params::storage_alignment(limits), min_bytes)
     }
 
     /// Dispatches one step records.

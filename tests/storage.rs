@@ -505,8 +505,8 @@ fn chunked_bindings_with_16_bit_storage() {
     // Small chunks put many binding boundaries inside the tensors (the binding limit, scaled
     // down): every chunk's 16-bit bindings must start on an aligned word.
     let (device, _) = gpu();
-    let granularity = Optimizer::chunk_granularity(&device.limits());
-    let options = OptimizerOptions::default().chunk_elements(Some(2 * granularity));
+    let limits = device.limits();
+    let granularity = Optimizer::chunk_granularity(&limits);
     let mut failures = Vec::new();
     for (k, storage) in [
         (
@@ -547,6 +547,27 @@ fn chunked_bindings_with_16_bit_storage() {
             master,
         };
         let config = storage.apply(Config::adamw().lr(1e-2).amsgrad(k == 1));
+        // The smallest chunks this storage allows: 16-bit bindings need twice the elements.
+        let unit = Optimizer::chunk_granularity_for(&limits, &config);
+        assert_eq!(unit, 2 * granularity, "{storage:?}");
+        let options = OptimizerOptions::default().chunk_elements(Some(unit));
+        // An f32-sized unit is refused, naming the option.
+        let parameter_free = Optimizer::with_options(
+            device,
+            config.clone(),
+            &[],
+            options.chunk_elements(Some(granularity)),
+        );
+        assert!(
+            matches!(
+                parameter_free,
+                Err(wgpu_optim::Error::InvalidOption {
+                    name: "chunk_elements",
+                    ..
+                })
+            ),
+            "{storage:?}"
+        );
         for layout in [Layout::Separate, Layout::Flat] {
             let sizes = [5 * granularity + 3, 1, 2 * granularity, 7];
             let errors = run(&config, &sizes, layout, options, 100 + k as u64);
