@@ -277,6 +277,40 @@ pub fn round_to(dtype: Dtype, x: f32) -> f32 {
     }
 }
 
+/// `data` as a buffer or file of `dtype` holds it: little-endian, 16-bit values rounded to
+/// nearest two bytes each (unpadded), f32 (and q8, written dequantised) as they are.
+pub fn to_bytes(dtype: Dtype, data: &[f32]) -> Vec<u8> {
+    match dtype {
+        Dtype::Bf16 => data
+            .iter()
+            .flat_map(|&x| narrow_bf16(x).to_le_bytes())
+            .collect(),
+        Dtype::F16 => data
+            .iter()
+            .flat_map(|&x| narrow_f16(x).to_le_bytes())
+            .collect(),
+        Dtype::F32 | Dtype::Q8 => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
+
+/// The values of `dtype` in `bytes` (as [`to_bytes`] writes them), widened to f32 (exact); a
+/// trailing partial value is ignored.
+pub fn from_bytes(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
+    let halves = || {
+        bytes
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    match dtype {
+        Dtype::Bf16 => halves().map(widen_bf16).collect(),
+        Dtype::F16 => halves().map(widen_f16).collect(),
+        Dtype::F32 | Dtype::Q8 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+    }
+}
+
 pub mod q8;
 
 #[cfg(test)]

@@ -130,21 +130,7 @@ pub(crate) fn tensor_data(name: &str, view: &TensorView, dtype: StorageDtype) ->
             expected: format!("{want:?}"),
         });
     }
-    let halves = || {
-        view.data()
-            .chunks_exact(2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-            .collect::<Vec<u16>>()
-    };
-    Ok(match want {
-        Dtype::BF16 => halves().into_iter().map(crate::dtype::widen_bf16).collect(),
-        Dtype::F16 => halves().into_iter().map(crate::dtype::widen_f16).collect(),
-        _ => view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-    })
+    Ok(crate::dtype::from_bytes(dtype, view.data()))
 }
 
 /// Checks that every element is finite.
@@ -177,19 +163,7 @@ impl FileTensor {
     /// held are exact), q8 states as their dequantised f32.
     pub fn stored(shape: &[usize], data: &[f32], dtype: StorageDtype) -> Self {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
-        let bytes = match dtype {
-            StorageDtype::Bf16 => data
-                .iter()
-                .flat_map(|&x| crate::dtype::narrow_bf16(x).to_le_bytes())
-                .collect(),
-            StorageDtype::F16 => data
-                .iter()
-                .flat_map(|&x| crate::dtype::narrow_f16(x).to_le_bytes())
-                .collect(),
-            StorageDtype::F32 | StorageDtype::Q8 => {
-                data.iter().flat_map(|x| x.to_le_bytes()).collect()
-            }
-        };
+        let bytes = crate::dtype::to_bytes(dtype, data);
         FileTensor {
             dtype: safetensors_dtype(dtype),
             shape: shape.to_vec(),

@@ -135,17 +135,7 @@ fn word_range(dtype: Dtype, offset: u64, len: u64) -> (u64, u64) {
 
 /// `data` as `dtype` stores it (rounded to nearest), padded to whole words.
 pub(crate) fn encode(dtype: Dtype, data: &[f32]) -> Vec<u8> {
-    let mut out: Vec<u8> = match dtype {
-        Dtype::Bf16 => data
-            .iter()
-            .flat_map(|&x| dtype::narrow_bf16(x).to_le_bytes())
-            .collect(),
-        Dtype::F16 => data
-            .iter()
-            .flat_map(|&x| dtype::narrow_f16(x).to_le_bytes())
-            .collect(),
-        Dtype::F32 | Dtype::Q8 => bytemuck::cast_slice(data).to_vec(),
-    };
+    let mut out = dtype::to_bytes(dtype, data);
     out.resize(out.len().next_multiple_of(4), 0);
     out
 }
@@ -153,18 +143,9 @@ pub(crate) fn encode(dtype: Dtype, data: &[f32]) -> Vec<u8> {
 /// `len` values of `dtype` from `words` (read as f32 words), skipping the first `skip`.
 pub(crate) fn decode(dtype: Dtype, words: &[f32], skip: usize, len: usize) -> Vec<f32> {
     let bytes: &[u8] = bytemuck::cast_slice(words);
-    let halves = || {
-        bytes
-            .chunks_exact(2)
-            .map(|h| u16::from_le_bytes([h[0], h[1]]))
-            .skip(skip)
-            .take(len)
-    };
-    match dtype {
-        Dtype::Bf16 => halves().map(dtype::widen_bf16).collect(),
-        Dtype::F16 => halves().map(dtype::widen_f16).collect(),
-        Dtype::F32 | Dtype::Q8 => words[skip..skip + len].to_vec(),
-    }
+    let start = skip * dtype.bytes() as usize;
+    let end = start + len * dtype.bytes() as usize;
+    dtype::from_bytes(dtype, &bytes[start..end])
 }
 
 /// The optimizer-wide numbers of the last iteration, as the device holds them

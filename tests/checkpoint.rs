@@ -29,26 +29,18 @@ fn buffer_of(dtype: Storage, len: u64) -> wgpu::Buffer {
 
 /// `data` as a buffer of `dtype` holds it (rounded to nearest), as 32-bit words.
 fn encode(dtype: Storage, data: &[f32]) -> Vec<u32> {
-    let halves = |narrow: fn(f32) -> u16| -> Vec<u32> {
-        data.chunks(2)
-            .map(|c| narrow(c[0]) as u32 | (c.get(1).map_or(0, |&x| narrow(x)) as u32) << 16)
-            .collect()
-    };
-    match dtype {
-        Storage::Bf16 => halves(dtype::narrow_bf16),
-        Storage::F16 => halves(dtype::narrow_f16),
-        _ => data.iter().map(|x| x.to_bits()).collect(),
-    }
+    let mut bytes = dtype::to_bytes(dtype, data);
+    bytes.resize(bytes.len().next_multiple_of(4), 0);
+    bytes
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
 }
 
 /// The first `len` values of `dtype` in `words`, widened to f32.
 fn decode(dtype: Storage, words: &[u32], len: usize) -> Vec<f32> {
-    let halves = words.iter().flat_map(|w| [*w as u16, (*w >> 16) as u16]);
-    match dtype {
-        Storage::Bf16 => halves.take(len).map(dtype::widen_bf16).collect(),
-        Storage::F16 => halves.take(len).map(dtype::widen_f16).collect(),
-        _ => words[..len].iter().map(|&w| f32::from_bits(w)).collect(),
-    }
+    let bytes: &[u8] = bytemuck::cast_slice(words);
+    dtype::from_bytes(dtype, &bytes[..len * dtype.bytes() as usize])
 }
 
 /// Writes 32-bit words at the start of `buffer`.

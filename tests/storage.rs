@@ -31,19 +31,9 @@ fn buffer(dtype: Dtype, len: u64) -> wgpu::Buffer {
     })
 }
 
-/// Values as `dtype` stores them (rounded to nearest), two 16-bit values to a word.
+/// Values as `dtype` stores them (rounded to nearest), padded to whole words.
 fn encode(dtype: Dtype, data: &[f32]) -> Vec<u8> {
-    let mut out: Vec<u8> = match dtype {
-        Dtype::Bf16 => data
-            .iter()
-            .flat_map(|&x| dtype::narrow_bf16(x).to_le_bytes())
-            .collect(),
-        Dtype::F16 => data
-            .iter()
-            .flat_map(|&x| dtype::narrow_f16(x).to_le_bytes())
-            .collect(),
-        _ => bytemuck::cast_slice(data).to_vec(),
-    };
+    let mut out = dtype::to_bytes(dtype, data);
     out.resize(out.len().next_multiple_of(4), 0);
     out
 }
@@ -66,17 +56,8 @@ fn read(buffer: &wgpu::Buffer, dtype: Dtype, offset: u64, len: u64) -> Vec<f32> 
     let data = wgpu_optim::util::read_f32_blocking(device, queue, buffer, first * 4, words)
         .expect("readback");
     let raw: &[u8] = bytemuck::cast_slice(&data);
-    let skip = (offset * bytes % 4 / bytes) as usize;
-    let halves = raw
-        .chunks_exact(2)
-        .map(|h| u16::from_le_bytes([h[0], h[1]]))
-        .skip(skip)
-        .take(len as usize);
-    match dtype {
-        Dtype::Bf16 => halves.map(dtype::widen_bf16).collect(),
-        Dtype::F16 => halves.map(dtype::widen_f16).collect(),
-        _ => data[skip..skip + len as usize].to_vec(),
-    }
+    let start = (offset * bytes % 4) as usize;
+    dtype::from_bytes(dtype, &raw[start..start + (len * bytes) as usize])
 }
 
 /// The spacing of `dtype`'s values at `x` (0 for f32: no storage rounding beyond f32's).

@@ -96,19 +96,11 @@ impl Gpu {
         }
         let (first, end) = (offset / 2, (offset + len).div_ceil(2));
         let words = self.read(buffer, first, end - first)?;
-        let widen = match dtype {
-            Dtype::Bf16 => dtype::widen_bf16,
-            _ => dtype::widen_f16,
-        };
-        Ok(words
-            .iter()
-            .flat_map(|w| {
-                let bits = w.to_bits();
-                [bits as u16, (bits >> 16) as u16]
-            })
-            .skip((offset % 2) as usize)
-            .take(len as usize)
-            .map(widen)
-            .collect())
+        let bytes: &[u8] = bytemuck::cast_slice(&words);
+        let start = 2 * (offset % 2) as usize;
+        Ok(dtype::from_bytes(
+            dtype,
+            &bytes[start..start + 2 * len as usize],
+        ))
     }
 }
