@@ -157,6 +157,29 @@ fn shared_structs_have_the_same_layout_in_rust_and_wgsl() {
     }
 }
 
+/// Resolves `constants` for `entry`, validates the result and writes it as SPIR-V: what a
+/// driver would be handed for one pipeline. Panics naming `what`.
+fn compile(
+    module: &naga::Module,
+    info: &naga::valid::ModuleInfo,
+    entry: &str,
+    constants: &naga::back::PipelineConstants,
+    what: &str,
+) {
+    let (module, info) = naga::back::pipeline_constants::process_overrides(
+        module,
+        info,
+        Some((naga::ShaderStage::Compute, entry)),
+        constants,
+    )
+    .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+    Validator::new(ValidationFlags::all(), Capabilities::all())
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+    naga::back::spv::write_vec(&module, &info, &Default::default(), None)
+        .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+}
+
 #[test]
 fn every_variant_validates_and_compiles_to_spirv() {
     let mut compiled = 0;
@@ -204,18 +227,7 @@ fn every_variant_validates_and_compiles_to_spirv() {
                             }
                         }
                         let what = format!("{width:?} {entry} {variant:?}");
-                        let (module, info) = naga::back::pipeline_constants::process_overrides(
-                            &module,
-                            &info,
-                            Some((naga::ShaderStage::Compute, entry)),
-                            &constants,
-                        )
-                        .unwrap_or_else(|e| panic!("{what}: {e:?}"));
-                        Validator::new(ValidationFlags::all(), Capabilities::all())
-                            .validate(&module)
-                            .unwrap_or_else(|e| panic!("{what}: {e:?}"));
-                        naga::back::spv::write_vec(&module, &info, &Default::default(), None)
-                            .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+                        compile(&module, &info, entry, &constants, &what);
                         compiled += 1;
                     }
                 }
@@ -259,18 +271,7 @@ fn every_storage_validates_and_compiles_to_spirv_at_every_width() {
                     constants.insert(name.to_string(), value);
                 }
                 let what = format!("{width:?} {entry} {variant:?}");
-                let (module, info) = naga::back::pipeline_constants::process_overrides(
-                    &module,
-                    &info,
-                    Some((naga::ShaderStage::Compute, entry)),
-                    &constants,
-                )
-                .unwrap_or_else(|e| panic!("{what}: {e:?}"));
-                Validator::new(ValidationFlags::all(), Capabilities::all())
-                    .validate(&module)
-                    .unwrap_or_else(|e| panic!("{what}: {e:?}"));
-                naga::back::spv::write_vec(&module, &info, &Default::default(), None)
-                    .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+                compile(&module, &info, entry, &constants, &what);
                 compiled += 1;
             }
         }
