@@ -139,6 +139,17 @@ pub fn compare(
     ))
 }
 
+/// The spacing of `dtype`'s values at `x`: one rounding of a value stored in it, the slack a
+/// 16-bit stored value gets beyond the f32 tolerance (0 for f32: no rounding beyond f32's).
+pub fn spacing(dtype: crate::Dtype, x: f32) -> f32 {
+    let exponent = |x: f32| ((x.abs().to_bits() >> 23) as i32 - 127).max(-126);
+    match dtype {
+        crate::Dtype::Bf16 => 2f32.powi(exponent(x) - 7),
+        crate::Dtype::F16 => 2f32.powi(exponent(x).max(-14) - 10),
+        crate::Dtype::F32 | crate::Dtype::Q8 => 0.0,
+    }
+}
+
 /// The largest absolute value (0 for an empty slice).
 pub fn max_abs(x: &[f32]) -> f32 {
     x.iter().fold(0.0f32, |m, v| m.max(v.abs()))

@@ -919,14 +919,7 @@ fn sixteen_bit_traces_replay_in_their_dtypes() {
 
     let got = trace.run(device, queue).unwrap();
     let want = trace.run_reference();
-    let spacing = |dtype: Storage, x: f32| {
-        let e = ((x.abs().to_bits() >> 23) as i32 - 127).max(-126);
-        match dtype {
-            Storage::Bf16 => 2f32.powi(e - 7),
-            Storage::F16 => 2f32.powi(e.max(-14) - 10),
-            _ => 0.0,
-        }
-    };
+    use wgpu_optim::testing::spacing;
     let close = |what: &str, dtype, got: &[f32], want: &[f32], tol: Tolerance| {
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
             let slack = tol.abs + tol.rel * w.abs() + spacing(dtype, g.abs().max(w.abs()));

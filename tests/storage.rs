@@ -12,6 +12,7 @@ mod common;
 
 use common::{Rng, STORAGE, Tolerance, gpu, max_abs};
 use wgpu_optim::dtype::{self, Dtype};
+use wgpu_optim::testing::spacing;
 use wgpu_optim::{
     Algorithm, BufferView, Config, EpsMode, FlatParameters, FlatTensor, Optimizer,
     OptimizerOptions, Parameter, Rounding, TensorState, reference,
@@ -58,16 +59,6 @@ fn read(buffer: &wgpu::Buffer, dtype: Dtype, offset: u64, len: u64) -> Vec<f32> 
     let raw: &[u8] = bytemuck::cast_slice(&data);
     let start = (offset * bytes % 4) as usize;
     dtype::from_bytes(dtype, &raw[start..start + (len * bytes) as usize])
-}
-
-/// The spacing of `dtype`'s values at `x` (0 for f32: no storage rounding beyond f32's).
-fn spacing(dtype: Dtype, x: f32) -> f32 {
-    let exponent = |x: f32| ((x.abs().to_bits() >> 23) as i32 - 127).max(-126);
-    match dtype {
-        Dtype::Bf16 => 2f32.powi(exponent(x) - 7),
-        Dtype::F16 => 2f32.powi(exponent(x).max(-14) - 10),
-        _ => 0.0,
-    }
 }
 
 /// Every mismatch of `got` against `want` beyond `tol` plus one rounding to `dtype` (of the

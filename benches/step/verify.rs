@@ -6,7 +6,7 @@
 use std::ops::Range;
 
 use wgpu_optim::reference::{self, IterationState, IterationTensor};
-use wgpu_optim::testing::{Rng, Tolerance, compare, max_abs, yogi_ties};
+use wgpu_optim::testing::{Rng, Tolerance, compare, max_abs, spacing, yogi_ties};
 use wgpu_optim::{Config, Dtype, TensorState, dtype};
 
 use crate::ceilings::{Ceiling, StepBuffers, TRAFFIC_BUFFERS, TRAFFIC_SCALE};
@@ -94,16 +94,6 @@ fn stored(config: &Config, state: TensorState) -> TensorState {
         exp_avg_sq: rounded(v, &state.exp_avg_sq),
         max_exp_avg_sq: state.max_exp_avg_sq.map(|x| rounded(v, &x)),
         master_param: state.master_param,
-    }
-}
-
-/// The spacing of `dtype`'s values at `x` (0 for f32: no rounding beyond f32's).
-fn spacing(dtype: Dtype, x: f32) -> f32 {
-    let exponent = |x: f32| ((x.abs().to_bits() >> 23) as i32 - 127).max(-126);
-    match dtype {
-        Dtype::Bf16 => 2f32.powi(exponent(x) - 7),
-        Dtype::F16 => 2f32.powi(exponent(x).max(-14) - 10),
-        Dtype::F32 | Dtype::Q8 => 0.0,
     }
 }
 
