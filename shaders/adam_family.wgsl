@@ -100,8 +100,32 @@ struct Chunk {
     group: u32,           // the group of an unsegmented dispatch
     partials_base: u32,   // grad_norm: this dispatch's first entry in `device.partials`
     tensor_element: u32,  // unsegmented: the index within its tensor of element 0 (wrapping)
-    _pad2: u32,
+    block_base: u32,      // blockwise: the q8 binding's block of the dispatch's first block
     _pad3: u32,
+}
+
+// Mirrors src/protocol.rs q8_maps_bytes: bitsandbytes' dynamic maps (signed for m, unsigned
+// for v and vmax) and the thresholds between their neighbouring entries (src/dtype/q8.rs).
+struct Q8Maps {
+    signed_values: array<vec4<f32>, 64>,
+    unsigned_values: array<vec4<f32>, 64>,
+    signed_thresholds: array<vec4<f32>, 64>,
+    unsigned_thresholds: array<vec4<f32>, 64>,
+}
+
+// Where an invocation's Elem lives in each per-element buffer: what the prelude's
+// `load_<name>(at)` and `store_<name>(at, ...)` read. Element-wise: the Elem's index in the
+// param, grad and state bindings. Blockwise: the element index of its first lane in each, its
+// block in the q8 bindings, its invocation in the block, the lanes inside the block, and
+// whether the workgroup has a block at all.
+struct At {
+    param: u32,
+    grad: u32,
+    state: u32,
+    block: u32,
+    lane: u32,
+    valid: Mask,
+    live: bool,
 }
 
 // The bindings (`groups`, `chunk`, `param`, `grad`, `exp_avg`, `exp_avg_sq`,
@@ -169,24 +193,53 @@ fn step(
         return;
     }
     let u = groups[place.group];
+    let at = At(chunk.param_base + i, chunk.grad_base + i, chunk.state_base + i, 0u, 0u,
+                Mask(true), true);
+    let t = applied_step(u);
+    let f = update(u, place.group, t, at);
+    // The state is stored rounded to its dtype (state padding lanes are the optimizer's own:
+    // no mask); lanes past the tensor's end (vec4 and vec2 only) keep their stored values.
+    let keep_none = Mask(false);
+    var keep = keep_none;
+    if SEGMENTED {
+        keep = Index(e) + LANE >= Index(place.end);
+    }
+    store_all(at, f, t, Index(place.index) + LANE, keep_none, keep, vec3<f32>(0.0));
+}
 
-    let k = chunk.state_base + i;
+// t as the kernel sees it: the host's, or with SKIP the device's count of applied steps.
+fn applied_step(u: StepUniforms) -> u32 {
+    if SKIP {
+        return iteration.scalars.step;
+    }
+    return u.step;
+}
+
+// One step's results for an Elem: the parameter and the fresh f32 moments (vmax = v without
+// AMSGRAD).
+struct Fresh {
+    p: Elem,
+    m: Elem,
+    v: Elem,
+    vmax: Elem,
+}
+
+// docs/semantics.md's per-element step for the Elem at `at`, in group `group` (uniforms `u`)
+// at applied step t: loads the parameter, the gradient and the state and computes, storing
+// nothing.
+fn update(u: StepUniforms, group: u32, t: u32, at: At) -> Fresh {
     // With master weights the f32 copy is the parameter; it starts from the engine's 16-bit
     // values at the first applied step.
-    var t = u.step;
-    if SKIP {
-        t = iteration.scalars.step;
-    }
     var p: Elem;
     if MASTER && t != 1u {
-        p = load_master_param(k);
+        p = load_master_param(at);
     } else {
-        p = load_param(chunk.param_base + i);
+        p = load_param(at);
     }
 
     // Unscale and clip the global norm, rounding each product to f32 as torch's `unscale_`
     // and `clip_grad_norm_` do, before the per-element step.
-    var g = load_grad(chunk.grad_base + i);
+    var g = load_grad(at);
     if SCALE {
         g = g * iteration.scalars.step_inv_scale;
     }
@@ -212,25 +265,18 @@ fn step(
         }
     }
 
-    // The state is stored rounded to its dtype; the step below uses the f32 values (state
-    // padding lanes are the optimizer's own: no mask).
-    let no_random = Index(0u);
-    let keep_none = Mask(false);
-    let m = u.beta1 * load_exp_avg(k) + u.one_minus_beta1 * g;
-    store_exp_avg(k, m, no_random, keep_none);
-
+    // The stored state is widened; the step below uses the fresh f32 values.
+    let m = u.beta1 * load_exp_avg(at) + u.one_minus_beta1 * g;
     let g2 = g * g;
-    var v = load_exp_avg_sq(k);
+    var v = load_exp_avg_sq(at);
     if ALGORITHM == YOGI {
         v = v - u.one_minus_beta2 * sign(v - g2) * g2;
     } else {
         v = u.beta2 * v + u.one_minus_beta2 * g2;
     }
-    store_exp_avg_sq(k, v, no_random, keep_none);
-
+    var vmax = v;
     if AMSGRAD {
-        v = max(load_max_exp_avg_sq(k), v);
-        store_max_exp_avg_sq(k, v, no_random, keep_none);
+        vmax = max(load_max_exp_avg_sq(at), v);
     }
 
     // Bias correction and eps_mode are folded into step_size, eps and eps_root on the host;
@@ -239,27 +285,101 @@ fn step(
     var eps = u.eps;
     var eps_root = u.eps_root;
     if SKIP {
-        let factors = iteration.factors[place.group];
+        let factors = iteration.factors[group];
         step_size = step_size * factors.x;
         if u.eps_scaled != 0u {
             eps = eps * factors.y;
             eps_root = eps_root * factors.z;
         }
     }
-    p = p - step_size * m / (sqrt(v + eps_root) + eps);
-    if MASTER {
-        store_master_param(k, p, no_random, keep_none);
+    p = p - step_size * m / (sqrt(vmax + eps_root) + eps);
+    return Fresh(p, m, v, vmax);
+}
+
+// Stores a step's results: the state (`state_keep`: lanes to leave alone; `absmax`: each q8
+// state's block absmax, m, v, vmax), the master copy, and the parameter (`keep`), rounded
+// with the random bits of `index` (each lane's index within its tensor) when stochastic.
+fn store_all(at: At, f: Fresh, t: u32, index: Index, state_keep: Mask, keep: Mask, absmax: vec3<f32>) {
+    let no_random = Index(0u);
+    store_exp_avg(at, f.m, no_random, state_keep, absmax.x);
+    store_exp_avg_sq(at, f.v, no_random, state_keep, absmax.y);
+    if AMSGRAD {
+        store_max_exp_avg_sq(at, f.vmax, no_random, state_keep, absmax.z);
     }
-    // Lanes past the tensor's end (vec4 and vec2 only) keep their stored values.
-    var keep = keep_none;
-    if SEGMENTED {
-        keep = Index(e) + LANE >= Index(place.end);
+    if MASTER {
+        store_master_param(at, f.p, no_random, state_keep, 0.0);
     }
     var random = no_random;
     if STOCHASTIC {
-        random = random_bits(t, Index(place.index) + LANE);
+        random = random_bits(t, index);
     }
-    store_param(chunk.param_base + i, p, random, keep);
+    store_param(at, f.p, random, keep, 0.0);
+}
+
+// Blockwise (q8 state): the block's largest magnitudes of m, v and vmax, as the bits of |x|
+// (a NaN's are above infinity's, so a NaN wins, as in src/dtype/q8.rs).
+var<workgroup> block_absmax: array<atomic<u32>, 3>;
+
+// The step for q8 state: one workgroup per block of 256 elements of one tensor (the block
+// rows in `table`), four consecutive elements per invocation. The parameter is stored at
+// once; each q8 state waits for its block's absmax over the fresh values. Every invocation
+// reaches the barriers: a workgroup past the dispatch's blocks, or lanes past its block's
+// end, work on nothing.
+@compute @workgroup_size(WORKGROUP_SIZE)
+fn step_blocks(
+    @builtin(workgroup_id) workgroup: vec3<u32>,
+    @builtin(num_workgroups) workgroups: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
+    if SKIP && iteration.scalars.found_inf != 0u {
+        return;
+    }
+    let block = workgroup.y * workgroups.x + workgroup.x;
+    let at = block_lanes(block, lane);
+    let row = chunk.segments + SEGMENT_ROW * min(block, chunk.count - 1u);
+    let group = table[row + 2u];
+    let u = groups[group];
+    let t = applied_step(u);
+    let f = update(u, group, t, at);
+
+    if lane == 0u {
+        for (var k = 0u; k < 3u; k += 1u) {
+            atomicStore(&block_absmax[k], 0u);
+        }
+    }
+    workgroupBarrier();
+    if Q8_EXP_AVG {
+        atomicMax(&block_absmax[0], magnitude_bits(f.m, at.valid));
+    }
+    if Q8_EXP_AVG_SQ {
+        atomicMax(&block_absmax[1], magnitude_bits(f.v, at.valid));
+        if AMSGRAD {
+            atomicMax(&block_absmax[2], magnitude_bits(f.vmax, at.valid));
+        }
+    }
+    workgroupBarrier();
+    let absmax = vec3<f32>(
+        bitcast<f32>(atomicLoad(&block_absmax[0])),
+        bitcast<f32>(atomicLoad(&block_absmax[1])),
+        bitcast<f32>(atomicLoad(&block_absmax[2])),
+    );
+    let index = Index(table[row + 3u] + LANES * lane) + LANE;
+    store_all(at, f, t, index, !at.valid, !at.valid, absmax);
+}
+
+// An invocation's place in block `block` of a blockwise dispatch (see `At`).
+fn block_lanes(block: u32, lane: u32) -> At {
+    let live = block < chunk.count;
+    let row = chunk.segments + SEGMENT_ROW * min(block, chunk.count - 1u);
+    let e = table[row] + LANES * lane;
+    let valid = Index(e) + LANE < Index(select(0u, table[row + 1u], live));
+    return At(chunk.param_base + e, chunk.grad_base + e, e, chunk.block_base + block, lane,
+              valid, live);
+}
+
+// The largest of `x`'s valid lanes' |x| bits.
+fn magnitude_bits(x: Elem, valid: Mask) -> u32 {
+    return lane_max(select(Index(0u), bitcast<Index>(x) & Index(0x7fffffffu), valid));
 }
 
 // Workgroup scratch of the reductions: (sum, non-finite flag) per invocation.
@@ -293,18 +413,24 @@ fn non_finite(x: Elem) -> Elem {
 // The unscaled gradient of an invocation's Elem in step block `block`: 0 in lanes outside
 // every tensor (whatever the buffer holds there, a NaN included).
 fn unscaled_grad(block: u32, lane: u32) -> Elem {
-    let i = block * WORKGROUP_SIZE + lane;
-    let e = chunk.first_element + i * LANES;
-    let place = locate(block, i, e);
-    if !place.valid {
-        return Elem(0.0);
+    var at: At;
+    if BLOCKS {
+        at = block_lanes(block, lane);
+    } else {
+        let i = block * WORKGROUP_SIZE + lane;
+        let e = chunk.first_element + i * LANES;
+        let place = locate(block, i, e);
+        if !place.valid {
+            return Elem(0.0);
+        }
+        // Lanes past the tensor's end (vec4 and vec2 only) do not count.
+        at = At(0u, chunk.grad_base + i, 0u, 0u, 0u, Index(e) + LANE < Index(place.end), true);
     }
-    var g = load_grad(chunk.grad_base + i);
+    var g = load_grad(at);
     if SCALE {
         g = g * iteration.scalars.inv_scale;
     }
-    // Lanes past the tensor's end (vec4 and vec2 only) do not count.
-    return select(Elem(0.0), g, Index(e) + LANE < Index(place.end));
+    return select(Elem(0.0), g, at.valid);
 }
 
 // Pass 1 of an iteration: sums of the squared unscaled gradient over the tensors' elements,
@@ -338,7 +464,10 @@ fn grad_norm(
         reduce_scratch(lane);
         total.y = workgroupUniformLoad(&scratch[0]).y;
     }
-    let blocks = (chunk.count + WORKGROUP_SIZE - 1u) / WORKGROUP_SIZE;
+    var blocks = (chunk.count + WORKGROUP_SIZE - 1u) / WORKGROUP_SIZE;
+    if BLOCKS {
+        blocks = chunk.count;
+    }
     let groups = (blocks + NORM_BLOCKS - 1u) / NORM_BLOCKS;
     if lane == 0u && group_index < groups {
         device.partials[chunk.partials_base + group_index] = total;

@@ -7,7 +7,7 @@
 //! descriptors itself (`gpu/`); state I/O is in `state.rs`.
 
 use crate::config::{self, Config};
-use crate::dtype::Dtype;
+use crate::dtype::{Dtype, q8};
 use crate::error::{Error, Result};
 use crate::gpu::{self, Dispatch, Finish, Kernels, Range, Variant};
 use crate::params::{
@@ -106,7 +106,7 @@ impl Optimizer {
         params::check_groups(groups)?;
         let limits = device.limits();
         params::check_limits(&limits, options.workgroup_size)?;
-        let chunk_len = params::chunk_len(&limits, options, Storage::new(&groups[0]).min_bytes())?;
+        let chunk_len = params::chunk_len(&limits, options, &Storage::new(&groups[0]))?;
         let (spans, tensors) =
             params::spans(groups.len(), &Storage::new(&groups[0]), parameters, flats)?;
         let variant = Variant::new(groups, options.workgroup_size);
@@ -318,10 +318,11 @@ impl Optimizer {
 
     /// The smallest unit of [`OptimizerOptions::chunk_elements`] on this device for `config`'s
     /// storage dtypes: every buffer's binding of a chunk starts at an aligned offset, so a
-    /// narrower dtype needs chunks of more elements (twice as many with a 16-bit buffer).
+    /// narrower dtype needs chunks of more elements (twice as many with a 16-bit buffer), and
+    /// with q8 state a chunk holds whole blocks with their alignment (64 times the alignment
+    /// in bytes: 16,384 elements at wgpu's default).
     pub fn chunk_granularity_for(limits: &wgpu::Limits, config: &Config) -> u64 {
-        let min_bytes = Storage::new(config).min_bytes();
-        plan::granularity(params::storage_alignment(limits), min_bytes)
+        plan::chunk_unit(params::storage_alignment(limits), &Storage::new(config))
     }
 
     /// Dispatches one step records.
@@ -360,18 +361,21 @@ fn plan_all(
             len: s.param.len,
             segments: &s.segments,
         };
-        let mut dispatches = plan::plan_span(&span, limits);
-        plan::check(&span, limits, &dispatches).map_err(Error::Internal)?;
+        let mut dispatches = if storage.blockwise() {
+            let plans = plan::plan_blocks(&span, limits);
+            plan::check_blocks(&span, limits, &plans).map_err(Error::Internal)?;
+            plans
+        } else {
+            let plans = plan::plan_span(&span, limits);
+            plan::check(&span, limits, &plans).map_err(Error::Internal)?;
+            plans
+        };
         for d in &mut dispatches {
             d.chunk.segments = table.len() as u32;
             table.extend(d.rows.iter().flatten());
             // `grad_norm` writes one partial sum per workgroup (NORM_BLOCKS step blocks).
             d.chunk.partials_base = partials;
-            partials += d
-                .chunk
-                .count
-                .div_ceil(d.workgroup_size)
-                .div_ceil(NORM_BLOCKS);
+            partials += d.workgroups().div_ceil(NORM_BLOCKS as u64) as u32;
         }
         planned.push(dispatches);
     }
@@ -420,6 +424,12 @@ fn build_spans(
     }
     hint_bytes.resize(hint_bytes.len() + HINTS_BYTES as usize, 0);
     let hints = gpu::buffer_init(device, "wgpu-optim workgroup hints", uniform, &hint_bytes);
+    let q8_maps = gpu::buffer_init(
+        device,
+        "wgpu-optim q8 maps",
+        uniform,
+        &protocol::q8_maps_bytes(),
+    );
     // amsgrad or master weights off: their bindings are never read, but must be bound.
     let unused = |name: &str| {
         let label = format!("wgpu-optim unused {name}");
@@ -453,6 +463,7 @@ fn build_spans(
         },
         Slot::Device => Range::whole(device_state),
         Slot::Iteration => Range::whole(iteration),
+        Slot::Q8Maps => Range::whole(&q8_maps),
         _ => Range::whole(&stand_ins[slot as usize]),
     });
     let finish_label = format!("{} finish", kernels.variant.label(Width::Scalar));
@@ -462,7 +473,8 @@ fn build_spans(
         .iter()
         .zip(planned)
         .map(|(span, planned)| {
-            let state = StateBuffers::new(device, config, &span.name, span.param.len);
+            let blocks = span.segments.iter().map(|s| q8::blocks(s.end - s.start)).sum();
+            let state = StateBuffers::new(device, config, &span.name, span.param.len, blocks);
             let dispatches = planned
                 .iter()
                 .enumerate()
@@ -472,10 +484,16 @@ fn build_spans(
                         offset,
                         size,
                     };
-                    // A state buffer's binding: the chunk's elements in its dtype.
+                    // A state buffer's binding: the chunk's elements in its dtype, or its
+                    // blocks for q8.
                     let (first, len) = d.state;
                     let state_range = |b, slot| {
-                        let bytes = kernels.variant.storage.dtype(slot).bytes();
+                        let dtype = kernels.variant.storage.dtype(slot);
+                        if dtype == Dtype::Q8 {
+                            let block_bytes = q8::BLOCK_WORDS as u64 * 4;
+                            return range(b, (d.q8.0 * block_bytes, d.q8.1 * block_bytes));
+                        }
+                        let bytes = dtype.bytes();
                         range(b, (first * bytes, plan::binding_size(0, len, bytes)))
                     };
                     let ranges = Slot::ALL.map(|slot| match slot {
@@ -499,6 +517,7 @@ fn build_spans(
                         Slot::Hints => range(&hints, (hint_offsets[index as usize], HINTS_BYTES)),
                         Slot::Device => Range::whole(device_state),
                         Slot::Iteration => Range::whole(iteration),
+                        Slot::Q8Maps => Range::whole(&q8_maps),
                     });
                     index += 1;
                     let variant = if d.segmented {
@@ -512,12 +531,12 @@ fn build_spans(
                         segmented: d.segmented,
                         bind_group: gpu::bind_group(device, kernels, &label, &ranges),
                         grid: gpu::workgroup_grid(
-                            d.chunk.count as u64,
-                            d.workgroup_size,
+                            d.workgroups(),
+                            1,
                             limits.max_compute_workgroups_per_dimension,
                         ),
                         norm_grid: gpu::workgroup_grid(
-                            (d.chunk.count.div_ceil(d.workgroup_size)).div_ceil(NORM_BLOCKS) as u64,
+                            d.workgroups().div_ceil(NORM_BLOCKS as u64),
                             1,
                             limits.max_compute_workgroups_per_dimension,
                         ),

@@ -6,6 +6,7 @@
 //! limits and the buffers' sizes and usages (no creation, no recording).
 
 use crate::config::Config;
+use crate::dtype::q8;
 use crate::error::{Error, Result};
 use crate::plan::{self, Segment};
 use crate::protocol::Storage;
@@ -177,11 +178,13 @@ pub(crate) struct SpanInput {
     pub segments: Vec<Segment>,
 }
 
-/// Where a tensor's state lives: its span, and its first element in the span.
+/// Where a tensor's state lives: its span, its first element in the span, and (for q8
+/// state) its first block in the span's q8 buffers.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Location {
     pub span: usize,
     pub offset: u64,
+    pub block: u64,
 }
 
 /// The validated spans, and every tensor with where its state lives.
@@ -224,6 +227,7 @@ pub(crate) fn spans(
         let location = Location {
             span: spans.len(),
             offset: 0,
+            block: 0,
         };
         tensors.push((info(&p.name, p.param.len, p.group), location));
         let segment = Segment {
@@ -268,6 +272,7 @@ pub(crate) fn spans(
             let location = Location {
                 span: spans.len(),
                 offset: t.offset,
+                block: 0, // numbered below, once the segments are sorted
             };
             tensors.push((info(&t.name, t.len, t.group), location));
             if t.len > 0 {
@@ -299,6 +304,15 @@ pub(crate) fn spans(
             segments,
         });
     }
+    // A tensor's q8 blocks follow those of the tensors before it in its span.
+    for (_, at) in &mut tensors {
+        at.block = spans[at.span]
+            .segments
+            .iter()
+            .filter(|s| s.start < at.offset)
+            .map(|s| q8::blocks(s.end - s.start))
+            .sum();
+    }
     Ok((spans, tensors))
 }
 
@@ -320,10 +334,10 @@ pub(crate) fn storage_alignment(limits: &wgpu::Limits) -> u64 {
 pub(crate) fn chunk_len(
     limits: &wgpu::Limits,
     options: OptimizerOptions,
-    min_bytes: u64,
+    storage: &Storage,
 ) -> Result<u64> {
-    let granularity = plan::granularity(storage_alignment(limits), min_bytes);
     let align = storage_alignment(limits);
+    let granularity = plan::chunk_unit(align, storage);
     // A view starts up to align - 4 bytes into its binding, and indices must fit in u32.
     let fits = (limits.max_storage_buffer_binding_size.saturating_sub(align) / 4).min(1 << 30);
     let max = fits / granularity * granularity;

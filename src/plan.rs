@@ -19,7 +19,10 @@
 //!   dispatches cover whole words, and a scalar dispatch holds a single element, the last of
 //!   an odd-length span, whose word's other half lies past the span.
 
-use crate::protocol::{Chunk, GROUP_BITS, SEGMENT_ROW, WHOLE_BLOCK, Width};
+use crate::dtype::q8::{BLOCK, BLOCK_WORDS};
+use crate::protocol::{
+    BLOCK_INVOCATIONS, Chunk, GROUP_BITS, SEGMENT_ROW, Storage, WHOLE_BLOCK, Width,
+};
 
 /// One tensor of a span: elements `start..end` (relative to the span's views), in `group`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -85,6 +88,20 @@ pub(crate) struct Planned {
     /// at `first * bytes` in each state buffer (aligned: chunks start at multiples of the
     /// granularity).
     pub state: (u64, u64),
+    /// Blockwise (q8) dispatches: (first block, blocks) of the q8 state bindings, bound at
+    /// `first * BLOCK_WORDS * 4` bytes (aligned); (0, 0) otherwise.
+    pub q8: (u64, u64),
+}
+
+impl Planned {
+    /// Workgroups of the dispatch: one per block (blockwise), else per `workgroup_size`
+    /// invocations.
+    pub fn workgroups(&self) -> u64 {
+        match self.width {
+            Width::Blocks => self.chunk.count as u64,
+            _ => (self.chunk.count as u64).div_ceil(self.workgroup_size as u64),
+        }
+    }
 }
 
 /// Chunk lengths are multiples of this many elements, so that every chunk's binding offset can
@@ -92,6 +109,16 @@ pub(crate) struct Planned {
 /// chunks stay vec4: `align / min_bytes`, at least 4.
 pub(crate) fn granularity(align: u64, min_bytes: u64) -> u64 {
     (align / min_bytes).max(4)
+}
+
+/// The unit of chunk lengths for `storage`: [`block_granularity`] with q8 state, else
+/// [`granularity`] of its narrowest buffer.
+pub(crate) fn chunk_unit(align: u64, storage: &Storage) -> u64 {
+    if storage.blockwise() {
+        block_granularity(align)
+    } else {
+        granularity(align, storage.min_bytes())
+    }
 }
 
 /// Whether the span's views and tensors start at multiples of `lanes` elements.
@@ -237,11 +264,192 @@ pub(crate) fn plan_span(span: &SpanLayout, limits: &PlanLimits) -> Vec<Planned> 
                 ),
                 grad: (grad_offset, binding_size(grad_base, len, span.grad_bytes)),
                 state: (start, len),
+                q8: (0, 0),
             });
         }
         start = end;
     }
     out
+}
+
+/// The chunk unit of blockwise (q8) plans, in elements: a chunk binds whole blocks, so it
+/// must hold a block with its alignment slack in every binding (64 times the alignment:
+/// 16,384 elements at wgpu's default 256 bytes).
+pub(crate) fn block_granularity(align: u64) -> u64 {
+    64 * align
+}
+
+/// Blocks per aligned q8 binding offset: a block is `BLOCK_WORDS * 4 = 260` bytes (65 words,
+/// odd), so offsets are aligned at multiples of `align / 4` blocks.
+fn block_alignment(align: u64) -> u64 {
+    (align / 4).max(1)
+}
+
+/// Every tensor's q8 blocks in the span's order: (start, end, group, index within the tensor
+/// of start), relative to the span's views; block `k` of the list is block `k` of the span's
+/// q8 buffers.
+pub(crate) fn span_blocks(segments: &[Segment]) -> Vec<[u64; 4]> {
+    let block = BLOCK as u64;
+    segments
+        .iter()
+        .flat_map(|s| {
+            (s.start..s.end)
+                .step_by(BLOCK)
+                .map(move |b| [b, (b + block).min(s.end), s.group as u64, b - s.start])
+        })
+        .collect()
+}
+
+/// The dispatches that update `span` block by block (with q8 state): one workgroup of
+/// [`BLOCK_INVOCATIONS`] per block of 256 elements of one tensor, each invocation four
+/// consecutive elements. A chunk is a run of blocks whose elements (from an aligned start)
+/// and q8 blocks (from an aligned block) fit `chunk_len` elements and `chunk_len * 4` bytes.
+pub(crate) fn plan_blocks(span: &SpanLayout, limits: &PlanLimits) -> Vec<Planned> {
+    let granularity = granularity(limits.align, limits.min_bytes);
+    let q8_align = block_alignment(limits.align);
+    let blocks = span_blocks(span.segments);
+    let mut out = Vec::new();
+    let mut b = 0;
+    while b < blocks.len() {
+        // The chunk's origin: its first block's start, aligned down in every state buffer.
+        let origin = blocks[b][0] / granularity * granularity;
+        let q8_first = b as u64 / q8_align * q8_align;
+        let fits = |e: usize| {
+            blocks[e][1] - origin <= limits.chunk_len
+                && (e as u64 + 1 - q8_first) * BLOCK_WORDS as u64 * 4 <= limits.chunk_len * 4
+        };
+        let mut e = b;
+        while e < blocks.len() && fits(e) {
+            e += 1;
+        }
+        if e == b {
+            return out; // chunk_len under the block unit; `check_blocks` reports the gap
+        }
+        let len = blocks[e - 1][1] - origin;
+        let bind = |view_offset: u64, bytes: u64| {
+            let byte = (view_offset + origin) * bytes;
+            let offset = byte / limits.align * limits.align;
+            (offset, (byte - offset) / bytes)
+        };
+        let (param_offset, param_base) = bind(span.param_offset, span.param_bytes);
+        let (grad_offset, grad_base) = bind(span.grad_offset, span.grad_bytes);
+        let rows: Vec<[u32; SEGMENT_ROW]> = blocks[b..e]
+            .iter()
+            .map(|r| {
+                [
+                    (r[0] - origin) as u32,
+                    (r[1] - origin) as u32,
+                    r[2] as u32,
+                    r[3] as u32,
+                ]
+            })
+            .collect();
+        out.push(Planned {
+            width: Width::Blocks,
+            segmented: false,
+            workgroup_size: BLOCK_INVOCATIONS,
+            chunk: Chunk {
+                count: (e - b) as u32,
+                param_base: param_base as u32,
+                grad_base: grad_base as u32,
+                segment_count: (e - b) as u32,
+                block_base: (b as u64 - q8_first) as u32,
+                ..Chunk::default()
+            },
+            rows,
+            hints: Vec::new(),
+            param: (
+                param_offset,
+                binding_size(param_base, len, span.param_bytes),
+            ),
+            grad: (grad_offset, binding_size(grad_base, len, span.grad_bytes)),
+            state: (origin, len),
+            q8: (q8_first, e as u64 - q8_first),
+        });
+        b = e;
+    }
+    out
+}
+
+/// Checks a blockwise plan: every tensor's blocks, in order, each in exactly one dispatch at
+/// its place in the span's q8 buffers; bindings aligned, inside `chunk_len`, lined up with the
+/// chunk's origin; 16-bit words whole (blocks start on even elements). `Err` names the first
+/// broken invariant.
+pub(crate) fn check_blocks(
+    span: &SpanLayout,
+    limits: &PlanLimits,
+    plans: &[Planned],
+) -> Result<(), String> {
+    let blocks = span_blocks(span.segments);
+    let q8_align = block_alignment(limits.align);
+    let mut next = 0u64; // the span's next block
+    for (k, d) in plans.iter().enumerate() {
+        let fail = |what: &str| Err(format!("blockwise dispatch {k}: {what} ({d:?})"));
+        let c = &d.chunk;
+        let (origin, len) = d.state;
+        let (q8_first, q8_len) = d.q8;
+        if d.width != Width::Blocks || d.workgroup_size != BLOCK_INVOCATIONS {
+            return fail("not a blockwise dispatch");
+        }
+        if len > limits.chunk_len || q8_len * BLOCK_WORDS as u64 * 4 > limits.chunk_len * 4 {
+            return fail("chunk longer than chunk_len");
+        }
+        if origin % granularity(limits.align, limits.min_bytes) != 0
+            || q8_first % q8_align != 0
+            || (q8_first * BLOCK_WORDS as u64 * 4) % limits.align != 0
+        {
+            return fail("state binding not aligned");
+        }
+        if q8_first + c.block_base as u64 != next
+            || c.block_base as u64 + c.count as u64 != q8_len
+            || d.rows.len() != c.count as usize
+            || c.segment_count != c.count
+        {
+            return fail("blocks out of order, or q8 binding not lined up");
+        }
+        for (view_offset, bytes, (offset, size), base) in [
+            (span.param_offset, span.param_bytes, d.param, c.param_base),
+            (span.grad_offset, span.grad_bytes, d.grad, c.grad_base),
+        ] {
+            let origin_byte = (view_offset + origin) * bytes;
+            if offset % limits.align != 0
+                || offset + base as u64 * bytes != origin_byte
+                || offset + size != (origin_byte + len * bytes).next_multiple_of(4)
+            {
+                return fail("param or grad binding does not line up with the chunk");
+            }
+        }
+        for (i, row) in d.rows.iter().enumerate() {
+            let want = blocks.get(next as usize + i);
+            let got = [
+                row[0] as u64 + origin,
+                row[1] as u64 + origin,
+                row[2] as u64,
+                row[3] as u64,
+            ];
+            if want != Some(&got) || row[1] as u64 > len || row[1] <= row[0] {
+                return fail(&format!("block {i} is {got:?}, not {want:?}"));
+            }
+            if row[1] - row[0] > BLOCK as u32 {
+                return fail("a block longer than 256 elements");
+            }
+            // Whole words: a 16-bit buffer's block starts on an even element.
+            if limits.pairs
+                && ((span.param_offset + got[0]) % 2 != 0 || (span.grad_offset + got[0]) % 2 != 0)
+            {
+                return fail("a block starts inside a 16-bit word");
+            }
+        }
+        next += c.count as u64;
+    }
+    if next != blocks.len() as u64 {
+        return Err(format!(
+            "{} of {} blocks are in no dispatch",
+            blocks.len() as u64 - next,
+            blocks.len()
+        ));
+    }
+    Ok(())
 }
 
 /// For each workgroup of a segmented dispatch over `first..first + count` of a chunk:
@@ -704,5 +912,138 @@ mod tests {
                     .unwrap_or(true);
             assert!(caught, "break {k} went unnoticed");
         }
+    }
+
+    /// What a blockwise plan does to each element, emulated as `step_blocks` reads it:
+    /// `Some(group)` per updated element; errors on an element updated twice, indices that
+    /// disagree, or a q8 code placed anywhere but at its block and slot.
+    fn emulate_blocks(span: &SpanLayout, plans: &[Planned]) -> Result<Vec<Option<u32>>, String> {
+        let mut updated: Vec<Option<u32>> = vec![None; span.len as usize];
+        // Each tensor's blocks in span order: where element p's code must go.
+        let starts: Vec<u64> = span_blocks(span.segments).iter().map(|b| b[0]).collect();
+        for (k, d) in plans.iter().enumerate() {
+            let c = &d.chunk;
+            let (origin, _) = d.state;
+            for (i, row) in d.rows.iter().enumerate() {
+                let block = d.q8.0 + c.block_base as u64 + i as u64;
+                for lane in 0..BLOCK_INVOCATIONS as u64 {
+                    for j in 0..4 {
+                        let e = row[0] as u64 + 4 * lane + j;
+                        if e >= row[1] as u64 {
+                            continue;
+                        }
+                        let at = |offset: u64, base: u32, view_offset: u64, bytes: u64| {
+                            (offset / bytes + base as u64 + e).checked_sub(view_offset)
+                        };
+                        let p = at(d.param.0, c.param_base, span.param_offset, span.param_bytes);
+                        let g = at(d.grad.0, c.grad_base, span.grad_offset, span.grad_bytes);
+                        if p != g || p != Some(origin + e) {
+                            return Err(format!("dispatch {k}: param {p:?}, grad {g:?}"));
+                        }
+                        let p = origin + e;
+                        let tensor = span
+                            .segments
+                            .iter()
+                            .find(|t| t.start <= p && p < t.end)
+                            .ok_or(format!("dispatch {k}: element {p} in no tensor"))?;
+                        let index = p - tensor.start;
+                        if row[3] as u64 + 4 * lane + j != index {
+                            return Err(format!("element {p}: index in its tensor"));
+                        }
+                        // Its code: block `index / 256` of its tensor, slot `index % 256`.
+                        let want = starts.iter().position(|&s| s == p - index % BLOCK as u64);
+                        if want != Some(block as usize) || 4 * lane + j != index % BLOCK as u64 {
+                            return Err(format!("element {p}: code in block {block}, not {want:?}"));
+                        }
+                        if updated[p as usize].replace(row[2]).is_some() {
+                            return Err(format!("element {p} updated twice"));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(updated)
+    }
+
+    #[test]
+    fn random_layouts_plan_whole_blocks() {
+        let mut rng = Rng::new(0x98);
+        for case in 0..1500 {
+            let pairs = rng.below(2) == 0;
+            let align = [16u64, 64, 256][rng.below(3) as usize];
+            let min_bytes = [1, 2, 4][rng.below(3) as usize];
+            let limits = PlanLimits {
+                chunk_len: block_granularity(align) * (1 + rng.below(3)),
+                align,
+                pairs,
+                min_bytes,
+                workgroup_size: 256,
+                segmented_workgroup_size: 64,
+                max_hints: 0,
+            };
+            let max_len = [300, 3000, 20_000][rng.below(3) as usize];
+            let max_tensors = 1 + rng.below(100);
+            let (param_offset, grad_offset, len, segments) =
+                random_span(&mut rng, max_tensors, max_len, pairs);
+            let bytes = |rng: &mut Rng| if pairs && rng.below(2) == 0 { 2 } else { 4 };
+            let span = SpanLayout {
+                param_offset,
+                grad_offset,
+                param_bytes: bytes(&mut rng),
+                grad_bytes: bytes(&mut rng),
+                len,
+                segments: &segments,
+            };
+            let plans = plan_blocks(&span, &limits);
+            let context = format!("case {case}: span {span:?}\nlimits {limits:?}");
+            check_blocks(&span, &limits, &plans).unwrap_or_else(|e| panic!("{e}\n{context}"));
+            let got =
+                emulate_blocks(&span, &plans).unwrap_or_else(|e| panic!("{e}\n{context}"));
+            assert_eq!(got, expected(&span), "case {case}");
+        }
+    }
+
+    #[test]
+    fn check_blocks_catches_a_broken_plan() {
+        let segments = [
+            Segment { start: 0, end: 1000, group: 0 },
+            Segment { start: 1000, end: 1500, group: 1 },
+            Segment { start: 3000, end: 3001, group: 1 },
+        ];
+        let span = SpanLayout {
+            param_offset: 0,
+            grad_offset: 0,
+            param_bytes: 4,
+            grad_bytes: 4,
+            len: 3004,
+            segments: &segments,
+        };
+        let limits = PlanLimits {
+            chunk_len: block_granularity(16),
+            align: 16,
+            pairs: false,
+            min_bytes: 1,
+            workgroup_size: 256,
+            segmented_workgroup_size: 64,
+            max_hints: 0,
+        };
+        let good = plan_blocks(&span, &limits);
+        assert!(good.len() > 1, "several chunks");
+        check_blocks(&span, &limits, &good).unwrap();
+        let breaks: [fn(&mut Vec<Planned>); 5] = [
+            |p| drop(p.pop()),                  // blocks missing
+            |p| p[0].chunk.block_base += 1,     // codes in the wrong block
+            |p| p[1].param.0 += 16,             // binding moved
+            |p| p[0].rows[0][1] += 1,           // a block too long
+            |p| p[0].q8.0 += 1,                 // q8 binding not aligned
+        ];
+        for (k, b) in breaks.iter().enumerate() {
+            let mut plans = good.clone();
+            b(&mut plans);
+            assert!(check_blocks(&span, &limits, &plans).is_err(), "break {k} went unnoticed");
+        }
+        // A chunk_len under the unit cannot hold a block: reported, not planned wrong.
+        let small = PlanLimits { chunk_len: 64, ..limits };
+        assert!(check_blocks(&span, &small, &plan_blocks(&span, &small)).is_err());
     }
 }

@@ -10,7 +10,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::config::{Algorithm, Config, EpsMode};
-use crate::dtype::Dtype;
+use crate::dtype::{Dtype, q8};
 
 /// Mirrors `StepUniforms` in `shaders/adam_family.wgsl` field for field (a test checks the
 /// offsets with naga). Only 4-byte scalars; padded to a multiple of 16 bytes.
@@ -192,7 +192,8 @@ pub(crate) struct Chunk {
     /// An unsegmented dispatch: the index within its tensor of the chunk's element 0
     /// (wrapping), for the stochastic rounding bits.
     pub tensor_element: u32,
-    pub _pad2: u32,
+    /// Blockwise (q8) dispatches: the q8 binding's block of the dispatch's first block.
+    pub block_base: u32,
     pub _pad3: u32,
 }
 
@@ -240,7 +241,7 @@ pub(crate) struct Binding {
 }
 
 /// The bindings of the step, in binding order. [`Slot`] names the indices.
-pub(crate) const BINDINGS: [Binding; 12] = {
+pub(crate) const BINDINGS: [Binding; 13] = {
     const fn uniform(name: &'static str, size: u64, wgsl_type: &'static str) -> Binding {
         Binding {
             name,
@@ -279,8 +280,29 @@ pub(crate) const BINDINGS: [Binding; 12] = {
         storage("device", false, "DeviceState"),
         // A copy of `device`'s first ITERATION_BYTES, made between the passes (see `Iteration`).
         uniform("iteration", ITERATION_BYTES, "Iteration"),
+        // q8 state: both dynamic maps and their thresholds ([`q8_maps_bytes`]).
+        uniform("q8_maps", Q8_MAPS_BYTES, "Q8Maps"),
     ]
 };
+
+/// Bytes of the shader's `Q8Maps`: the signed and unsigned maps' 256 values, then their 255
+/// thresholds (and a 0), each as 64 vec4.
+pub(crate) const Q8_MAPS_BYTES: u64 = 4 * 256 * 4;
+
+/// The `q8_maps` uniform's contents: the maps and thresholds of `dtype::q8`, in that order.
+pub(crate) fn q8_maps_bytes() -> Vec<u8> {
+    let (signed, unsigned) = (q8::Map::new(true), q8::Map::new(false));
+    let mut words: Vec<f32> = Vec::with_capacity(1024);
+    words.extend(signed.values);
+    words.extend(unsigned.values);
+    for map in [&signed, &unsigned] {
+        words.extend(map.thresholds);
+        words.push(0.0);
+    }
+    let bytes = bytemuck::cast_slice(&words).to_vec();
+    debug_assert_eq!(bytes.len() as u64, Q8_MAPS_BYTES);
+    bytes
+}
 
 /// The index of each binding in [`BINDINGS`] (and its binding number).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -297,11 +319,12 @@ pub(crate) enum Slot {
     Hints,
     Device,
     Iteration,
+    Q8Maps,
 }
 
 impl Slot {
     /// Every slot, in binding order.
-    pub const ALL: [Slot; 12] = [
+    pub const ALL: [Slot; 13] = [
         Slot::Groups,
         Slot::Chunk,
         Slot::Param,
@@ -314,30 +337,39 @@ impl Slot {
         Slot::Hints,
         Slot::Device,
         Slot::Iteration,
+        Slot::Q8Maps,
     ];
 }
 
-/// The element type one pipeline loads and stores: four lanes at a time, two, or one.
+/// The element type one pipeline loads and stores: four lanes at a time, two, or one; or,
+/// with q8 state, whole 256-element blocks (`step_blocks`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Width {
     Vec4,
     /// With 16-bit storage only: one word of two 16-bit values per invocation.
     Vec2,
     Scalar,
+    /// With q8 state only: a workgroup per block, four consecutive elements (any alignment)
+    /// per invocation, loaded by element index.
+    Blocks,
 }
 
 impl Width {
+    /// The element-wise widths (q8 state uses [`Width::Blocks`] alone).
     pub const ALL: [Width; 3] = [Width::Vec4, Width::Vec2, Width::Scalar];
 
     /// f32 lanes per element.
     pub fn lanes(self) -> u64 {
         match self {
-            Width::Vec4 => 4,
+            Width::Vec4 | Width::Blocks => 4,
             Width::Vec2 => 2,
             Width::Scalar => 1,
         }
     }
 }
+
+/// Invocations of a blockwise workgroup: four elements each, a q8 block in all.
+pub(crate) const BLOCK_INVOCATIONS: u32 = (crate::dtype::q8::BLOCK / 4) as u32;
 
 /// How the per-element buffers are stored (optimizer-wide keys of `docs/semantics.md`,
 /// "Storage dtypes"), and how a 16-bit parameter is rounded: what the prelude's load and store
@@ -379,6 +411,22 @@ impl Storage {
         }
     }
 
+    /// Some state is q8: the step goes block by block ([`Width::Blocks`]).
+    pub fn blockwise(&self) -> bool {
+        self.exp_avg == Dtype::Q8 || self.exp_avg_sq == Dtype::Q8
+    }
+
+    /// The widths the step of this storage dispatches.
+    pub fn widths(&self) -> &'static [Width] {
+        if self.blockwise() {
+            &[Width::Blocks]
+        } else if self.pairs() {
+            &Width::ALL
+        } else {
+            &[Width::Vec4, Width::Scalar]
+        }
+    }
+
     /// Some buffer holds two values per word: invocations must take whole words.
     pub fn pairs(&self) -> bool {
         ELEMENT_SLOTS.iter().any(|&s| self.dtype(s).is_16bit())
@@ -415,23 +463,27 @@ pub(crate) fn algorithm_code(algorithm: Algorithm) -> u32 {
 
 /// The generated WGSL prelude for one element width and storage: the element types, the
 /// shared constants, every binding's declaration (each per-element buffer in its dtype), and
-/// `load_<name>` / `store_<name>` for each per-element buffer, all from the definitions above.
-/// `shaders/storage.wgsl` (the 16-bit conversions) follows it.
+/// `load_<name>(at)` / `store_<name>(at, v, random, keep, absmax)` for each per-element
+/// buffer, all from the definitions above. `shaders/storage.wgsl` (the 16-bit conversions)
+/// follows it.
 pub(crate) fn wgsl_prelude(width: Width, storage: &Storage) -> String {
     let elem = match width {
-        Width::Vec4 => {
+        Width::Vec4 | Width::Blocks => {
             "alias Elem = vec4<f32>;\nalias Index = vec4<u32>;\nalias Mask = vec4<bool>;\n\
              const LANES: u32 = 4u;\nconst LANE = vec4<u32>(0u, 1u, 2u, 3u);\n\
-             fn lane_sum(x: Elem) -> f32 { return dot(x, vec4<f32>(1.0)); }\n"
+             fn lane_sum(x: Elem) -> f32 { return dot(x, vec4<f32>(1.0)); }\n\
+             fn lane_max(x: Index) -> u32 { return max(max(x.x, x.y), max(x.z, x.w)); }\n"
         }
         Width::Vec2 => {
             "alias Elem = vec2<f32>;\nalias Index = vec2<u32>;\nalias Mask = vec2<bool>;\n\
              const LANES: u32 = 2u;\nconst LANE = vec2<u32>(0u, 1u);\n\
-             fn lane_sum(x: Elem) -> f32 { return dot(x, vec2<f32>(1.0)); }\n"
+             fn lane_sum(x: Elem) -> f32 { return dot(x, vec2<f32>(1.0)); }\n\
+             fn lane_max(x: Index) -> u32 { return max(x.x, x.y); }\n"
         }
         Width::Scalar => {
             "alias Elem = f32;\nalias Index = u32;\nalias Mask = bool;\nconst LANES: u32 = 1u;\n\
-             const LANE = 0u;\nfn lane_sum(x: Elem) -> f32 { return x; }\n"
+             const LANE = 0u;\nfn lane_sum(x: Elem) -> f32 { return x; }\n\
+             fn lane_max(x: Index) -> u32 { return x; }\n"
         }
     };
     let mut out = format!(
@@ -443,7 +495,10 @@ pub(crate) fn wgsl_prelude(width: Width, storage: &Storage) -> String {
          const BIAS_ROW: u32 = {BIAS_ROW}u;\nconst MAX_WORKGROUP_SIZE: u32 = {MAX_WORKGROUP_SIZE}u;\n\
          const NORM_BLOCKS: u32 = {NORM_BLOCKS}u;\n\
          const MASTER: bool = {};\nconst STOCHASTIC: bool = {};\n\
-         const SEED_LO: u32 = {}u;\nconst SEED_HI: u32 = {}u;\n",
+         const SEED_LO: u32 = {}u;\nconst SEED_HI: u32 = {}u;\n\
+         const BLOCKS: bool = {};\nconst BLOCK_WORDS: u32 = {}u;\n\
+         const Q8_EXP_AVG: bool = {};\nconst Q8_EXP_AVG_SQ: bool = {};\n\
+         const Q8_ZERO_SIGNED: u32 = {}u;\nconst Q8_ZERO_UNSIGNED: u32 = {}u;\n",
         MAX_HINTS / 4,
         algorithm_code(Algorithm::Adam),
         algorithm_code(Algorithm::AdamW),
@@ -452,11 +507,17 @@ pub(crate) fn wgsl_prelude(width: Width, storage: &Storage) -> String {
         storage.stochastic,
         storage.seed as u32,
         (storage.seed >> 32) as u32,
+        width == Width::Blocks,
+        q8::BLOCK_WORDS,
+        storage.exp_avg == Dtype::Q8,
+        storage.exp_avg_sq == Dtype::Q8,
+        q8::Map::new(true).zero,
+        q8::Map::new(false).zero,
     );
     // A 16-bit buffer's word type at this width (scalar: one element of a word).
     let word = match width {
         Width::Vec4 => "vec2<u32>",
-        Width::Vec2 | Width::Scalar => "u32",
+        Width::Vec2 | Width::Scalar | Width::Blocks => "u32",
     };
     for (number, b) in BINDINGS.iter().enumerate() {
         let space = match b.kind {
@@ -465,8 +526,15 @@ pub(crate) fn wgsl_prelude(width: Width, storage: &Storage) -> String {
             BindingKind::Storage { read_only: false } => "storage, read_write",
         };
         let slot = Slot::ALL[number];
-        let ty = if ELEMENT_SLOTS.contains(&slot) && storage.dtype(slot).is_16bit() {
+        let dtype = storage.dtype(slot);
+        let ty = if !ELEMENT_SLOTS.contains(&slot) {
+            b.wgsl_type.to_string()
+        } else if dtype == Dtype::Q8 {
+            "array<u32>".to_string()
+        } else if dtype.is_16bit() {
             format!("array<{word}>")
+        } else if width == Width::Blocks {
+            "array<f32>".to_string()
         } else {
             b.wgsl_type.to_string()
         };
@@ -479,13 +547,26 @@ pub(crate) fn wgsl_prelude(width: Width, storage: &Storage) -> String {
     // the lanes in `keep` (bit for bit) and rounds the rest (`random`: stochastic bits).
     for slot in ELEMENT_SLOTS {
         let b = &BINDINGS[slot as usize];
-        let dtype = storage.dtype(slot);
-        let stochastic = slot == Slot::Param && storage.stochastic;
-        out += &load_store(b.name, dtype, width, slot != Slot::Grad, stochastic);
+        let buffer = Buffer {
+            name: b.name,
+            dtype: storage.dtype(slot),
+            index: match slot {
+                Slot::Param => "param",
+                Slot::Grad => "grad",
+                _ => "state",
+            },
+            stored: slot != Slot::Grad,
+            stochastic: slot == Slot::Param && storage.stochastic,
+            signed: slot == Slot::ExpAvg,
+        };
+        out += &match width {
+            Width::Blocks => blockwise_load_store(&buffer),
+            _ => load_store(&buffer, width),
+        };
     }
     // Stochastic rounding's bits for each lane, from (seed, t, index within the tensor).
     let lanes: Vec<String> = match width {
-        Width::Vec4 => ["x", "y", "z", "w"].map(|c| format!("index.{c}")).to_vec(),
+        Width::Vec4 | Width::Blocks => ["x", "y", "z", "w"].map(|c| format!("index.{c}")).to_vec(),
         Width::Vec2 => ["x", "y"].map(|c| format!("index.{c}")).to_vec(),
         Width::Scalar => vec!["index".into()],
     };
@@ -500,47 +581,73 @@ pub(crate) fn wgsl_prelude(width: Width, storage: &Storage) -> String {
     out
 }
 
-/// `load_<name>(i) -> Elem` and (when `stored`) `store_<name>(i, v, random, keep)` for one
-/// buffer. `i` counts elements of the width (words of 16-bit pairs at vec2, pairs of words at
-/// vec4, single 16-bit halves at scalar).
-fn load_store(name: &str, dtype: Dtype, width: Width, stored: bool, stochastic: bool) -> String {
-    if !dtype.is_16bit() {
-        let mut out = format!("fn load_{name}(i: u32) -> Elem {{ return {name}[i]; }}\n");
-        if stored {
+/// One per-element buffer as the prelude declares it.
+struct Buffer {
+    name: &'static str,
+    dtype: Dtype,
+    /// The field of the kernel's `At` that indexes it: `param`, `grad` or `state`.
+    index: &'static str,
+    /// Written by the step (all but the gradient).
+    stored: bool,
+    /// Rounded stochastically (a 16-bit parameter without master weights).
+    stochastic: bool,
+    /// q8 with the signed map (m); else the unsigned one.
+    signed: bool,
+}
+
+impl Buffer {
+    /// The 16-bit conversions' suffix, and the narrowing of `x` with random word `r`.
+    fn kind(&self) -> &'static str {
+        if self.dtype == Dtype::Bf16 { "bf16" } else { "f16" }
+    }
+
+    fn narrow(&self, x: &str, r: &str) -> String {
+        let kind = self.kind();
+        if self.stochastic {
+            format!("stochastic_{kind}({x}, {r})")
+        } else {
+            format!("narrow_{kind}({x})")
+        }
+    }
+}
+
+/// `load_<name>(at) -> Elem` and (when stored) `store_<name>(at, v, random, keep, absmax)` for
+/// one buffer of an element-wise width: `at.<index>` counts elements of the width (words of
+/// 16-bit pairs at vec2, pairs of words at vec4, single 16-bit halves at scalar).
+fn load_store(b: &Buffer, width: Width) -> String {
+    let Buffer { name, index, .. } = *b;
+    let signature = format!(
+        "fn store_{name}(at: At, v: Elem, random: Index, keep: Mask, absmax: f32) {{\n\
+         \x20   let i = at.{index};\n"
+    );
+    if !b.dtype.is_16bit() {
+        let mut out = format!("fn load_{name}(at: At) -> Elem {{ return {name}[at.{index}]; }}\n");
+        if b.stored {
             out += &format!(
-                "fn store_{name}(i: u32, v: Elem, random: Index, keep: Mask) {{\n\
-                 \x20   var x = v;\n    if any(keep) {{ x = select(v, {name}[i], keep); }}\n\
+                "{signature}\x20   var x = v;\n    if any(keep) {{ x = select(v, {name}[i], keep); }}\n\
                  \x20   {name}[i] = x;\n}}\n"
             );
         }
         return out;
     }
-    let kind = if dtype == Dtype::Bf16 { "bf16" } else { "f16" };
-    let narrow = |x: &str, r: &str| {
-        if stochastic {
-            format!("stochastic_{kind}({x}, {r})")
-        } else {
-            format!("narrow_{kind}({x})")
-        }
-    };
+    let kind = b.kind();
     match width {
         Width::Vec4 => {
             let mut out = format!(
                 "fn halves_{name}(w: vec2<u32>) -> vec4<u32> {{\n\
                  \x20   return vec4<u32>(w.x & 0xffffu, w.x >> 16u, w.y & 0xffffu, w.y >> 16u);\n}}\n\
-                 fn load_{name}(i: u32) -> Elem {{\n    let h = halves_{name}({name}[i]);\n\
+                 fn load_{name}(at: At) -> Elem {{\n    let h = halves_{name}({name}[at.{index}]);\n\
                  \x20   return vec4<f32>(widen_{kind}(h.x), widen_{kind}(h.y), widen_{kind}(h.z), widen_{kind}(h.w));\n}}\n"
             );
-            if stored {
+            if b.stored {
                 out += &format!(
-                    "fn store_{name}(i: u32, v: Elem, random: Index, keep: Mask) {{\n\
-                     \x20   var h = vec4<u32>({}, {}, {}, {});\n\
+                    "{signature}\x20   var h = vec4<u32>({}, {}, {}, {});\n\
                      \x20   if any(keep) {{ h = select(h, halves_{name}({name}[i]), keep); }}\n\
                      \x20   {name}[i] = vec2<u32>(h.x | (h.y << 16u), h.z | (h.w << 16u));\n}}\n",
-                    narrow("v.x", "random.x"),
-                    narrow("v.y", "random.y"),
-                    narrow("v.z", "random.z"),
-                    narrow("v.w", "random.w"),
+                    b.narrow("v.x", "random.x"),
+                    b.narrow("v.y", "random.y"),
+                    b.narrow("v.z", "random.z"),
+                    b.narrow("v.w", "random.w"),
                 );
             }
             out
@@ -548,17 +655,16 @@ fn load_store(name: &str, dtype: Dtype, width: Width, stored: bool, stochastic: 
         Width::Vec2 => {
             let mut out = format!(
                 "fn halves_{name}(w: u32) -> vec2<u32> {{ return vec2<u32>(w & 0xffffu, w >> 16u); }}\n\
-                 fn load_{name}(i: u32) -> Elem {{\n    let h = halves_{name}({name}[i]);\n\
+                 fn load_{name}(at: At) -> Elem {{\n    let h = halves_{name}({name}[at.{index}]);\n\
                  \x20   return vec2<f32>(widen_{kind}(h.x), widen_{kind}(h.y));\n}}\n"
             );
-            if stored {
+            if b.stored {
                 out += &format!(
-                    "fn store_{name}(i: u32, v: Elem, random: Index, keep: Mask) {{\n\
-                     \x20   var h = vec2<u32>({}, {});\n\
+                    "{signature}\x20   var h = vec2<u32>({}, {});\n\
                      \x20   if any(keep) {{ h = select(h, halves_{name}({name}[i]), keep); }}\n\
                      \x20   {name}[i] = h.x | (h.y << 16u);\n}}\n",
-                    narrow("v.x", "random.x"),
-                    narrow("v.y", "random.y"),
+                    b.narrow("v.x", "random.x"),
+                    b.narrow("v.y", "random.y"),
                 );
             }
             out
@@ -566,22 +672,94 @@ fn load_store(name: &str, dtype: Dtype, width: Width, stored: bool, stochastic: 
         Width::Scalar => {
             // The planner gives a scalar 16-bit dispatch one element, alone in its word.
             let mut out = format!(
-                "fn load_{name}(i: u32) -> Elem {{\n\
+                "fn load_{name}(at: At) -> Elem {{\n    let i = at.{index};\n\
                  \x20   return widen_{kind}(({name}[i / 2u] >> (16u * (i % 2u))) & 0xffffu);\n}}\n"
             );
-            if stored {
+            if b.stored {
                 out += &format!(
-                    "fn store_{name}(i: u32, v: Elem, random: Index, keep: Mask) {{\n\
-                     \x20   if keep {{ return; }}\n\
+                    "{signature}\x20   if keep {{ return; }}\n\
                      \x20   let shift = 16u * (i % 2u);\n\
                      \x20   let w = {name}[i / 2u] & ~(0xffffu << shift);\n\
                      \x20   {name}[i / 2u] = w | ({} << shift);\n}}\n",
-                    narrow("v", "random"),
+                    b.narrow("v", "random"),
                 );
             }
             out
         }
+        Width::Blocks => unreachable!("blockwise buffers have their own loads"),
     }
+}
+
+/// `load_<name>(at)` and `store_<name>(at, v, random, keep, absmax)` for one buffer of a
+/// blockwise dispatch. f32 and 16-bit buffers: four consecutive elements from element
+/// `at.<index>` (any alignment for f32; even for 16-bit, whose blocks start on words), only
+/// the lanes in `at.valid` read and those outside `keep` written (a 16-bit word half past a
+/// tensor's end is padding: kept as it was). q8 buffers: the invocation's word of four codes
+/// in block `at.block`, dequantised; a store writes the codes of `v` at `absmax` (the code of
+/// 0 outside the block) and, from lane 0, the absmax.
+fn blockwise_load_store(b: &Buffer) -> String {
+    let Buffer { name, index, .. } = *b;
+    let signature = format!(
+        "fn store_{name}(at: At, v: Elem, random: Index, keep: Mask, absmax: f32) {{\n"
+    );
+    if b.dtype == Dtype::Q8 {
+        let map = if b.signed { "true" } else { "false" };
+        let zero = if b.signed { "Q8_ZERO_SIGNED" } else { "Q8_ZERO_UNSIGNED" };
+        let mut out = format!(
+            "fn load_{name}(at: At) -> Elem {{\n\
+             \x20   if !at.live {{ return Elem(0.0); }}\n\
+             \x20   let b = at.block * BLOCK_WORDS;\n\
+             \x20   return q8_values({map}, {name}[b + 1u + at.lane]) * bitcast<f32>({name}[b]);\n}}\n"
+        );
+        if b.stored {
+            out += &format!(
+                "{signature}\x20   if !at.live {{ return; }}\n\
+                 \x20   let b = at.block * BLOCK_WORDS;\n\
+                 \x20   if at.lane == 0u {{ {name}[b] = bitcast<u32>(absmax); }}\n\
+                 \x20   let c = select(q8_codes({map}, v, absmax), Index({zero}), keep);\n\
+                 \x20   {name}[b + 1u + at.lane] = c.x | (c.y << 8u) | (c.z << 16u) | (c.w << 24u);\n}}\n"
+            );
+        }
+        return out;
+    }
+    if !b.dtype.is_16bit() {
+        let mut out = format!(
+            "fn load_{name}(at: At) -> Elem {{\n    let i = at.{index};\n    var x = Elem(0.0);\n\
+             \x20   if at.valid.x {{ x.x = {name}[i]; }}\n    if at.valid.y {{ x.y = {name}[i + 1u]; }}\n\
+             \x20   if at.valid.z {{ x.z = {name}[i + 2u]; }}\n    if at.valid.w {{ x.w = {name}[i + 3u]; }}\n\
+             \x20   return x;\n}}\n"
+        );
+        if b.stored {
+            out += &format!(
+                "{signature}\x20   let i = at.{index};\n\
+                 \x20   if !keep.x {{ {name}[i] = v.x; }}\n    if !keep.y {{ {name}[i + 1u] = v.y; }}\n\
+                 \x20   if !keep.z {{ {name}[i + 2u] = v.z; }}\n    if !keep.w {{ {name}[i + 3u] = v.w; }}\n}}\n"
+            );
+        }
+        return out;
+    }
+    let kind = b.kind();
+    let mut out = format!(
+        "fn load_{name}(at: At) -> Elem {{\n    let w = at.{index} / 2u;\n    var h = vec4<u32>(0u);\n\
+         \x20   if at.valid.x {{ let a = {name}[w]; h.x = a & 0xffffu; h.y = a >> 16u; }}\n\
+         \x20   if at.valid.z {{ let a = {name}[w + 1u]; h.z = a & 0xffffu; h.w = a >> 16u; }}\n\
+         \x20   return select(vec4<f32>(0.0), vec4<f32>(widen_{kind}(h.x), widen_{kind}(h.y), widen_{kind}(h.z), widen_{kind}(h.w)), at.valid);\n}}\n"
+    );
+    if b.stored {
+        out += &format!(
+            "{signature}\x20   let w = at.{index} / 2u;\n\
+             \x20   var h = vec4<u32>({}, {}, {}, {});\n\
+             \x20   if !keep.x {{\n        if keep.y {{ h.y = {name}[w] >> 16u; }}\n\
+             \x20       {name}[w] = h.x | (h.y << 16u);\n    }}\n\
+             \x20   if !keep.z {{\n        if keep.w {{ h.w = {name}[w + 1u] >> 16u; }}\n\
+             \x20       {name}[w + 1u] = h.z | (h.w << 16u);\n    }}\n}}\n",
+            b.narrow("v.x", "random.x"),
+            b.narrow("v.y", "random.y"),
+            b.narrow("v.z", "random.z"),
+            b.narrow("v.w", "random.w"),
+        );
+    }
+    out
 }
 
 #[cfg(test)]

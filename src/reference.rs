@@ -10,7 +10,7 @@
 //! touch the GPU or depend on how the kernel is dispatched.
 
 use crate::config::{Algorithm, Config, EpsMode};
-use crate::dtype::{self, Dtype};
+use crate::dtype::{self, Dtype, q8};
 use crate::protocol::decoupled_decay;
 
 /// The optimizer state of one parameter tensor, with PyTorch's names.
@@ -28,13 +28,15 @@ pub struct TensorState {
 }
 
 impl TensorState {
-    /// The state before the first step: `m = 0`, `v = initial_accumulator` (rounded to its
-    /// dtype), `vmax = 0`, master weights 0 (unused until the first step sets them).
+    /// The state before the first step: `m = 0`, `v = initial_accumulator` (as its dtype
+    /// stores it: a q8 block of equal values holds them exactly), `vmax = 0`, master weights
+    /// 0 (unused until the first step sets them).
     pub fn new(config: &Config, len: usize) -> Self {
-        let v0 = dtype::round_to(config.exp_avg_sq_dtype, config.initial_accumulator as f32);
+        let mut exp_avg_sq = vec![config.initial_accumulator as f32; len];
+        store_state(config.exp_avg_sq_dtype, "exp_avg_sq", &mut exp_avg_sq);
         TensorState {
             exp_avg: vec![0.0; len],
-            exp_avg_sq: vec![v0; len],
+            exp_avg_sq,
             max_exp_avg_sq: config.amsgrad.then(|| vec![0.0; len]),
             master_param: config.keeps_master().then(|| vec![0.0; len]),
         }
@@ -95,22 +97,22 @@ pub fn step(
                 Algorithm::AdamW => {}
             }
         }
-        // 5: exp_avg.
+        // 5: exp_avg (stored rounded to its dtype below, once the tensor is done).
         let m = round(b1 * state.exp_avg[i] as f64 + (1.0 - b1) * g);
-        state.exp_avg[i] = dtype::round_to(config.exp_avg_dtype, m as f32);
+        state.exp_avg[i] = m as f32;
         // 6: exp_avg_sq.
         let v_prev = state.exp_avg_sq[i] as f64;
         let v = round(match config.algorithm {
             Algorithm::Adam | Algorithm::AdamW => b2 * v_prev + (1.0 - b2) * g * g,
             Algorithm::Yogi => v_prev - (1.0 - b2) * sign(v_prev - g * g) * g * g,
         });
-        state.exp_avg_sq[i] = dtype::round_to(config.exp_avg_sq_dtype, v as f32);
+        state.exp_avg_sq[i] = v as f32;
         // 7: amsgrad's max_exp_avg_sq replaces v below (the fresh f32 maximum; the stored one
         // is rounded to v's dtype).
         let v = match state.max_exp_avg_sq.as_mut() {
             Some(vmax) if config.amsgrad => {
                 let fresh = vmax[i].max(v as f32);
-                vmax[i] = dtype::round_to(config.exp_avg_sq_dtype, fresh);
+                vmax[i] = fresh;
                 fresh as f64
             }
             _ => {
@@ -138,6 +140,25 @@ pub fn step(
             (p - update) as f32,
             state.master_param.as_mut(),
         );
+    }
+    // The state as stored: each value rounded to its dtype; q8 block by block from the
+    // tensor's first element, each block's absmax over its fresh values.
+    let (m, v) = (config.exp_avg_dtype, config.exp_avg_sq_dtype);
+    store_state(m, "exp_avg", &mut state.exp_avg);
+    store_state(v, "exp_avg_sq", &mut state.exp_avg_sq);
+    if let Some(vmax) = state.max_exp_avg_sq.as_mut().filter(|_| config.amsgrad) {
+        store_state(v, "max_exp_avg_sq", vmax);
+    }
+}
+
+/// Fresh f32 values of one state of a tensor as its dtype stores them.
+fn store_state(dtype: Dtype, name: &str, values: &mut [f32]) {
+    if dtype == Dtype::Q8 {
+        q8::Map::for_state(name).round_tensor(values);
+    } else {
+        values
+            .iter_mut()
+            .for_each(|x| *x = dtype::round_to(dtype, *x));
     }
 }
 

@@ -4,7 +4,7 @@
 //! Owns: the state buffers and every copy in or out of them. May not plan or record steps.
 
 use crate::config::Config;
-use crate::dtype::{self, Dtype};
+use crate::dtype::{self, Dtype, q8};
 use crate::error::{Error, Result};
 use crate::gpu;
 use crate::optimizer::Optimizer;
@@ -30,54 +30,79 @@ pub struct StateBuffers {
 impl StateBuffers {
     /// The initial state: `m = 0`, `v = initial_accumulator`, `vmax = 0`, master weights 0
     /// (the first step starts them from the parameters).
-    pub(crate) fn new(device: &wgpu::Device, config: &Config, name: &str, len: u64) -> Self {
-        let label = |state: &str| format!("wgpu-optim {state}.{name}");
+    /// `len` elements of the span, `blocks` q8 blocks (its tensors').
+    pub(crate) fn new(
+        device: &wgpu::Device,
+        config: &Config,
+        name: &str,
+        len: u64,
+        blocks: u64,
+    ) -> Self {
         let (m, v) = (config.exp_avg_dtype, config.exp_avg_sq_dtype);
+        let buffer = |state: &str, dtype: Dtype, fill: f32| {
+            let label = format!("wgpu-optim {state}.{name}");
+            if dtype == Dtype::Q8 {
+                // Every element `fill`: each block's absmax is |fill|, its codes fill's.
+                let map = q8::Map::for_state(state);
+                let absmax = fill.abs();
+                let code = map.code(fill, absmax) as u32;
+                gpu::q8_state_buffer(device, &label, blocks, absmax, code * 0x0101_0101)
+            } else {
+                gpu::state_buffer(device, &label, dtype, len, fill)
+            }
+        };
+        let v0 = config.initial_accumulator as f32;
         StateBuffers {
-            exp_avg: gpu::state_buffer(device, &label("exp_avg"), m, len, 0.0),
-            exp_avg_sq: gpu::state_buffer(
-                device,
-                &label("exp_avg_sq"),
-                v,
-                len,
-                config.initial_accumulator as f32,
-            ),
-            max_exp_avg_sq: config
-                .amsgrad
-                .then(|| gpu::state_buffer(device, &label("max_exp_avg_sq"), v, len, 0.0)),
+            exp_avg: buffer("exp_avg", m, 0.0),
+            exp_avg_sq: buffer("exp_avg_sq", v, v0),
+            max_exp_avg_sq: config.amsgrad.then(|| buffer("max_exp_avg_sq", v, 0.0)),
             master_param: config
                 .keeps_master()
-                .then(|| gpu::state_buffer(device, &label("master_param"), Dtype::F32, len, 0.0)),
+                .then(|| buffer("master_param", Dtype::F32, 0.0)),
             exp_avg_dtype: m,
             exp_avg_sq_dtype: v,
         }
     }
 
-    /// Each buffer with its dtype: exp_avg, exp_avg_sq, max_exp_avg_sq, master_param.
-    fn buffers(&self) -> [(Option<&wgpu::Buffer>, Dtype); 4] {
+    /// Each buffer with its dtype and state name: exp_avg, exp_avg_sq, max_exp_avg_sq,
+    /// master_param.
+    fn buffers(&self) -> [(Option<&wgpu::Buffer>, Dtype, &'static str); 4] {
         [
-            (Some(&self.exp_avg), self.exp_avg_dtype),
-            (Some(&self.exp_avg_sq), self.exp_avg_sq_dtype),
-            (self.max_exp_avg_sq.as_ref(), self.exp_avg_sq_dtype),
-            (self.master_param.as_ref(), Dtype::F32),
+            (Some(&self.exp_avg), self.exp_avg_dtype, "exp_avg"),
+            (Some(&self.exp_avg_sq), self.exp_avg_sq_dtype, "exp_avg_sq"),
+            (
+                self.max_exp_avg_sq.as_ref(),
+                self.exp_avg_sq_dtype,
+                "max_exp_avg_sq",
+            ),
+            (self.master_param.as_ref(), Dtype::F32, "master_param"),
         ]
     }
 
-    /// Copies `len` elements of the state from element `offset` back to the host, widened to
-    /// f32. The copies are submitted now; the future resolves once the device has been polled
-    /// past them.
+    /// The q8 buffer of state `name` (`exp_avg`, `exp_avg_sq` or `max_exp_avg_sq`), if that
+    /// state is stored as q8.
+    pub(crate) fn q8_buffer(&self, name: &str) -> Option<&wgpu::Buffer> {
+        self.buffers()
+            .into_iter()
+            .find(|(_, dtype, n)| *n == name && *dtype == Dtype::Q8)
+            .and_then(|(b, _, _)| b)
+    }
+
+    /// Copies the state of a tensor back to the host, widened to f32 (q8 dequantised): `len`
+    /// elements from element `offset`, and for q8 its blocks from block `block`. The copies
+    /// are submitted now; the future resolves once the device has been polled past them.
     pub(crate) fn read(
         &self,
         device: &wgpu::Device,
         queue: &wgpu::Queue,
-        offset: u64,
+        (offset, block): (u64, u64),
         len: u64,
     ) -> impl Future<Output = Result<TensorState>> + use<> {
-        let reads = self.buffers().map(|(buffer, dtype)| {
+        let reads = self.buffers().map(|(buffer, dtype, name)| {
             buffer.map(|b| {
                 // Whole words: a 16-bit range may start or end inside one.
-                let (first, words) = word_range(dtype, offset, len);
-                (gpu::read_f32(device, queue, b, first * 4, words), dtype)
+                let (first, words) = word_range(dtype, (offset, block), len);
+                (gpu::read_f32(device, queue, b, first * 4, words), dtype, name)
             })
         });
         let skip = move |dtype: Dtype| (offset * dtype.bytes() % 4 / dtype.bytes()) as usize;
@@ -85,9 +110,14 @@ impl StateBuffers {
             let mut out = Vec::new();
             for read in reads {
                 out.push(match read {
-                    Some((future, dtype)) => {
+                    Some((future, dtype, name)) => {
                         let words = future.await.map_err(Error::Readback)?;
-                        Some(decode(dtype, &words, skip(dtype), len as usize))
+                        Some(if dtype == Dtype::Q8 {
+                            let words: &[u32] = bytemuck::cast_slice(&words);
+                            q8::Map::for_state(name).decode(words, len as usize)
+                        } else {
+                            decode(dtype, &words, skip(dtype), len as usize)
+                        })
                     }
                     None => None,
                 });
@@ -103,30 +133,42 @@ impl StateBuffers {
         }
     }
 
-    /// Overwrites the state from element `offset` with `state` (rounded to each buffer's dtype)
-    /// through `queue` (the writes land before the work of the next submit). The caller has
-    /// checked the lengths; an absent `max_exp_avg_sq` or `master_param` on either side is
-    /// skipped. A 16-bit range starts on a word (tensors do, `params.rs`); a last odd element's
-    /// word gets a 0 in its other half, which no tensor owns.
-    pub(crate) fn write(&self, queue: &wgpu::Queue, offset: u64, state: &TensorState) {
+    /// Overwrites the state of a tensor (from element `offset`, q8 from block `block`) with
+    /// `state`, rounded to each buffer's dtype, through `queue` (the writes land before the
+    /// work of the next submit). The caller has checked the lengths; an absent
+    /// `max_exp_avg_sq` or `master_param` on either side is skipped. A 16-bit range starts on
+    /// a word (tensors do, `params.rs`); a last odd element's word gets a 0 in its other half,
+    /// which no tensor owns.
+    pub(crate) fn write(&self, queue: &wgpu::Queue, (offset, block): (u64, u64), state: &TensorState) {
         let data = [
             Some(&state.exp_avg),
             Some(&state.exp_avg_sq),
             state.max_exp_avg_sq.as_ref(),
             state.master_param.as_ref(),
         ];
-        for ((buffer, dtype), data) in self.buffers().into_iter().zip(data) {
+        for ((buffer, dtype, name), data) in self.buffers().into_iter().zip(data) {
             if let (Some(buffer), Some(data)) = (buffer, data)
                 && !data.is_empty()
             {
-                queue.write_buffer(buffer, offset * dtype.bytes(), &encode(dtype, data));
+                if dtype == Dtype::Q8 {
+                    let words = q8::Map::for_state(name).encode(data);
+                    let at = block * q8::BLOCK_WORDS as u64 * 4;
+                    queue.write_buffer(buffer, at, bytemuck::cast_slice(&words));
+                } else {
+                    queue.write_buffer(buffer, offset * dtype.bytes(), &encode(dtype, data));
+                }
             }
         }
     }
 }
 
-/// The 32-bit words that hold elements `offset..offset + len` of `dtype`: (first, count).
-fn word_range(dtype: Dtype, offset: u64, len: u64) -> (u64, u64) {
+/// The 32-bit words that hold elements `offset..offset + len` of `dtype` (for q8, the blocks
+/// of those elements from block `block`): (first, count).
+fn word_range(dtype: Dtype, (offset, block): (u64, u64), len: u64) -> (u64, u64) {
+    if dtype == Dtype::Q8 {
+        let words = q8::BLOCK_WORDS as u64;
+        return (block * words, q8::blocks(len) * words);
+    }
     let bytes = dtype.bytes();
     let first = offset * bytes / 4;
     let end = ((offset + len) * bytes).div_ceil(4);
@@ -262,7 +304,7 @@ impl Optimizer {
         let read = self.tensor(index).map(|(t, at)| {
             self.spans[at.span]
                 .state
-                .read(device, queue, at.offset, t.len)
+                .read(device, queue, (at.offset, at.block), t.len)
         });
         async move { read?.await }
     }
@@ -338,7 +380,7 @@ impl Optimizer {
                 });
             }
         }
-        self.spans[at.span].state.write(queue, at.offset, state);
+        self.spans[at.span].state.write(queue, (at.offset, at.block), state);
         Ok(())
     }
 

@@ -1,12 +1,40 @@
-//! Block-wise 8-bit state (`q8`, `docs/semantics.md`, "Storage dtypes"), on the host: the
-//! dynamic quantisation maps of bitsandbytes' 8-bit Adam (Dettmers et al. 2022) and the exact
-//! quantisation rule. The building block the q8 kernel and the CPU reference will share; the
-//! kernel path itself is not built yet (issue 12), so no optimizer stores q8 today.
+//! Block-wise 8-bit state (`q8`, `docs/semantics.md`, "Storage dtypes"): the dynamic
+//! quantisation maps of bitsandbytes' 8-bit Adam (Dettmers et al. 2022), the rounding of a
+//! block to codes exactly as the kernel does it, and the layout of q8 state in a buffer. The
+//! CPU reference, the state I/O and the checkpoints use these; `shaders/adam_family.wgsl`
+//! (through the prelude of `protocol.rs`) is the device's copy of the rounding.
 //!
-//! Owns: the maps and the rounding of a block to codes. May not touch the GPU.
+//! # The rounding
+//!
+//! A block's `absmax` is the largest magnitude of its values, compared as the bits of
+//! `|x|` (so a NaN, whose bits are above infinity's, wins and makes the block NaN). A value
+//! `v` of a block with `absmax > 0` gets the code `c` = the count of thresholds `T_k` with
+//! `v > f32(T_k * absmax)`, where `T_k = f32((map[k] + map[k + 1]) / 2)` (computed in f64):
+//! the nearest map entry to `v / absmax`, the lower one on a tie, up to the rounding of the
+//! threshold's product (a value within an ulp of a midpoint may take the other neighbour;
+//! [`nearest_code`] is the exact rule, and a test bounds the difference). No division, and
+//! only correctly rounded f32 products and comparisons: the kernel and this code agree bit
+//! for bit. A block with `absmax == 0` stores the code of 0 everywhere.
+//!
+//! # In a buffer
+//!
+//! A span's q8 state is its tensors' blocks one after another (each tensor's from its first
+//! element), [`BLOCK_WORDS`] u32 each: the f32 bits of `absmax`, then 64 words of four codes,
+//! element `j` of the block in byte `j % 4` (little-endian) of word `1 + j / 4`. Codes past a
+//! tensor's last element are the code of 0.
+//!
+//! Owns: the maps, the rounding and the block layout. May not touch the GPU.
 
 /// Elements per block: each block of a tensor has its own `absmax`.
 pub const BLOCK: usize = 256;
+
+/// u32 words per block in a q8 buffer: `absmax`, then 64 words of four codes.
+pub const BLOCK_WORDS: usize = 1 + BLOCK / 4;
+
+/// Blocks of a tensor of `len` elements.
+pub fn blocks(len: u64) -> u64 {
+    len.div_ceil(BLOCK as u64)
+}
 
 /// The 256-entry dynamic map, sorted ascending: bitsandbytes' `create_dynamic_map(signed)`
 /// with its defaults (7 exponent bits, 8 bits in all). For each exponent `i` in 0..7 the
@@ -59,42 +87,152 @@ pub fn nearest_code(map: &[f32; 256], value: f32, absmax: f32) -> u8 {
     lo as u8
 }
 
-/// One block's values as q8 stores them: its `absmax` (the largest magnitude, 0 for a block of
-/// zeros) and a code per value.
-pub fn quantize_block(map: &[f32; 256], values: &[f32]) -> (f32, Vec<u8>) {
-    assert!(
-        values.len() <= BLOCK,
-        "a block holds at most {BLOCK} values"
-    );
-    let absmax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let zero = nearest_code(map, 0.0, 1.0);
-    let codes = values
-        .iter()
-        .map(|&v| {
-            if absmax == 0.0 {
-                zero
+/// One of the two maps with what rounding needs: its thresholds and the code of 0.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Map {
+    /// `"dynamic_signed"` (m) or `"dynamic_unsigned"` (v and vmax): the checkpoint's name.
+    pub name: &'static str,
+    pub values: [f32; 256],
+    /// `f32((values[k] + values[k + 1]) / 2)`, computed in f64.
+    pub thresholds: [f32; 255],
+    /// The code whose value is 0.
+    pub zero: u8,
+}
+
+impl Map {
+    /// bitsandbytes' map for m (`signed`) or for v and vmax.
+    pub fn new(signed: bool) -> Self {
+        let values = dynamic_map(signed);
+        let mut thresholds = [0f32; 255];
+        for (k, t) in thresholds.iter_mut().enumerate() {
+            *t = ((values[k] as f64 + values[k + 1] as f64) / 2.0) as f32;
+        }
+        Map {
+            name: if signed {
+                "dynamic_signed"
             } else {
-                nearest_code(map, v, absmax)
-            }
-        })
-        .collect();
-    (absmax, codes)
-}
-
-/// A stored value: `map[code] * absmax`, rounded once to f32.
-pub fn dequantize(map: &[f32; 256], absmax: f32, code: u8) -> f32 {
-    map[code as usize] * absmax
-}
-
-/// What storing `values` (one tensor) as q8 and reading them back gives, block by block from
-/// its first element: the reference's rounding to q8.
-pub fn round_tensor(map: &[f32; 256], values: &mut [f32]) {
-    for block in values.chunks_mut(BLOCK) {
-        let (absmax, codes) = quantize_block(map, block);
-        for (v, c) in block.iter_mut().zip(codes) {
-            *v = dequantize(map, absmax, c);
+                "dynamic_unsigned"
+            },
+            values,
+            thresholds,
+            zero: values.iter().position(|&x| x == 0.0).expect("0 is an entry") as u8,
         }
     }
+
+    /// The map a state uses: signed for `exp_avg`, unsigned for `exp_avg_sq` and
+    /// `max_exp_avg_sq`.
+    pub fn for_state(state: &str) -> Self {
+        Map::new(state == "exp_avg")
+    }
+
+    /// The map named `name` (as [`Map::name`]), if any.
+    pub fn named(name: &str) -> Option<Self> {
+        [Map::new(true), Map::new(false)]
+            .into_iter()
+            .find(|m| m.name == name)
+    }
+
+    /// The code of `value` in a block whose largest magnitude is `absmax` (module docs): the
+    /// count of thresholds `T` with `value > f32(T * absmax)`, by binary search (the products
+    /// are non-decreasing in `T`), the code of 0 when `absmax` is 0. The kernel's rule.
+    pub fn code(&self, value: f32, absmax: f32) -> u8 {
+        if absmax == 0.0 {
+            return self.zero;
+        }
+        let mut code = 0usize;
+        for step in [128, 64, 32, 16, 8, 4, 2, 1] {
+            if value > self.thresholds[code + step - 1] * absmax {
+                code += step;
+            }
+        }
+        code as u8
+    }
+
+    /// A stored value: `values[code] * absmax`, rounded once to f32.
+    pub fn value(&self, absmax: f32, code: u8) -> f32 {
+        self.values[code as usize] * absmax
+    }
+
+    /// One block (at most [`BLOCK`] values) as stored: its absmax and codes.
+    pub fn quantize(&self, values: &[f32]) -> (f32, Vec<u8>) {
+        assert!(
+            values.len() <= BLOCK,
+            "a block holds at most {BLOCK} values"
+        );
+        let absmax = absmax(values);
+        (absmax, values.iter().map(|&v| self.code(v, absmax)).collect())
+    }
+
+    /// What storing `values` (one tensor) and reading them back gives, block by block from
+    /// its first element: the reference's rounding to q8.
+    pub fn round_tensor(&self, values: &mut [f32]) {
+        for block in values.chunks_mut(BLOCK) {
+            let (absmax, codes) = self.quantize(block);
+            for (v, c) in block.iter_mut().zip(codes) {
+                *v = self.value(absmax, c);
+            }
+        }
+    }
+
+    /// `values` (one tensor) as q8 buffer words: [`blocks`] blocks of [`BLOCK_WORDS`].
+    pub fn encode(&self, values: &[f32]) -> Vec<u32> {
+        let mut absmax = Vec::new();
+        let mut codes = Vec::new();
+        for block in values.chunks(BLOCK) {
+            let (a, c) = self.quantize(block);
+            absmax.push(a);
+            codes.extend(c);
+        }
+        self.pack(&absmax, &codes)
+    }
+
+    /// Raw blocks as buffer words: each block's absmax and its codes (`codes` holds the
+    /// tensor's elements; the last block's missing ones get the code of 0).
+    pub fn pack(&self, absmax: &[f32], codes: &[u8]) -> Vec<u32> {
+        let mut words = Vec::with_capacity(absmax.len() * BLOCK_WORDS);
+        for (b, a) in absmax.iter().enumerate() {
+            words.push(a.to_bits());
+            for w in 0..BLOCK / 4 {
+                let mut word = 0u32;
+                for j in 0..4 {
+                    let code = codes.get(b * BLOCK + 4 * w + j).copied().unwrap_or(self.zero);
+                    word |= (code as u32) << (8 * j);
+                }
+                words.push(word);
+            }
+        }
+        words
+    }
+
+    /// The absmax of each block and the first `len` codes in `words` (whole blocks).
+    pub fn unpack(words: &[u32], len: usize) -> (Vec<f32>, Vec<u8>) {
+        let absmax = words
+            .chunks(BLOCK_WORDS)
+            .map(|b| f32::from_bits(b[0]))
+            .collect();
+        let mut codes: Vec<u8> = words
+            .chunks(BLOCK_WORDS)
+            .flat_map(|b| b[1..].iter().flat_map(|w| w.to_le_bytes()))
+            .collect();
+        codes.truncate(len);
+        (absmax, codes)
+    }
+
+    /// The `len` values stored in `words` (whole blocks), dequantised.
+    pub fn decode(&self, words: &[u32], len: usize) -> Vec<f32> {
+        let (absmax, codes) = Map::unpack(words, len);
+        codes
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| self.value(absmax[i / BLOCK], c))
+            .collect()
+    }
+}
+
+/// The largest magnitude of `values` by the bits of `|x|` (0 for none; a NaN wins).
+pub fn absmax(values: &[f32]) -> f32 {
+    let bits = values.iter().map(|v| v.to_bits() & 0x7fff_ffff).max();
+    f32::from_bits(bits.unwrap_or(0))
 }
 
 #[cfg(test)]
@@ -183,15 +321,15 @@ mod tests {
     fn blocks_round_trip_within_half_the_largest_gap() {
         let mut rng = Rng::new(9);
         for signed in [true, false] {
-            let map = dynamic_map(signed);
-            let gap = map.windows(2).map(|w| w[1] - w[0]).fold(0f32, f32::max);
+            let map = Map::new(signed);
+            let gap = map.values.windows(2).map(|w| w[1] - w[0]).fold(0f32, f32::max);
             let mut values: Vec<f32> = rng.normals(1000, 1e-3);
             if !signed {
                 values.iter_mut().for_each(|v| *v = v.abs());
             }
             values[300..556].fill(0.0); // one block (256..512) nearly, and a zero run
             let mut stored = values.clone();
-            round_tensor(&map, &mut stored);
+            map.round_tensor(&mut stored);
             for (b, (chunk, got)) in values.chunks(BLOCK).zip(stored.chunks(BLOCK)).enumerate() {
                 let absmax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
                 for (v, g) in chunk.iter().zip(got) {
@@ -207,8 +345,86 @@ mod tests {
             }
             // A block of zeros stays zero.
             let mut zeros = vec![0f32; BLOCK];
-            round_tensor(&map, &mut zeros);
+            map.round_tensor(&mut zeros);
             assert!(zeros.iter().all(|z| *z == 0.0));
         }
+    }
+
+    #[test]
+    fn the_kernel_rule_is_the_nearest_entry_but_within_an_ulp_of_a_midpoint() {
+        let mut rng = Rng::new(10);
+        for signed in [true, false] {
+            let map = Map::new(signed);
+            let mut differ = 0;
+            let mut cases: Vec<(f32, f32)> = (0..200_000)
+                .map(|_| {
+                    let absmax = (rng.uniform() * 10.0) as f32 + 1e-30;
+                    let r = if signed {
+                        2.0 * rng.uniform() - 1.0
+                    } else {
+                        rng.uniform()
+                    };
+                    ((r * absmax as f64) as f32, absmax)
+                })
+                .collect();
+            // Values next to every threshold, at a few scales.
+            for k in 0..255 {
+                for absmax in [1.0f32, 3.7, 1e-3, 6e4] {
+                    let at = map.thresholds[k] * absmax;
+                    for v in [at, f32::from_bits(at.to_bits() + 1), f32::from_bits(at.to_bits() - 1)] {
+                        cases.push((v, absmax));
+                    }
+                }
+            }
+            for (value, absmax) in cases {
+                let exact = nearest_code(&map.values, value, absmax);
+                let code = map.code(value, absmax);
+                if code != exact {
+                    differ += 1;
+                    // Neighbours, and the value within two ulps of their midpoint's product.
+                    assert_eq!(code.abs_diff(exact), 1, "{value} / {absmax}");
+                    let k = code.min(exact) as usize;
+                    let mid = map.thresholds[k] * absmax;
+                    let ulps = (value.to_bits() as i64 - mid.to_bits() as i64).abs();
+                    assert!(ulps <= 2, "{value} / {absmax}: {ulps} ulps from the midpoint");
+                }
+            }
+            assert!(differ < 2000, "{differ} codes differ ({signed})");
+            // The entries themselves, and the extremes, code exactly.
+            for (c, &x) in map.values.iter().enumerate() {
+                assert_eq!(map.code(x, 1.0) as usize, c);
+            }
+            assert_eq!(map.code(0.0, 0.0), map.zero);
+            assert_eq!(map.value(0.0, map.zero), 0.0);
+        }
+    }
+
+    #[test]
+    fn blocks_pack_and_unpack() {
+        let mut rng = Rng::new(11);
+        for len in [1usize, 3, 255, 256, 257, 1000] {
+            for signed in [true, false] {
+                let map = Map::new(signed);
+                let values: Vec<f32> = rng.normals(len, 0.1);
+                let words = map.encode(&values);
+                assert_eq!(words.len(), blocks(len as u64) as usize * BLOCK_WORDS);
+                let mut want = values.clone();
+                map.round_tensor(&mut want);
+                assert_eq!(map.decode(&words, len), want);
+                let (absmax, codes) = Map::unpack(&words, len);
+                assert_eq!(map.pack(&absmax, &codes), words);
+                // Codes past the tensor hold the code of 0.
+                let last = words.len() - 1;
+                if len % BLOCK != 0 && len % BLOCK <= BLOCK - 4 {
+                    assert_eq!(words[last], u32::from_ne_bytes([map.zero; 4]));
+                }
+            }
+        }
+        // A NaN makes its block's absmax NaN; a block of zeros stays 0.
+        assert!(absmax(&[1.0, f32::NAN, -3.0]).is_nan());
+        assert_eq!(absmax(&[1.0, -3.0, 2.0]), 3.0);
+        assert_eq!(absmax(&[0.0, -0.0]), 0.0);
+        assert_eq!(Map::named("dynamic_signed"), Some(Map::new(true)));
+        assert_eq!(Map::named("other"), None);
     }
 }

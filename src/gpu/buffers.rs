@@ -2,6 +2,7 @@
 //! scopes around creation: part of `gpu`, the only module that builds wgpu descriptors.
 
 use crate::dtype::Dtype;
+use crate::dtype::q8::BLOCK_WORDS;
 use crate::error::{Error, Result};
 
 /// Runs `create` inside validation and out-of-memory error scopes: whatever the device refuses
@@ -37,33 +38,57 @@ pub(crate) fn state_buffer(
     len: u64,
     fill: f32,
 ) -> wgpu::Buffer {
-    let size = (len * dtype.bytes()).next_multiple_of(4).max(16);
+    let size = (len * dtype.bytes()).next_multiple_of(4);
     // The fill as a word: the f32, or the 16-bit value twice.
     let word = match dtype {
         Dtype::Bf16 => (crate::dtype::narrow_bf16(fill) as u32) * 0x1_0001,
         Dtype::F16 => (crate::dtype::narrow_f16(fill) as u32) * 0x1_0001,
         Dtype::F32 | Dtype::Q8 => fill.to_bits(),
     };
-    let fill = f32::from_bits(word);
+    pattern_buffer(device, label, size, &[word])
+}
+
+/// A q8 state buffer of `blocks` blocks (`dtype::q8`'s layout), each with this `absmax` and
+/// every code word `codes`.
+pub(crate) fn q8_state_buffer(
+    device: &wgpu::Device,
+    label: &str,
+    blocks: u64,
+    absmax: f32,
+    codes: u32,
+) -> wgpu::Buffer {
+    let mut block = vec![codes; BLOCK_WORDS];
+    block[0] = absmax.to_bits();
+    pattern_buffer(device, label, blocks * BLOCK_WORDS as u64 * 4, &block)
+}
+
+/// A storage buffer of `size` bytes (at least 16) holding `pattern` over and over.
+fn pattern_buffer(device: &wgpu::Device, label: &str, size: u64, pattern: &[u32]) -> wgpu::Buffer {
+    let size = size.max(16);
+    let nonzero = pattern.iter().any(|&w| w != 0);
     let buffer = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
         size,
         usage: wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::COPY_SRC
             | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: word != 0,
+        mapped_at_creation: nonzero,
     });
-    if word != 0 {
-        // New buffers are zeroed; only a non-zero fill needs writing, a block at a time.
-        const BLOCK: usize = 1 << 16;
-        let block = vec![fill.to_bits(); BLOCK];
+    if nonzero {
+        // New buffers are zeroed; only a non-zero fill needs writing, a run at a time.
+        let run: Vec<u32> = pattern
+            .iter()
+            .copied()
+            .cycle()
+            .take(pattern.len() * (1usize << 16).div_ceil(pattern.len()))
+            .collect();
+        let run: &[u8] = bytemuck::cast_slice(&run);
         // A buffer the device could not create does not map: its error scope reports it.
         if let Ok(mut view) = buffer.get_mapped_range_mut(..) {
             let bytes = view.len();
-            for start in (0..bytes).step_by(BLOCK * 4) {
-                let end = (start + BLOCK * 4).min(bytes);
-                view.slice(start..end)
-                    .copy_from_slice(&bytemuck::cast_slice(&block)[..end - start]);
+            for start in (0..bytes).step_by(run.len()) {
+                let end = (start + run.len()).min(bytes);
+                view.slice(start..end).copy_from_slice(&run[..end - start]);
             }
         }
         buffer.unmap();

@@ -9,13 +9,16 @@
 use std::num::NonZeroU64;
 
 use crate::config::Config;
-use crate::protocol::{self, BINDINGS, BindingKind, ITERATION_BYTES, Slot, Storage, Width};
+use crate::protocol::{
+    self, BINDINGS, BLOCK_INVOCATIONS, BindingKind, ITERATION_BYTES, Slot, Storage, Width,
+};
 
 mod buffers;
 mod device;
 
 pub(crate) use buffers::{
-    buffer_init, create_scoped, engine_buffer, read_f32, read_f32_blocking, state_buffer,
+    buffer_init, create_scoped, engine_buffer, q8_state_buffer, read_f32, read_f32_blocking,
+    state_buffer,
     uniform_buffer, upload,
 };
 pub use device::auxiliary_pipeline;
@@ -28,11 +31,15 @@ const ADAM_FAMILY_WGSL: &str = include_str!("../../shaders/adam_family.wgsl");
 /// call.
 const STORAGE_WGSL: &str = include_str!("../../shaders/storage.wgsl");
 
+/// q8 dequantisation and rounding, which a blockwise prelude's loads and stores call.
+const Q8_WGSL: &str = include_str!("../../shaders/q8.wgsl");
+
 /// The complete WGSL source for one element width and storage: the generated prelude, the
-/// conversions, then the family.
+/// conversions (and, blockwise, q8's), then the family.
 pub(crate) fn wgsl_source(width: Width, storage: &Storage) -> String {
+    let q8 = if width == Width::Blocks { Q8_WGSL } else { "" };
     format!(
-        "{}{STORAGE_WGSL}{ADAM_FAMILY_WGSL}",
+        "{}{STORAGE_WGSL}{q8}{ADAM_FAMILY_WGSL}",
         protocol::wgsl_prelude(width, storage)
     )
 }
@@ -146,6 +153,7 @@ impl Variant {
                 Width::Vec4 => " vec4",
                 Width::Vec2 => " vec2",
                 Width::Scalar => " scalar",
+                Width::Blocks => " blocks",
             }
     }
 }
@@ -277,11 +285,7 @@ impl Kernels {
             bind_group_layouts: &[Some(&layout)],
             immediate_size: 0,
         });
-        let widths: &[Width] = if variant.storage.pairs() {
-            &Width::ALL
-        } else {
-            &[Width::Vec4, Width::Scalar]
-        };
+        let widths = variant.storage.widths();
         let modules: Vec<(Width, wgpu::ShaderModule)> = widths
             .iter()
             .map(|&width| {
@@ -323,8 +327,21 @@ impl Kernels {
                 build(&label, width, entry, &v.constants())
             };
             let mut pipelines: Pipelines = Default::default();
-            for segmented in [false, true] {
-                for &width in widths {
+            for &width in widths {
+                if width == Width::Blocks {
+                    // One workgroup per block: its own entry point for the step, and its own
+                    // workgroup size.
+                    let v = Variant {
+                        workgroup_size: BLOCK_INVOCATIONS,
+                        ..variant
+                    };
+                    let entry = if entry == "step" { "step_blocks" } else { entry };
+                    let label = format!("{} {entry}", v.label(width));
+                    pipelines[Kernels::index(width, false)] =
+                        Some(build(&label, width, entry, &v.constants()));
+                    continue;
+                }
+                for segmented in [false, true] {
                     pipelines[Kernels::index(width, segmented)] = Some(pipeline(width, segmented));
                 }
             }
@@ -356,6 +373,7 @@ impl Kernels {
             Width::Vec4 => 0,
             Width::Vec2 => 1,
             Width::Scalar => 2,
+            Width::Blocks => return 6,
         };
         w + 3 * segmented as usize
     }
@@ -365,8 +383,9 @@ impl Kernels {
     }
 }
 
-/// A pipeline per width and segmentation ([`Kernels::index`]); `None` for a width not built.
-pub(crate) type Pipelines = [Option<wgpu::ComputePipeline>; 6];
+/// A pipeline per width and segmentation, and the blockwise one ([`Kernels::index`]); `None`
+/// for a width not built.
+pub(crate) type Pipelines = [Option<wgpu::ComputePipeline>; 7];
 
 /// A byte range of a buffer to bind.
 #[derive(Clone, Debug)]

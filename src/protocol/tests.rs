@@ -20,15 +20,16 @@ fn parse_with(width: Width, storage: &Storage) -> naga::Module {
         .unwrap_or_else(|e| panic!("{width:?} {storage:?}: {}", e.emit_to_string(&source)))
 }
 
-/// Every storage the prelude can be generated for: each buffer f32, bf16 or f16, and with
-/// 16-bit params master weights or stochastic rounding (or neither).
+/// Every storage the prelude can be generated for: each buffer f32, bf16 or f16 (states also
+/// q8), and with 16-bit params master weights or stochastic rounding (or neither).
 fn every_storage() -> Vec<Storage> {
     let dtypes = [Dtype::F32, Dtype::Bf16, Dtype::F16];
+    let states = [Dtype::F32, Dtype::Bf16, Dtype::F16, Dtype::Q8];
     let mut out = Vec::new();
     for param in dtypes {
         for grad in dtypes {
-            for exp_avg in dtypes {
-                for exp_avg_sq in dtypes {
+            for exp_avg in states {
+                for exp_avg_sq in states {
                     let rounding: &[(bool, bool)] = if param == Dtype::F32 {
                         &[(false, false)]
                     } else {
@@ -115,7 +116,7 @@ fn shared_structs_have_the_same_layout_in_rust_and_wgsl() {
                 group,
                 partials_base,
                 tensor_element,
-                _pad2,
+                block_base,
                 _pad3
             })
         );
@@ -244,12 +245,17 @@ fn every_storage_validates_and_compiles_to_spirv_at_every_width() {
     let mut compiled = 0;
     let mut flags = 0x5au32;
     for storage in every_storage() {
-        for width in Width::ALL {
+        for &width in storage.widths() {
             let module = parse_with(width, &storage);
             let info = Validator::new(ValidationFlags::all(), Capabilities::all())
                 .validate(&module)
                 .unwrap_or_else(|e| panic!("{width:?} {storage:?}: {e:?}"));
-            for (entry, segmented) in [("step", false), ("step", true), ("grad_norm", true)] {
+            let entries: &[(&str, bool)] = if width == Width::Blocks {
+                &[("step_blocks", false), ("grad_norm", false)]
+            } else {
+                &[("step", false), ("step", true), ("grad_norm", true)]
+            };
+            for &(entry, segmented) in entries {
                 flags = flags.wrapping_mul(1_103_515_245).wrapping_add(12_345);
                 let f = flags >> 16;
                 let variant = Variant {
@@ -276,7 +282,12 @@ fn every_storage_validates_and_compiles_to_spirv_at_every_width() {
             }
         }
     }
-    assert_eq!(compiled, every_storage().len() * 3 * 3);
+    let want: usize = every_storage()
+        .iter()
+        .map(|s| if s.blockwise() { 2 } else { s.widths().len() * 3 })
+        .sum();
+    assert_eq!(compiled, want);
+    assert!(every_storage().iter().any(Storage::blockwise));
 }
 
 #[test]
