@@ -79,15 +79,6 @@ impl StateBuffers {
         ]
     }
 
-    /// The q8 buffer of state `name` (`exp_avg`, `exp_avg_sq` or `max_exp_avg_sq`), if that
-    /// state is stored as q8.
-    pub(crate) fn q8_buffer(&self, name: &str) -> Option<&wgpu::Buffer> {
-        self.buffers()
-            .into_iter()
-            .find(|(_, dtype, n)| *n == name && *dtype == Dtype::Q8)
-            .and_then(|(b, _, _)| b)
-    }
-
     /// Copies the state of a tensor back to the host, widened to f32 (q8 dequantised): `len`
     /// elements from element `offset`, and for q8 its blocks from block `block`. The copies
     /// are submitted now; the future resolves once the device has been polled past them.

@@ -4,6 +4,8 @@
 //!
 //! Owns: what tests and the benchmark share. Not part of the API: it may change at any time.
 
+use crate::dtype::q8::{BLOCK, Map};
+
 /// splitmix64: small, seeded, reproducible.
 #[derive(Clone, Debug)]
 pub struct Rng(u64);
@@ -140,7 +142,8 @@ pub fn compare(
 }
 
 /// The spacing of `dtype`'s values at `x`: one rounding of a value stored in it, the slack a
-/// 16-bit stored value gets beyond the f32 tolerance (0 for f32: no rounding beyond f32's).
+/// 16-bit stored value gets beyond the f32 tolerance (0 for f32: no rounding beyond f32's;
+/// for q8 it depends on the block: [`q8_spacing`]).
 pub fn spacing(dtype: crate::Dtype, x: f32) -> f32 {
     let exponent = |x: f32| ((x.abs().to_bits() >> 23) as i32 - 127).max(-126);
     match dtype {
@@ -148,6 +151,25 @@ pub fn spacing(dtype: crate::Dtype, x: f32) -> f32 {
         crate::Dtype::F16 => 2f32.powi(exponent(x).max(-14) - 10),
         crate::Dtype::F32 | crate::Dtype::Q8 => 0.0,
     }
+}
+
+/// One rounding of each q8 value of a tensor (blocks of 256 from its first element): the
+/// larger gap between the map entry of `want[i]` and its neighbours, times the block's absmax
+/// (estimated from the larger magnitude of `got` and `want` in the block: the stored maximum
+/// is at least 0.99 of it, the map's most negative entry being -0.993). The slack a q8 stored
+/// value gets beyond the f32 tolerance; `map` is the state's ([`Map::for_state`]).
+pub fn q8_spacing(map: &Map, got: &[f32], want: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(want.len());
+    for (g, w) in got.chunks(BLOCK).zip(want.chunks(BLOCK)) {
+        let absmax = max_abs(g).max(max_abs(w)) / 0.99;
+        for &x in w {
+            let code = map.code(x, absmax) as usize;
+            let entry = |c: usize| map.values[c.min(255)];
+            let gap = (entry(code + 1) - entry(code)).max(entry(code) - entry(code.saturating_sub(1)));
+            out.push(gap * absmax);
+        }
+    }
+    out
 }
 
 /// The largest absolute value (0 for an empty slice).
