@@ -473,7 +473,11 @@ fn build_spans(
         .iter()
         .zip(planned)
         .map(|(span, planned)| {
-            let blocks = span.segments.iter().map(|s| q8::blocks(s.end - s.start)).sum();
+            let blocks = span
+                .segments
+                .iter()
+                .map(|s| q8::blocks(s.end - s.start))
+                .sum();
             let state = StateBuffers::new(device, config, &span.name, span.param.len, blocks);
             let dispatches = planned
                 .iter()

@@ -953,7 +953,9 @@ mod tests {
                         // Its code: block `index / 256` of its tensor, slot `index % 256`.
                         let want = starts.iter().position(|&s| s == p - index % BLOCK as u64);
                         if want != Some(block as usize) || 4 * lane + j != index % BLOCK as u64 {
-                            return Err(format!("element {p}: code in block {block}, not {want:?}"));
+                            return Err(format!(
+                                "element {p}: code in block {block}, not {want:?}"
+                            ));
                         }
                         if updated[p as usize].replace(row[2]).is_some() {
                             return Err(format!("element {p} updated twice"));
@@ -997,8 +999,7 @@ mod tests {
             let plans = plan_blocks(&span, &limits);
             let context = format!("case {case}: span {span:?}\nlimits {limits:?}");
             check_blocks(&span, &limits, &plans).unwrap_or_else(|e| panic!("{e}\n{context}"));
-            let got =
-                emulate_blocks(&span, &plans).unwrap_or_else(|e| panic!("{e}\n{context}"));
+            let got = emulate_blocks(&span, &plans).unwrap_or_else(|e| panic!("{e}\n{context}"));
             assert_eq!(got, expected(&span), "case {case}");
         }
     }
@@ -1006,9 +1007,21 @@ mod tests {
     #[test]
     fn check_blocks_catches_a_broken_plan() {
         let segments = [
-            Segment { start: 0, end: 1000, group: 0 },
-            Segment { start: 1000, end: 1500, group: 1 },
-            Segment { start: 3000, end: 3001, group: 1 },
+            Segment {
+                start: 0,
+                end: 1000,
+                group: 0,
+            },
+            Segment {
+                start: 1000,
+                end: 1500,
+                group: 1,
+            },
+            Segment {
+                start: 3000,
+                end: 3001,
+                group: 1,
+            },
         ];
         let span = SpanLayout {
             param_offset: 0,
@@ -1031,19 +1044,25 @@ mod tests {
         assert!(good.len() > 1, "several chunks");
         check_blocks(&span, &limits, &good).unwrap();
         let breaks: [fn(&mut Vec<Planned>); 5] = [
-            |p| drop(p.pop()),                  // blocks missing
-            |p| p[0].chunk.block_base += 1,     // codes in the wrong block
-            |p| p[1].param.0 += 16,             // binding moved
-            |p| p[0].rows[0][1] += 1,           // a block too long
-            |p| p[0].q8.0 += 1,                 // q8 binding not aligned
+            |p| drop(p.pop()),              // blocks missing
+            |p| p[0].chunk.block_base += 1, // codes in the wrong block
+            |p| p[1].param.0 += 16,         // binding moved
+            |p| p[0].rows[0][1] += 1,       // a block too long
+            |p| p[0].q8.0 += 1,             // q8 binding not aligned
         ];
         for (k, b) in breaks.iter().enumerate() {
             let mut plans = good.clone();
             b(&mut plans);
-            assert!(check_blocks(&span, &limits, &plans).is_err(), "break {k} went unnoticed");
+            assert!(
+                check_blocks(&span, &limits, &plans).is_err(),
+                "break {k} went unnoticed"
+            );
         }
         // A chunk_len under the unit cannot hold a block: reported, not planned wrong.
-        let small = PlanLimits { chunk_len: 64, ..limits };
+        let small = PlanLimits {
+            chunk_len: 64,
+            ..limits
+        };
         assert!(check_blocks(&span, &small, &plan_blocks(&span, &small)).is_err());
     }
 }

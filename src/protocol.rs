@@ -598,7 +598,11 @@ struct Buffer {
 impl Buffer {
     /// The 16-bit conversions' suffix, and the narrowing of `x` with random word `r`.
     fn kind(&self) -> &'static str {
-        if self.dtype == Dtype::Bf16 { "bf16" } else { "f16" }
+        if self.dtype == Dtype::Bf16 {
+            "bf16"
+        } else {
+            "f16"
+        }
     }
 
     fn narrow(&self, x: &str, r: &str) -> String {
@@ -699,12 +703,15 @@ fn load_store(b: &Buffer, width: Width) -> String {
 /// 0 outside the block) and, from lane 0, the absmax.
 fn blockwise_load_store(b: &Buffer) -> String {
     let Buffer { name, index, .. } = *b;
-    let signature = format!(
-        "fn store_{name}(at: At, v: Elem, random: Index, keep: Mask, absmax: f32) {{\n"
-    );
+    let signature =
+        format!("fn store_{name}(at: At, v: Elem, random: Index, keep: Mask, absmax: f32) {{\n");
     if b.dtype == Dtype::Q8 {
         let map = if b.signed { "true" } else { "false" };
-        let zero = if b.signed { "Q8_ZERO_SIGNED" } else { "Q8_ZERO_UNSIGNED" };
+        let zero = if b.signed {
+            "Q8_ZERO_SIGNED"
+        } else {
+            "Q8_ZERO_UNSIGNED"
+        };
         let mut out = format!(
             "fn load_{name}(at: At) -> Elem {{\n\
              \x20   if !at.live {{ return Elem(0.0); }}\n\

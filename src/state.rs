@@ -93,7 +93,11 @@ impl StateBuffers {
             buffer.map(|b| {
                 // Whole words: a 16-bit range may start or end inside one.
                 let (first, words) = word_range(dtype, (offset, block), len);
-                (gpu::read_f32(device, queue, b, first * 4, words), dtype, name)
+                (
+                    gpu::read_f32(device, queue, b, first * 4, words),
+                    dtype,
+                    name,
+                )
             })
         });
         let skip = move |dtype: Dtype| (offset * dtype.bytes() % 4 / dtype.bytes()) as usize;
@@ -130,7 +134,12 @@ impl StateBuffers {
     /// `max_exp_avg_sq` or `master_param` on either side is skipped. A 16-bit range starts on
     /// a word (tensors do, `params.rs`); a last odd element's word gets a 0 in its other half,
     /// which no tensor owns.
-    pub(crate) fn write(&self, queue: &wgpu::Queue, (offset, block): (u64, u64), state: &TensorState) {
+    pub(crate) fn write(
+        &self,
+        queue: &wgpu::Queue,
+        (offset, block): (u64, u64),
+        state: &TensorState,
+    ) {
         let data = [
             Some(&state.exp_avg),
             Some(&state.exp_avg_sq),
@@ -371,7 +380,9 @@ impl Optimizer {
                 });
             }
         }
-        self.spans[at.span].state.write(queue, (at.offset, at.block), state);
+        self.spans[at.span]
+            .state
+            .write(queue, (at.offset, at.block), state);
         Ok(())
     }
 

@@ -165,7 +165,8 @@ pub fn q8_spacing(map: &Map, got: &[f32], want: &[f32]) -> Vec<f32> {
         for &x in w {
             let code = map.code(x, absmax) as usize;
             let entry = |c: usize| map.values[c.min(255)];
-            let gap = (entry(code + 1) - entry(code)).max(entry(code) - entry(code.saturating_sub(1)));
+            let gap =
+                (entry(code + 1) - entry(code)).max(entry(code) - entry(code.saturating_sub(1)));
             out.push(gap * absmax);
         }
     }

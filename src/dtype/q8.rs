@@ -115,7 +115,10 @@ impl Map {
             },
             values,
             thresholds,
-            zero: values.iter().position(|&x| x == 0.0).expect("0 is an entry") as u8,
+            zero: values
+                .iter()
+                .position(|&x| x == 0.0)
+                .expect("0 is an entry") as u8,
         }
     }
 
@@ -160,7 +163,10 @@ impl Map {
             "a block holds at most {BLOCK} values"
         );
         let absmax = absmax(values);
-        (absmax, values.iter().map(|&v| self.code(v, absmax)).collect())
+        (
+            absmax,
+            values.iter().map(|&v| self.code(v, absmax)).collect(),
+        )
     }
 
     /// What storing `values` (one tensor) and reading them back gives, block by block from
@@ -195,7 +201,10 @@ impl Map {
             for w in 0..BLOCK / 4 {
                 let mut word = 0u32;
                 for j in 0..4 {
-                    let code = codes.get(b * BLOCK + 4 * w + j).copied().unwrap_or(self.zero);
+                    let code = codes
+                        .get(b * BLOCK + 4 * w + j)
+                        .copied()
+                        .unwrap_or(self.zero);
                     word |= (code as u32) << (8 * j);
                 }
                 words.push(word);
@@ -322,7 +331,11 @@ mod tests {
         let mut rng = Rng::new(9);
         for signed in [true, false] {
             let map = Map::new(signed);
-            let gap = map.values.windows(2).map(|w| w[1] - w[0]).fold(0f32, f32::max);
+            let gap = map
+                .values
+                .windows(2)
+                .map(|w| w[1] - w[0])
+                .fold(0f32, f32::max);
             let mut values: Vec<f32> = rng.normals(1000, 1e-3);
             if !signed {
                 values.iter_mut().for_each(|v| *v = v.abs());
@@ -371,7 +384,11 @@ mod tests {
             for k in 0..255 {
                 for absmax in [1.0f32, 3.7, 1e-3, 6e4] {
                     let at = map.thresholds[k] * absmax;
-                    for v in [at, f32::from_bits(at.to_bits() + 1), f32::from_bits(at.to_bits() - 1)] {
+                    for v in [
+                        at,
+                        f32::from_bits(at.to_bits() + 1),
+                        f32::from_bits(at.to_bits() - 1),
+                    ] {
                         cases.push((v, absmax));
                     }
                 }
@@ -386,7 +403,10 @@ mod tests {
                     let k = code.min(exact) as usize;
                     let mid = map.thresholds[k] * absmax;
                     let ulps = (value.to_bits() as i64 - mid.to_bits() as i64).abs();
-                    assert!(ulps <= 2, "{value} / {absmax}: {ulps} ulps from the midpoint");
+                    assert!(
+                        ulps <= 2,
+                        "{value} / {absmax}: {ulps} ulps from the midpoint"
+                    );
                 }
             }
             assert!(differ < 2000, "{differ} codes differ ({signed})");

@@ -18,8 +18,7 @@ mod device;
 
 pub(crate) use buffers::{
     buffer_init, create_scoped, engine_buffer, q8_state_buffer, read_f32, read_f32_blocking,
-    state_buffer,
-    uniform_buffer, upload,
+    state_buffer, uniform_buffer, upload,
 };
 pub use device::auxiliary_pipeline;
 pub(crate) use device::request_device;
@@ -335,7 +334,11 @@ impl Kernels {
                         workgroup_size: BLOCK_INVOCATIONS,
                         ..variant
                     };
-                    let entry = if entry == "step" { "step_blocks" } else { entry };
+                    let entry = if entry == "step" {
+                        "step_blocks"
+                    } else {
+                        entry
+                    };
                     let label = format!("{} {entry}", v.label(width));
                     pipelines[Kernels::index(width, false)] =
                         Some(build(&label, width, entry, &v.constants()));
@@ -354,10 +357,11 @@ impl Kernels {
             };
             let mut constants = v.constants().to_vec();
             constants.extend(finish.constants());
-            let label = format!("{} finish", v.label(Width::Scalar));
+            // Any module has `finish` (it reads no per-element buffer): the first built.
+            let label = format!("{} finish", v.label(widths[0]));
             (
                 family("grad_norm"),
-                build(&label, Width::Scalar, "finish", &constants),
+                build(&label, widths[0], "finish", &constants),
             )
         });
         Kernels {

@@ -284,7 +284,13 @@ fn every_storage_validates_and_compiles_to_spirv_at_every_width() {
     }
     let want: usize = every_storage()
         .iter()
-        .map(|s| if s.blockwise() { 2 } else { s.widths().len() * 3 })
+        .map(|s| {
+            if s.blockwise() {
+                2
+            } else {
+                s.widths().len() * 3
+            }
+        })
         .sum();
     assert_eq!(compiled, want);
     assert!(every_storage().iter().any(Storage::blockwise));
