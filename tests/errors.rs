@@ -647,6 +647,16 @@ fn storage_keys_parse_and_refuse_naming_the_key() {
         (true, Rounding::Stochastic, u64::MAX)
     );
     assert_eq!(Config::from_json(&c.to_json()).unwrap(), c);
+    // q8 is for the optimizer's states only.
+    let q = Config::from_json(
+        r#"{"algorithm": "adam", "exp_avg_dtype": "q8", "exp_avg_sq_dtype": "q8"}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        (q.exp_avg_dtype, q.exp_avg_sq_dtype),
+        (Dtype::Q8, Dtype::Q8)
+    );
+    assert_eq!(Config::from_json(&q.to_json()).unwrap(), q);
     // Defaults: f32 everywhere, nearest, seed 0, no master weights.
     let d = Config::from_json(r#"{"algorithm": "adam"}"#).unwrap();
     assert_eq!(
@@ -659,9 +669,7 @@ fn storage_keys_parse_and_refuse_naming_the_key() {
         (r#""grad_dtype": "q8""#, "grad_dtype"),
         (r#""grad_dtype": 16"#, "grad_dtype"),
         (r#""exp_avg_dtype": "BF16""#, "exp_avg_dtype"),
-        // q8 states are specified but not built: refused by name, never stored otherwise.
-        (r#""exp_avg_dtype": "q8""#, "exp_avg_dtype"),
-        (r#""exp_avg_sq_dtype": "q8""#, "exp_avg_sq_dtype"),
+        (r#""exp_avg_sq_dtype": "Q8""#, "exp_avg_sq_dtype"),
         (r#""master_weights": "yes""#, "master_weights"),
         (r#""rounding": "up""#, "rounding"),
         (r#""seed": -1"#, "seed"),

@@ -967,3 +967,67 @@ fn sixteen_bit_traces_replay_in_their_dtypes() {
     }
     assert_eq!(result.tensors.len(), 5 * trace.params.len());
 }
+
+#[test]
+fn q8_traces_replay_with_dequantised_state() {
+    use wgpu_optim::dtype::{Dtype as Storage, q8::Map};
+    use wgpu_optim::testing::q8_spacing;
+    let (device, queue) = gpu();
+    let config = Config::adam()
+        .lr(1e-2)
+        .amsgrad(true)
+        .exp_avg_dtype(Storage::Q8)
+        .exp_avg_sq_dtype(Storage::Q8);
+    // One iteration: the GPU and the reference start from the same values and may differ by
+    // the f32 tolerance and one code step of each stored value.
+    let trace = generated(config.clone(), Some(vec![1e-2]), 12);
+    let bytes = trace.to_bytes().unwrap();
+    assert_eq!(Trace::from_bytes(&bytes, "trace").unwrap(), trace);
+    let got = trace.run(device, queue).unwrap();
+    let want = trace.run_reference();
+    let g_max = processed_grad_max(&trace);
+    let close = |what: &str, slack: &[f32], got: &[f32], want: &[f32], tol: Tolerance| {
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            let bound = tol.abs + tol.rel * w.abs() + slack[i];
+            assert!((g - w).abs() <= bound, "{what}[{i}]: got {g:e}, want {w:e}");
+        }
+    };
+    for (i, p) in trace.params.iter().enumerate() {
+        let tol = Tolerance::param(1, max_abs(&p.data), 1e-2);
+        let none = vec![0.0; p.data.len()];
+        close(
+            "param",
+            &none,
+            &got.params[i].data,
+            &want.params[i].data,
+            tol,
+        );
+        let (gs, ws) = (&got.state[i], &want.state[i]);
+        let m_tol = Tolerance::exp_avg(max_abs(&ws.exp_avg), g_max[i]);
+        let slack = q8_spacing(&Map::for_state("exp_avg"), &gs.exp_avg, &ws.exp_avg);
+        close("exp_avg", &slack, &gs.exp_avg, &ws.exp_avg, m_tol);
+        let v_tol = Tolerance::exp_avg_sq(max_abs(&ws.exp_avg_sq), g_max[i]);
+        let map = Map::for_state("exp_avg_sq");
+        let slack = q8_spacing(&map, &gs.exp_avg_sq, &ws.exp_avg_sq);
+        close("exp_avg_sq", &slack, &gs.exp_avg_sq, &ws.exp_avg_sq, v_tol);
+        let (gv, wv) = (
+            gs.max_exp_avg_sq.as_ref().unwrap(),
+            ws.max_exp_avg_sq.as_ref().unwrap(),
+        );
+        close("max_exp_avg_sq", &q8_spacing(&map, gv, wv), gv, wv, v_tol);
+    }
+    // The result holds q8 states dequantised, as F32, bit for bit what the optimizer read.
+    let result_bytes = got.to_bytes().unwrap();
+    let result = Raw::parse(&result_bytes);
+    for (name, (dtype, _, _)) in &result.tensors {
+        assert_eq!(*dtype, Dtype::F32, "{name}");
+    }
+    assert_eq!(result.tensors.len(), 4 * trace.params.len());
+    let t = &trace.params[0].name;
+    let (_, _, data) = &result.tensors[&format!("exp_avg.{t}")];
+    let values: Vec<f32> = data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    assert_eq!(values, got.state[0].exp_avg);
+}
