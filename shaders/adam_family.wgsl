@@ -7,8 +7,10 @@
 // storage only: one word of two values), or one. Every operation below is component-wise, so
 // one source serves all. Each per-element buffer is read and written through the prelude's
 // `load_<name>` / `store_<name>`, which widen from and round to its storage dtype (arithmetic
-// is f32 whatever the dtype; shaders/storage.wgsl has the conversions). Variants are override
-// constants and prelude constants: the driver folds the branches away.
+// is f32 whatever the dtype; shaders/storage.wgsl has the conversions). With q8 state the step
+// is `step_blocks` instead: a workgroup per 256-element block, so that the block's absmax can
+// be reduced before its codes are stored (shaders/q8.wgsl). Variants are override constants
+// and prelude constants: the driver folds the branches away.
 
 override ALGORITHM: u32 = 0u;          // ADAM (coupled L2), ADAMW (decoupled) or YOGI
 override AMSGRAD: bool = false;

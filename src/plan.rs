@@ -3,9 +3,11 @@
 //! invariants are checked here, on thousands of random layouts, rather than trusted to a GPU
 //! test (a forgiving driver can hide an out-of-window read).
 //!
-//! It owns: chunking at the binding limit, binding offsets and alignment, the choice of vec4
-//! or scalar width, the per-dispatch `Chunk` numbers, segment rows and workgroup hints. It may
-//! not touch wgpu: [`crate::optimizer`] turns each [`Planned`] into buffers and bind groups.
+//! It owns: chunking at the binding limit, binding offsets and alignment, the choice of vec4,
+//! vec2 or scalar width, the per-dispatch `Chunk` numbers, segment rows and workgroup hints;
+//! with q8 state, the blockwise plan instead ([`plan_blocks`]: a workgroup per 256-element
+//! block, checked by [`check_blocks`]). It may not touch wgpu: [`crate::optimizer`] turns each
+//! [`Planned`] into buffers and bind groups.
 //!
 //! Invariants ([`check`] asserts them on every plan, the tests by emulating the shader):
 //! - every element of every tensor is updated exactly once, in its tensor's group;
