@@ -125,11 +125,13 @@ impl FlatParameters {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct OptimizerOptions {
-    /// Invocations per workgroup. Default 256.
+    /// Invocations per workgroup. Default 256. (With q8 state the step goes block by block,
+    /// 64 invocations per 256-element block, whatever this says.)
     pub workgroup_size: u32,
     /// Elements bound per dispatch. `None`: as many as the device's
     /// `max_storage_buffer_binding_size` allows. A value must be a positive multiple of
-    /// [`crate::Optimizer::chunk_granularity`] and no larger than the default.
+    /// [`crate::Optimizer::chunk_granularity_for`] the config (with f32 storage
+    /// [`crate::Optimizer::chunk_granularity`]) and no larger than the default.
     pub chunk_elements: Option<u64>,
 }
 
