@@ -396,9 +396,9 @@ pub(crate) fn check_blocks(
         if len > limits.chunk_len || q8_len * BLOCK_WORDS as u64 * 4 > limits.chunk_len * 4 {
             return fail("chunk longer than chunk_len");
         }
-        if origin % granularity(limits.align, limits.min_bytes) != 0
-            || q8_first % q8_align != 0
-            || (q8_first * BLOCK_WORDS as u64 * 4) % limits.align != 0
+        if !origin.is_multiple_of(granularity(limits.align, limits.min_bytes))
+            || !q8_first.is_multiple_of(q8_align)
+            || !(q8_first * BLOCK_WORDS as u64 * 4).is_multiple_of(limits.align)
         {
             return fail("state binding not aligned");
         }
@@ -437,7 +437,8 @@ pub(crate) fn check_blocks(
             }
             // Whole words: a 16-bit buffer's block starts on an even element.
             if limits.pairs
-                && ((span.param_offset + got[0]) % 2 != 0 || (span.grad_offset + got[0]) % 2 != 0)
+                && (!(span.param_offset + got[0]).is_multiple_of(2)
+                    || !(span.grad_offset + got[0]).is_multiple_of(2))
             {
                 return fail("a block starts inside a 16-bit word");
             }
