@@ -278,23 +278,29 @@ mod tests {
         }
     }
 
+    /// `n` random (value, absmax) pairs: absmax in [min_absmax, 10 + min_absmax), the value
+    /// uniform in [-absmax, absmax] (`signed`) or [0, absmax].
+    fn random_cases(rng: &mut Rng, signed: bool, n: usize, min_absmax: f32) -> Vec<(f32, f32)> {
+        (0..n)
+            .map(|_| {
+                let absmax = (rng.uniform() * 10.0) as f32 + min_absmax;
+                let r = if signed {
+                    2.0 * rng.uniform() - 1.0
+                } else {
+                    rng.uniform()
+                };
+                ((r * absmax as f64) as f32, absmax)
+            })
+            .collect()
+    }
+
     #[test]
     fn nearest_code_is_the_nearest_entry_lower_on_ties() {
         let mut rng = Rng::new(8);
         for signed in [true, false] {
             let map = dynamic_map(signed);
             // Random values, values on entries, and exact midpoints (ties).
-            let mut cases: Vec<(f32, f32)> = (0..20_000)
-                .map(|_| {
-                    let absmax = (rng.uniform() * 10.0) as f32 + 1e-3;
-                    let r = if signed {
-                        2.0 * rng.uniform() - 1.0
-                    } else {
-                        rng.uniform()
-                    };
-                    ((r * absmax as f64) as f32, absmax)
-                })
-                .collect();
+            let mut cases = random_cases(&mut rng, signed, 20_000, 1e-3);
             for c in 0..255 {
                 cases.push((map[c], 1.0));
                 // An exact midpoint where f32 holds it (absmax 2 doubles exactly).
@@ -369,17 +375,7 @@ mod tests {
         for signed in [true, false] {
             let map = Map::new(signed);
             let mut differ = 0;
-            let mut cases: Vec<(f32, f32)> = (0..200_000)
-                .map(|_| {
-                    let absmax = (rng.uniform() * 10.0) as f32 + 1e-30;
-                    let r = if signed {
-                        2.0 * rng.uniform() - 1.0
-                    } else {
-                        rng.uniform()
-                    };
-                    ((r * absmax as f64) as f32, absmax)
-                })
-                .collect();
+            let mut cases = random_cases(&mut rng, signed, 200_000, 1e-30);
             // Values next to every threshold, at a few scales.
             for k in 0..255 {
                 for absmax in [1.0f32, 3.7, 1e-3, 6e4] {
