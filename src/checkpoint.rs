@@ -53,11 +53,12 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::config::{CONFIG_KEYS, Config};
-use crate::dtype::Dtype;
+use crate::dtype::{Dtype, q8};
 use crate::error::{Error, Result};
 use crate::file::{self, FileTensor, Safetensors};
 use crate::optimizer::Optimizer;
 use crate::reference::TensorState;
+use crate::state::Q8State;
 
 /// The state of one optimizer, on the host: what a checkpoint file holds.
 #[derive(Clone, Debug, PartialEq)]
@@ -86,7 +87,10 @@ struct Saved {
     name: String,
     group: usize,
     shape: Vec<usize>,
+    /// Every state, q8 ones dequantised.
     state: TensorState,
+    /// The q8 states as stored (codes and absmax), by kind: what a load writes back.
+    q8: Vec<(&'static str, Q8State)>,
 }
 
 /// Saves the optimizer's state to `path` ([`Checkpoint::capture`], then [`Checkpoint::save`]).
@@ -113,12 +117,23 @@ impl Checkpoint {
     ) -> Result<Self> {
         let names = unique_names(optimizer)?;
         let mut tensors = Vec::with_capacity(names.len());
+        let q8_kinds = q8_states(optimizer.config());
         for (i, name) in names.into_iter().enumerate() {
+            let q8 = q8_kinds
+                .iter()
+                .map(|&kind| {
+                    Ok((
+                        kind,
+                        optimizer.read_q8_state_blocking(device, queue, i, kind)?,
+                    ))
+                })
+                .collect::<Result<_>>()?;
             tensors.push(Saved {
                 name,
                 group: optimizer.tensors()[i].group,
                 shape: vec![optimizer.tensors()[i].len as usize],
                 state: optimizer.read_state_blocking(device, queue, i)?,
+                q8,
             });
         }
         // Each group's configuration with the learning rate in effect.
@@ -179,7 +194,8 @@ impl Checkpoint {
         self.tensors.iter().map(|t| t.name.as_str())
     }
 
-    /// The state of parameter `name`, and the shape its tensors have in the file.
+    /// The state of parameter `name` (q8 states dequantised), and the shape its tensors have
+    /// in the file.
     pub fn state(&self, name: &str) -> Option<(&TensorState, &[usize])> {
         self.tensors
             .iter()
@@ -187,20 +203,33 @@ impl Checkpoint {
             .map(|t| (&t.state, t.shape.as_slice()))
     }
 
+    /// State `kind` (`"exp_avg"`, `"exp_avg_sq"`, `"max_exp_avg_sq"`) of parameter `name` as
+    /// stored, when the configuration stores it as q8: its map's name, absmax and codes.
+    pub fn q8_state(&self, name: &str, kind: &str) -> Option<&Q8State> {
+        let t = self.tensors.iter().find(|t| t.name == name)?;
+        t.q8.iter().find(|(k, _)| *k == kind).map(|(_, q)| q)
+    }
+
     /// The file's bytes (see the module docs for the layout).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let mut tensors = Vec::new();
         for t in &self.tensors {
-            let mut push = |kind: &str, shape: &[usize], data: &[f32], dtype| {
-                let tensor = FileTensor::stored(shape, data, dtype);
+            let mut push = |kind: &str, tensor: FileTensor| {
                 tensors.push((format!("{kind}.{}", t.name), tensor));
             };
             // Each state in its dtype: the values were read from buffers of that dtype, so
-            // narrowing them again is exact.
+            // narrowing them again is exact. A q8 state as its codes and absmax.
             for (kind, dtype, data) in state_tensors(&self.config, &t.state) {
-                push(kind, &t.shape, data, dtype);
+                match t.q8.iter().find(|(k, _)| *k == kind) {
+                    Some((_, q8)) if dtype == Dtype::Q8 => {
+                        push(kind, FileTensor::u8(&t.shape, &q8.codes));
+                        let absmax = FileTensor::new(&[q8.absmax.len()], &q8.absmax);
+                        push(&format!("{kind}_absmax"), absmax);
+                    }
+                    _ => push(kind, FileTensor::stored(&t.shape, data, dtype)),
+                }
             }
-            push("step", &[], &[self.step as f32], Dtype::F32);
+            push("step", FileTensor::new(&[], &[self.step as f32]));
         }
         let names: Vec<&str> = self.names().collect();
         let mut metadata = HashMap::from([
@@ -211,6 +240,10 @@ impl Checkpoint {
                 serde_json::to_string(&names).expect("strings serialize"),
             ),
         ]);
+        let q8_kinds = q8_states(&self.config);
+        if !q8_kinds.is_empty() {
+            metadata.insert("q8_maps".into(), q8_maps(&q8_kinds).to_string());
+        }
         if let Some(i) = &self.iteration {
             metadata.insert("iterations".into(), i.iterations.to_string());
             // The f32 widened to f64, printed shortest: it reads back to the same f32.
@@ -315,22 +348,41 @@ impl Checkpoint {
             })?;
         check_unique(&names)?;
         let (other_groups, member) = parse_groups(&st, file, &config, names.len())?;
+        let q8_kinds = q8_states(&config);
+        if !q8_kinds.is_empty() {
+            let want = q8_maps(&q8_kinds);
+            let text = st.require_metadata(
+                "q8_maps",
+                "each q8 state's quantisation map, a JSON object (the config has q8 states)",
+            )?;
+            if serde_json::from_str::<Value>(text).ok().as_ref() != Some(&want) {
+                return Err(Error::InvalidMetadata {
+                    file: file.to_string(),
+                    key: "q8_maps",
+                    value: text.to_string(),
+                    expected: format!("{want}, the maps of this config's q8 states"),
+                });
+            }
+        }
 
         let mut views: BTreeMap<&str, _> =
             st.tensors.iter().map(|(n, v)| (n.as_str(), v)).collect();
         let mut tensors = Vec::with_capacity(names.len());
         for (name, group) in names.into_iter().zip(member) {
-            // Each tensor must have the dtype the file's config gives it.
-            let mut take = |kind: &str, expected: &str| {
+            let mut q8 = Vec::new();
+            // Each tensor must have the dtype the file's config gives it: a q8 state U8 codes
+            // beside its F32 absmax, one per block.
+            let mut take = |kind: &'static str, expected: &str| {
                 let tensor = format!("{kind}.{name}");
-                let Some(view) = views.remove(tensor.as_str()) else {
-                    return Err(Error::MissingTensor {
-                        tensor,
-                        expected: expected.into(),
-                    });
+                let mut remove = |tensor: &str, expected: String| {
+                    views.remove(tensor).ok_or_else(|| Error::MissingTensor {
+                        tensor: tensor.to_string(),
+                        expected,
+                    })
                 };
+                let view = remove(&tensor, expected.into())?;
                 let (dtype, why) = stored_as(&config, kind);
-                let data = file::tensor_data(&tensor, view, dtype).map_err(|e| match e {
+                let with_why = |e| match e {
                     Error::DType {
                         tensor,
                         dtype,
@@ -341,8 +393,48 @@ impl Checkpoint {
                         expected: format!("{expected}: {why}"),
                     },
                     e => e,
-                })?;
-                Ok((data, view.shape().to_vec()))
+                };
+                let shape = view.shape().to_vec();
+                if dtype != Dtype::Q8 {
+                    let data = file::tensor_data(&tensor, view, dtype).map_err(with_why)?;
+                    return Ok((data, shape));
+                }
+                if view.dtype() != file::U8 {
+                    return Err(with_why(Error::DType {
+                        tensor,
+                        dtype: format!("{:?}", view.dtype()),
+                        expected: "U8 (q8 codes)".into(),
+                    }));
+                }
+                let codes = view.data().to_vec();
+                let absmax_name = format!("{kind}_absmax.{name}");
+                let absmax_view = remove(
+                    &absmax_name,
+                    format!("the absmax of each block of `{tensor}` ({why})"),
+                )?;
+                let absmax =
+                    file::tensor_data(&absmax_name, absmax_view, Dtype::F32).map_err(with_why)?;
+                let blocks = q8::blocks(codes.len() as u64) as usize;
+                if absmax_view.shape() != [blocks] {
+                    return Err(Error::Shape {
+                        tensor: absmax_name,
+                        shape: absmax_view.shape().to_vec(),
+                        expected: format!(
+                            "[{blocks}], one value per block of {} codes of `{tensor}`",
+                            q8::BLOCK
+                        ),
+                    });
+                }
+                let map = q8::Map::for_state(kind);
+                let state = Q8State {
+                    map: map.name.to_string(),
+                    absmax,
+                    codes,
+                };
+                state.check(kind, &name, state.codes.len() as u64)?;
+                let data = state.values(&map);
+                q8.push((kind, state));
+                Ok((data, shape))
             };
             let (exp_avg, shape) = take("exp_avg", "the first moment of every parameter")?;
             let same_shape = |kind: &str, (data, s): (Vec<f32>, Vec<usize>)| {
@@ -406,6 +498,7 @@ impl Checkpoint {
                     max_exp_avg_sq,
                     master_param,
                 },
+                q8,
             });
         }
         if let Some(tensor) = views.keys().next() {
@@ -414,13 +507,19 @@ impl Checkpoint {
                 tensor: tensor.to_string(),
                 expected: format!(
                     "`exp_avg.<name>`, `exp_avg_sq.<name>`, `step.<name>`, with amsgrad (here \
-                     {}) `max_exp_avg_sq.<name>` and with master weights (here {}: \
-                     `master_weights` {}, `param_dtype` \"{}\") `master_param.<name>`, for each \
-                     name of `param_names`",
+                     {}) `max_exp_avg_sq.<name>`, with master weights (here {}: \
+                     `master_weights` {}, `param_dtype` \"{}\") `master_param.<name>`, and \
+                     `<state>_absmax.<name>` for each q8 state (here {}), for each name of \
+                     `param_names`",
                     on(config.amsgrad),
                     on(config.keeps_master()),
                     config.master_weights,
                     config.param_dtype.name(),
+                    if q8_kinds.is_empty() {
+                        "none".to_string()
+                    } else {
+                        q8_kinds.join(", ")
+                    },
                 ),
             });
         }
@@ -489,11 +588,17 @@ impl Checkpoint {
                     expected: format!("{len} elements, like parameter `{name}`"),
                 });
             }
-            order.push((i, &t.state));
+            order.push((i, t));
         }
-        // Everything is checked (lengths agree within a Saved, amsgrad with the config): write.
-        for (i, state) in order {
-            optimizer.load_state(queue, i, state)?;
+        // Everything is checked (lengths agree within a Saved, amsgrad and the q8 states with
+        // the config, each q8 state's map, codes and absmax): write. A q8 state goes in twice:
+        // quantised from its values by `load_state`, then overwritten (the queue's writes land
+        // in order) by its codes and absmax as saved, which re-quantising need not give.
+        for (i, t) in order {
+            optimizer.load_state(queue, i, &t.state)?;
+            for (kind, q8) in &t.q8 {
+                optimizer.load_q8_state(queue, i, kind, q8)?;
+            }
         }
         optimizer.set_step_count(self.iterations());
         if let Some(i) = &self.iteration {
@@ -578,6 +683,23 @@ fn stored_as(config: &Config, kind: &str) -> (Dtype, String) {
         "master_param" => (Dtype::F32, "master weights are always f32".into()),
         _ => (Dtype::F32, "the step count is always f32".into()),
     }
+}
+
+/// The states `config` stores as q8, in file order.
+fn q8_states(config: &Config) -> Vec<&'static str> {
+    ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
+        .into_iter()
+        .filter(|&kind| kind != "max_exp_avg_sq" || config.amsgrad)
+        .filter(|&kind| stored_as(config, kind).0 == Dtype::Q8)
+        .collect()
+}
+
+/// The `q8_maps` metadata of these q8 states: each one's map name, by state.
+fn q8_maps(kinds: &[&str]) -> Value {
+    let maps = kinds
+        .iter()
+        .map(|&kind| (kind.to_string(), q8::Map::for_state(kind).name.into()));
+    Value::Object(maps.collect())
 }
 
 fn json_map(config: &Config) -> serde_json::Map<String, Value> {

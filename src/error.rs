@@ -155,6 +155,15 @@ pub enum Error {
         value: f32,
         expected: String,
     },
+    /// A q8 state given with another quantisation map than the one its state uses
+    /// (`"dynamic_signed"` for `exp_avg`, `"dynamic_unsigned"` for `exp_avg_sq` and
+    /// `max_exp_avg_sq`).
+    #[error("tensor `{tensor}` is quantised with map {map:?}, expected {expected:?}")]
+    Q8Map {
+        tensor: String,
+        map: String,
+        expected: &'static str,
+    },
     /// A checkpoint's configuration differs from the optimizer's in a key other than `lr`.
     #[error(
         "config key `{key}` differs: the checkpoint has {checkpoint}, the optimizer {optimizer}"

@@ -110,6 +110,9 @@ impl<'a> Safetensors<'a> {
     }
 }
 
+/// Safetensors' U8, the dtype of q8 codes in a checkpoint.
+pub(crate) const U8: Dtype = Dtype::U8;
+
 /// The safetensors name of a storage dtype (a q8 state is written dequantised, as F32).
 pub(crate) fn safetensors_dtype(dtype: StorageDtype) -> Dtype {
     match dtype {
@@ -157,6 +160,16 @@ impl FileTensor {
     /// An F32 tensor.
     pub fn new(shape: &[usize], data: &[f32]) -> Self {
         Self::stored(shape, data, StorageDtype::F32)
+    }
+
+    /// A U8 tensor: `data` as it is (q8 codes).
+    pub fn u8(shape: &[usize], data: &[u8]) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        FileTensor {
+            dtype: Dtype::U8,
+            shape: shape.to_vec(),
+            bytes: data.to_vec(),
+        }
     }
 
     /// `data` as `dtype` stores it: 16-bit values rounded to nearest (values a 16-bit buffer

@@ -87,7 +87,7 @@ pub use params::{BufferView, FlatParameters, FlatTensor, OptimizerOptions, Param
 pub use protocol::MAX_GROUPS;
 pub use reference::TensorState;
 pub use schedule::Schedule;
-pub use state::{IterationStatus, StateBuffers};
+pub use state::{IterationStatus, Q8State, StateBuffers};
 
 #[cfg(test)]
 mod tests {

@@ -8,6 +8,7 @@ use crate::dtype::{self, Dtype, q8};
 use crate::error::{Error, Result};
 use crate::gpu;
 use crate::optimizer::Optimizer;
+use crate::params::{Location, TensorInfo};
 use crate::protocol::DeviceScalars;
 use crate::reference::TensorState;
 
@@ -188,6 +189,81 @@ pub(crate) fn decode(dtype: Dtype, words: &[f32], skip: usize, len: usize) -> Ve
     let start = skip * dtype.bytes() as usize;
     let end = start + len * dtype.bytes() as usize;
     dtype::from_bytes(dtype, &bytes[start..end])
+}
+
+/// One tensor's q8 state as its buffer holds it: the quantisation map's name, each block's
+/// absmax and each element's code. Element `i` is stored as
+/// `f32(map.values[codes[i]] * absmax[i / 256])` ([`q8::Map::value`]); the codes and absmax are
+/// what a bit-exact checkpoint keeps, since quantising the dequantised values again need not
+/// give them back (module docs of [`q8`]). See [`Optimizer::read_q8_state`] and
+/// [`Optimizer::load_q8_state`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Q8State {
+    /// The map's name ([`q8::Map::name`]): `"dynamic_signed"` for `exp_avg`,
+    /// `"dynamic_unsigned"` for `exp_avg_sq` and `max_exp_avg_sq`.
+    pub map: String,
+    /// The absmax of each block of [`q8::BLOCK`] elements from the tensor's first:
+    /// [`q8::blocks`]`(len)` values, each a magnitude (sign bit clear).
+    pub absmax: Vec<f32>,
+    /// One code per element of the tensor.
+    pub codes: Vec<u8>,
+}
+
+impl Q8State {
+    /// Checks this state against state `kind` (`exp_avg`, `exp_avg_sq`, `max_exp_avg_sq`) of
+    /// parameter `name` of `len` elements: the map that state uses, one code per element, one
+    /// absmax per block, each absmax a magnitude. Errors name `<kind>.<name>` (the codes) or
+    /// `<kind>_absmax.<name>`.
+    pub(crate) fn check(&self, kind: &str, name: &str, len: u64) -> Result<()> {
+        let tensor = format!("{kind}.{name}");
+        let map = q8::Map::for_state(kind);
+        if self.map != map.name {
+            return Err(Error::Q8Map {
+                tensor,
+                map: self.map.clone(),
+                expected: map.name,
+            });
+        }
+        if self.codes.len() as u64 != len {
+            return Err(Error::Shape {
+                tensor,
+                shape: vec![self.codes.len()],
+                expected: format!("{len} codes, one per element of parameter `{name}`"),
+            });
+        }
+        let absmax = format!("{kind}_absmax.{name}");
+        let blocks = q8::blocks(len);
+        if self.absmax.len() as u64 != blocks {
+            return Err(Error::Shape {
+                tensor: absmax,
+                shape: vec![self.absmax.len()],
+                expected: format!(
+                    "{blocks} values, one per block of {} elements of parameter `{name}` \
+                     ({len} elements)",
+                    q8::BLOCK
+                ),
+            });
+        }
+        // The kernel's absmax is the largest |x| (NaN and infinity included): never negative.
+        if let Some(index) = self.absmax.iter().position(|a| a.is_sign_negative()) {
+            return Err(Error::TensorValue {
+                tensor: absmax,
+                index,
+                value: self.absmax[index],
+                expected: "a magnitude (sign bit clear), the largest |value| of its block".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The values stored, dequantised with `map`. The lengths have been checked ([`check`]).
+    pub(crate) fn values(&self, map: &q8::Map) -> Vec<f32> {
+        self.codes
+            .iter()
+            .zip(self.absmax.iter().flat_map(|&a| [a; q8::BLOCK]))
+            .map(|(&c, a)| map.value(a, c))
+            .collect()
+    }
 }
 
 /// The optimizer-wide numbers of the last iteration, as the device holds them
@@ -383,6 +459,120 @@ impl Optimizer {
         self.spans[at.span]
             .state
             .write(queue, (at.offset, at.block), state);
+        Ok(())
+    }
+
+    /// The q8 buffer of state `kind` of tensor `index`, the tensor and where it lives; an
+    /// error when the index, the state or its dtype is not so.
+    fn q8_buffer(
+        &self,
+        index: usize,
+        kind: &str,
+    ) -> Result<(&wgpu::Buffer, &TensorInfo, Location)> {
+        let (tensor, at) = self.tensor(index)?;
+        let buffers = &self.spans[at.span].state;
+        let found = buffers
+            .buffers()
+            .into_iter()
+            .find(|&(buffer, _, name)| name == kind && buffer.is_some());
+        let Some((Some(buffer), dtype, _)) = found else {
+            let present: Vec<&str> = buffers
+                .buffers()
+                .into_iter()
+                .filter_map(|(b, _, name)| b.map(|_| name))
+                .collect();
+            return Err(Error::UnexpectedTensor {
+                tensor: format!("{kind}.{}", tensor.name),
+                expected: format!("a state this optimizer keeps: {}", present.join(", ")),
+            });
+        };
+        if dtype != Dtype::Q8 {
+            let why = match kind {
+                "exp_avg" => format!("`exp_avg_dtype` is \"{}\"", dtype.name()),
+                "master_param" => "master weights are always f32".into(),
+                _ => format!("`exp_avg_sq_dtype` is \"{}\"", dtype.name()),
+            };
+            return Err(Error::DType {
+                tensor: format!("{kind}.{}", tensor.name),
+                dtype: dtype.name().into(),
+                expected: format!("q8, but this optimizer stores it so ({why})"),
+            });
+        }
+        Ok((buffer, tensor, at))
+    }
+
+    /// Copies q8 state `kind` (`"exp_avg"`, `"exp_avg_sq"` or `"max_exp_avg_sq"`) of tensor
+    /// `index` back to the host as its buffer holds it: map name, absmax and codes (no
+    /// rounding, unlike the dequantised [`Optimizer::read_state`]). An error names the tensor
+    /// when the optimizer has no such tensor or state, or stores it in another dtype. The copy
+    /// is submitted at once; the future resolves when the device is polled past it.
+    pub fn read_q8_state(
+        &self,
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        index: usize,
+        kind: &str,
+    ) -> impl Future<Output = Result<Q8State>> + use<> {
+        let read = self.q8_buffer(index, kind).map(|(buffer, tensor, at)| {
+            let words = q8::BLOCK_WORDS as u64;
+            let at_byte = at.block * words * 4;
+            let read = gpu::read_f32(
+                device,
+                queue,
+                buffer,
+                at_byte,
+                q8::blocks(tensor.len) * words,
+            );
+            (read, tensor.len as usize, q8::Map::for_state(kind).name)
+        });
+        async move {
+            let (read, len, map) = read?;
+            let words = read.await.map_err(Error::Readback)?;
+            let (absmax, codes) = q8::Map::unpack(bytemuck::cast_slice(&words), len);
+            Ok(Q8State {
+                map: map.to_string(),
+                absmax,
+                codes,
+            })
+        }
+    }
+
+    /// [`Optimizer::read_q8_state`], waiting on the device.
+    pub fn read_q8_state_blocking(
+        &self,
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        index: usize,
+        kind: &str,
+    ) -> Result<Q8State> {
+        let future = self.read_q8_state(device, queue, index, kind);
+        device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Readback(e.to_string()))?;
+        pollster::block_on(future)
+    }
+
+    /// Overwrites q8 state `kind` of tensor `index` with `state`, codes and absmax as they are
+    /// (bit for bit: what a checkpoint needs to resume exactly). Checks first that the
+    /// optimizer stores that state as q8, that `state.map` is the map it uses
+    /// ([`q8::Map::for_state`]), that there is one code per element and one absmax per block,
+    /// each a magnitude; on error nothing is written. Codes past the tensor's end in its last
+    /// block get the code of 0. The write goes through `queue` and lands before the work of
+    /// the next submit: load between submits.
+    pub fn load_q8_state(
+        &mut self,
+        queue: &wgpu::Queue,
+        index: usize,
+        kind: &str,
+        state: &Q8State,
+    ) -> Result<()> {
+        let (buffer, tensor, at) = self.q8_buffer(index, kind)?;
+        state.check(kind, &tensor.name, tensor.len)?;
+        if !state.codes.is_empty() {
+            let words = q8::Map::for_state(kind).pack(&state.absmax, &state.codes);
+            let at_byte = at.block * q8::BLOCK_WORDS as u64 * 4;
+            queue.write_buffer(buffer, at_byte, bytemuck::cast_slice(&words));
+        }
         Ok(())
     }
 

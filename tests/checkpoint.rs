@@ -14,7 +14,8 @@ use safetensors::tensor::Dtype;
 use wgpu_optim::checkpoint::{self, Checkpoint};
 use wgpu_optim::dtype::{self, Dtype as Storage};
 use wgpu_optim::{
-    BufferView, Config, EpsMode, Error, LossScale, Optimizer, Parameter, Rounding, TensorState,
+    BufferView, Config, EpsMode, Error, FlatParameters, FlatTensor, LossScale, Optimizer,
+    Parameter, Q8State, Rounding, TensorState,
 };
 
 /// A buffer of `len` elements of `dtype` (whole 32-bit words, 16-bit values two to a word).
@@ -1406,5 +1407,732 @@ fn loss_scaled_runs_with_skips_resume_bit_exact() {
             key: "loss_scale", ..
         }) => {}
         other => panic!("{other:?}"),
+    }
+}
+
+// q8 states (issue 12): saved as their codes and absmax, with the maps' names, and restored as
+// they were, so that a resume is bit-exact (quantising the dequantised values again is not).
+
+const STATE_KINDS: [&str; 3] = ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"];
+
+/// The states `config` stores as q8.
+fn q8_kinds(config: &Config) -> Vec<&'static str> {
+    STATE_KINDS
+        .into_iter()
+        .filter(|&k| k != "max_exp_avg_sq" || config.amsgrad)
+        .filter(|&k| {
+            let dtype = if k == "exp_avg" {
+                config.exp_avg_dtype
+            } else {
+                config.exp_avg_sq_dtype
+            };
+            dtype == Storage::Q8
+        })
+        .collect()
+}
+
+/// A q8 state's map, absmax bits and codes: compared bit for bit.
+fn q8_bits(q: &Q8State) -> (String, Vec<u32>, Vec<u8>) {
+    (q.map.clone(), bits(&q.absmax), q.codes.clone())
+}
+
+/// An optimizer for the q8 tests over `init`: separate buffers, or one flat buffer (tensors at
+/// even offsets with gaps between them, in two groups, the second without weight decay and at
+/// half the learning rate), params and grads in the config's dtypes.
+struct Q8Model {
+    optimizer: Optimizer,
+    params: Vec<wgpu::Buffer>,
+    grads: Vec<wgpu::Buffer>,
+    /// Each tensor's buffer (index into params and grads) and element offset in it.
+    at: Vec<(usize, u64)>,
+    sizes: Vec<u64>,
+    grad_dtype: Storage,
+}
+
+impl Q8Model {
+    fn new(config: &Config, flat: bool, init: &[Vec<f32>]) -> Q8Model {
+        let device = &gpu().0;
+        let (pd, gd) = (config.param_dtype, config.grad_dtype);
+        let sizes: Vec<u64> = init.iter().map(|p| p.len() as u64).collect();
+        let name = |i: usize| format!("block{i}.weight");
+        let (params, grads, at, optimizer) = if flat {
+            let (mut offsets, mut end) = (Vec::new(), 2u64);
+            for (i, &s) in sizes.iter().enumerate() {
+                offsets.push(end);
+                end = (end + s + 2 + i as u64).next_multiple_of(2);
+            }
+            let (param, grad) = (buffer_of(pd, end), buffer_of(gd, end));
+            let tensors = (0..sizes.len())
+                .map(|i| FlatTensor::new(name(i), offsets[i], sizes[i]).in_group(i % 2))
+                .collect();
+            let flat = FlatParameters::new(
+                BufferView::new(&param, 0, end),
+                BufferView::new(&grad, 0, end),
+                tensors,
+            );
+            let second = config.clone().weight_decay(0.0).lr(config.lr / 2.0);
+            let groups = [config.clone(), second];
+            let optimizer =
+                Optimizer::with_groups(device, &groups, &[], &[flat], Default::default()).unwrap();
+            let at = offsets.into_iter().map(|o| (0, o)).collect();
+            (vec![param], vec![grad], at, optimizer)
+        } else {
+            let params: Vec<_> = sizes.iter().map(|&s| buffer_of(pd, s)).collect();
+            let grads: Vec<_> = sizes.iter().map(|&s| buffer_of(gd, s)).collect();
+            let parameters: Vec<Parameter> = (0..sizes.len())
+                .map(|i| {
+                    Parameter::new(
+                        name(i),
+                        BufferView::new(&params[i], 0, sizes[i]),
+                        BufferView::new(&grads[i], 0, sizes[i]),
+                    )
+                })
+                .collect();
+            let optimizer = Optimizer::new(device, config.clone(), &parameters).unwrap();
+            let at = (0..sizes.len()).map(|i| (i, 0)).collect();
+            (params, grads, at, optimizer)
+        };
+        let model = Q8Model {
+            optimizer,
+            params,
+            grads,
+            at,
+            sizes,
+            grad_dtype: gd,
+        };
+        for (i, p) in init.iter().enumerate() {
+            let (b, offset) = model.at[i];
+            // Even offsets: a 16-bit tensor starts on a word; its padding half lands in a gap.
+            let bytes = bytemuck::cast_slice(&encode(pd, p)).to_vec();
+            gpu()
+                .1
+                .write_buffer(&model.params[b], offset * pd.bytes(), &bytes);
+        }
+        model
+    }
+
+    fn step(&mut self, grads: Grads) {
+        let t = self.optimizer.step_count() + 1;
+        for (i, &len) in self.sizes.iter().enumerate() {
+            let (b, offset) = self.at[i];
+            let words = encode(self.grad_dtype, &grads(t, i, len));
+            let at = offset * self.grad_dtype.bytes();
+            gpu()
+                .1
+                .write_buffer(&self.grads[b], at, bytemuck::cast_slice(&words));
+        }
+        let (device, queue) = gpu();
+        self.optimizer.step_blocking(device, queue).unwrap();
+    }
+
+    /// The parameter buffers' words, whole.
+    fn param_words(&self) -> Vec<Vec<u32>> {
+        self.params
+            .iter()
+            .map(|b| bits(&read(b, 0, b.size() / 4)))
+            .collect()
+    }
+
+    fn set_param_words(&self, words: &[Vec<u32>]) {
+        for (b, w) in self.params.iter().zip(words) {
+            write_words(b, w);
+        }
+    }
+
+    /// Every tensor's state (q8 dequantised) and its q8 states as stored.
+    #[allow(clippy::type_complexity)]
+    fn states(&self) -> Vec<(TensorState, Vec<(String, Vec<u32>, Vec<u8>)>)> {
+        let (device, queue) = gpu();
+        let kinds = q8_kinds(self.optimizer.config());
+        (0..self.sizes.len())
+            .map(|i| {
+                let state = self
+                    .optimizer
+                    .read_state_blocking(device, queue, i)
+                    .unwrap();
+                let q8 = kinds
+                    .iter()
+                    .map(|&k| {
+                        let q = self.optimizer.read_q8_state_blocking(device, queue, i, k);
+                        q8_bits(&q.unwrap())
+                    })
+                    .collect();
+                (state, q8)
+            })
+            .collect()
+    }
+}
+
+/// The file `model` saved to `path`: each q8 state as U8 codes (`[len]`) equal to the
+/// optimizer's and F32 absmax (`[blocks]`) with the optimizer's bits, no F32 copy of it, and
+/// `q8_maps` naming each q8 state's map.
+fn check_q8_layout(case: &str, model: &Q8Model, path: &Path) -> Vec<String> {
+    let (device, queue) = gpu();
+    let raw = Raw::read(path);
+    let config = model.optimizer.config();
+    let kinds = q8_kinds(config);
+    let mut errors = Vec::new();
+    for (i, info) in model.optimizer.tensors().iter().enumerate() {
+        let name = &info.name;
+        for &kind in &kinds {
+            let q = model
+                .optimizer
+                .read_q8_state_blocking(device, queue, i, kind)
+                .unwrap();
+            let (codes, absmax) = (format!("{kind}.{name}"), format!("{kind}_absmax.{name}"));
+            let want_codes = (Dtype::U8, vec![info.len as usize], q.codes.clone());
+            if raw.tensors.get(&codes) != Some(&want_codes) {
+                errors.push(format!("{case}: {codes} is not the U8 codes"));
+            }
+            let absmax_bytes: Vec<u8> = q.absmax.iter().flat_map(|a| a.to_le_bytes()).collect();
+            let want_absmax = (Dtype::F32, vec![q.absmax.len()], absmax_bytes);
+            if raw.tensors.get(&absmax) != Some(&want_absmax) {
+                errors.push(format!("{case}: {absmax} is not the absmax"));
+            }
+            if q.absmax.len() as u64 != info.len.div_ceil(256) {
+                errors.push(format!("{case}: {} blocks for {name}", q.absmax.len()));
+            }
+        }
+    }
+    let want: serde_json::Value = kinds
+        .iter()
+        .map(|&k| {
+            let map = if k == "exp_avg" {
+                "dynamic_signed"
+            } else {
+                "dynamic_unsigned"
+            };
+            (k.to_string(), serde_json::Value::from(map))
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    let got = raw
+        .metadata
+        .get("q8_maps")
+        .map(|t| serde_json::from_str(t).unwrap());
+    if got != Some(want.clone()) {
+        errors.push(format!("{case}: q8_maps is {got:?}, want {want}"));
+    }
+    // Nothing else: the state tensors, each q8 one's absmax, the steps.
+    let mut expected = Vec::new();
+    for info in model.optimizer.tensors() {
+        let mut states = vec!["exp_avg", "exp_avg_sq"];
+        if config.amsgrad {
+            states.push("max_exp_avg_sq");
+        }
+        if config.keeps_master() {
+            states.push("master_param");
+        }
+        for kind in states {
+            expected.push(format!("{kind}.{}", info.name));
+            if kinds.contains(&kind) {
+                expected.push(format!("{kind}_absmax.{}", info.name));
+            }
+        }
+        expected.push(format!("step.{}", info.name));
+    }
+    expected.sort();
+    let have: Vec<String> = raw.tensors.keys().cloned().collect();
+    if have != expected {
+        errors.push(format!("{case}: the file has {have:?}, want {expected:?}"));
+    }
+    errors
+}
+
+/// N steps, save, load into a fresh optimizer over a copy of the saved run's parameters, M
+/// more steps: the same parameter bytes, states (q8 codes and absmax included) and status as
+/// N + M steps without the break.
+fn check_q8_resume(
+    case: &str,
+    config: &Config,
+    flat: bool,
+    grads: Grads,
+    dir: &Path,
+) -> Vec<String> {
+    let (device, queue) = gpu();
+    let (n, m) = (5, 4);
+    let sizes = [1usize, 255, 257, 65537];
+    let start = init(&sizes, 30);
+    let run = |steps: u64| {
+        let mut model = Q8Model::new(config, flat, &start);
+        for _ in 0..steps {
+            model.step(grads);
+        }
+        model
+    };
+    let case = format!("{case} ({})", if flat { "flat" } else { "separate" });
+    let mut errors = Vec::new();
+    let straight = run(n + m);
+    let first = run(n);
+    let path = dir.join(format!(
+        "{}.safetensors",
+        case.replace([' ', ',', '(', ')'], "_")
+    ));
+    checkpoint::save(&first.optimizer, device, queue, &path).unwrap();
+    errors.extend(check_q8_layout(&case, &first, &path));
+
+    let mut resumed = Q8Model::new(config, flat, &init(&sizes, 31));
+    resumed.set_param_words(&first.param_words());
+    checkpoint::load(&mut resumed.optimizer, queue, &path).unwrap();
+    if resumed.optimizer.step_count() != n {
+        errors.push(format!(
+            "{case}: step count {}",
+            resumed.optimizer.step_count()
+        ));
+    }
+    let saved = first.states();
+    for (i, (a, b)) in resumed.states().iter().zip(&saved).enumerate() {
+        if !same_bits(&a.0, &b.0) || a.1 != b.1 {
+            errors.push(format!(
+                "{case}: the state of tensor {i} loaded is not the one saved"
+            ));
+        }
+    }
+    for _ in 0..m {
+        resumed.step(grads);
+    }
+    if resumed.param_words() != straight.param_words() {
+        errors.push(format!("{case}: the parameters' bytes differ"));
+    }
+    for (i, (a, b)) in resumed.states().iter().zip(straight.states()).enumerate() {
+        if !same_bits(&a.0, &b.0) {
+            errors.push(format!("{case}: the state of tensor {i} differs"));
+        }
+        if a.1 != b.1 {
+            errors.push(format!(
+                "{case}: the q8 codes or absmax of tensor {i} differ"
+            ));
+        }
+    }
+    let status = |model: &Q8Model| {
+        let s = model.optimizer.read_status_blocking(device, queue).unwrap();
+        (s.applied_steps, s.loss_scale, s.growth_tracker)
+    };
+    if status(&resumed) != status(&straight) {
+        errors.push(format!("{case}: t, S and growth tracker differ"));
+    }
+    errors
+}
+
+#[test]
+fn q8_states_resume_bit_exact() {
+    // m, v, or both in q8, with amsgrad, beside 16-bit states and parameters with master
+    // weights; separate buffers and a flat buffer in two groups; tensors of 1, 255, 257 and 65537 elements (one partial block, a full one
+    // and a bit, 257 blocks).
+    use Rounding::Nearest;
+    let (f, b, q) = (Storage::F32, Storage::Bf16, Storage::Q8);
+    let adam = Config::adam().weight_decay(0.02);
+    let adamw = Config::adamw().lr(1e-3).weight_decay(0.1);
+    let cases: Vec<(&str, Config, Grads)> = vec![
+        (
+            "m q8",
+            stored(adamw.clone(), [f, f, q, f], false, Nearest),
+            grads,
+        ),
+        (
+            "v q8",
+            stored(adam.clone(), [f, f, f, q], false, Nearest),
+            grads,
+        ),
+        (
+            "m and v q8",
+            stored(adamw.clone(), [f, f, q, q], false, Nearest),
+            grads,
+        ),
+        (
+            "m and v q8, amsgrad",
+            stored(adam.clone().amsgrad(true), [f, f, q, q], false, Nearest),
+            grads,
+        ),
+        (
+            "v q8, amsgrad, bf16 m, params and grads with master weights",
+            stored(adamw.amsgrad(true), [b, b, b, q], true, Nearest),
+            grads,
+        ),
+    ];
+    let dir = scratch("resume-q8");
+    let mut errors = Vec::new();
+    for (case, config, grads) in &cases {
+        for flat in [false, true] {
+            errors.extend(check_q8_resume(case, config, flat, *grads, &dir));
+        }
+    }
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+}
+
+#[test]
+fn q8_state_needs_its_codes_to_resume() {
+    // Why the codes and absmax are saved: quantising the dequantised values again moves a
+    // block's absmax wherever its largest magnitude is negative (the signed map has no -1, so
+    // that value is stored as -0.99.. absmax). load_state does that; load_q8_state does not.
+    let (device, queue) = gpu();
+    let q = Storage::Q8;
+    let config = stored(
+        Config::adamw(),
+        [Storage::F32, Storage::F32, q, q],
+        false,
+        Rounding::Nearest,
+    );
+    let start = init(&[65537], 40);
+    let mut model = Q8Model::new(&config, false, &start);
+    for _ in 0..3 {
+        model.step(grads);
+    }
+    let state = model
+        .optimizer
+        .read_state_blocking(device, queue, 0)
+        .unwrap();
+    let raw = model
+        .optimizer
+        .read_q8_state_blocking(device, queue, 0, "exp_avg")
+        .unwrap();
+    let mut fresh = Q8Model::new(&config, false, &start);
+    fresh.optimizer.load_state(queue, 0, &state).unwrap();
+    let requantised = fresh
+        .optimizer
+        .read_q8_state_blocking(device, queue, 0, "exp_avg")
+        .unwrap();
+    let moved = (raw.absmax.iter().zip(&requantised.absmax))
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    assert!(moved > 10, "only {moved} of 257 blocks moved their absmax");
+    fresh
+        .optimizer
+        .load_q8_state(queue, 0, "exp_avg", &raw)
+        .unwrap();
+    let back = fresh
+        .optimizer
+        .read_q8_state_blocking(device, queue, 0, "exp_avg")
+        .unwrap();
+    assert_eq!(q8_bits(&back), q8_bits(&raw));
+    let dequantised = fresh
+        .optimizer
+        .read_state_blocking(device, queue, 0)
+        .unwrap();
+    assert_eq!(bits(&dequantised.exp_avg), bits(&state.exp_avg));
+}
+
+/// `q8_maps` with q8 v and vmax only.
+const V_MAPS: &str = r#"{"exp_avg_sq": "dynamic_unsigned", "max_exp_avg_sq": "dynamic_unsigned"}"#;
+
+/// Sets tensor `name` to U8 bytes of `shape` (codes).
+fn set_u8(raw: &mut Raw, name: &str, shape: &[usize], data: &[u8]) {
+    assert_eq!(shape.iter().product::<usize>(), data.len());
+    raw.tensors
+        .insert(name.to_string(), (Dtype::U8, shape.to_vec(), data.to_vec()));
+}
+
+#[test]
+fn q8_mismatches_are_refused_and_the_optimizer_is_untouched() {
+    // A checkpoint with m and v in q8 and amsgrad; wrong maps, codes of the wrong dtype or
+    // length, absmax of the wrong dtype, length or sign, q8 tensors where the config has none
+    // and f32 ones where it has q8: each refused with its own error, nothing written. Then the
+    // state I/O's own checks.
+    let (device, queue) = gpu();
+    let (f, q) = (Storage::F32, Storage::Q8);
+    let config = stored(
+        Config::adam().amsgrad(true).lr(0.01),
+        [f, f, q, q],
+        false,
+        Rounding::Nearest,
+    );
+    let sizes = [300usize, 3];
+    let names = ["block0.weight", "block1.weight"];
+    let mut source = Q8Model::new(&config, false, &init(&sizes, 1));
+    for _ in 0..3 {
+        source.step(grads);
+    }
+    let good = Checkpoint::capture(&source.optimizer, device, queue)
+        .unwrap()
+        .to_bytes()
+        .unwrap();
+    let mut victim = Q8Model::new(&config, false, &init(&sizes, 2));
+    for _ in 0..2 {
+        victim.step(|t, i, len| grads(t + 10, i, len));
+    }
+    let before = (
+        victim.states(),
+        victim.optimizer.step_count(),
+        victim.optimizer.lr(),
+    );
+    let mut failures = Vec::new();
+    let mut attempt =
+        |what: &str, result: Result<(), Error>, expected: &dyn Fn(&Error) -> bool| match result {
+            Ok(()) => failures.push(format!("{what}: accepted")),
+            Err(e) if expected(&e) => eprintln!("{what}: {e}"),
+            Err(e) => failures.push(format!("{what}: unexpected error {e:?}")),
+        };
+
+    let corruptions: Vec<Corruption> = vec![
+        (
+            "a wrong map name",
+            |raw| {
+                raw.metadata.insert(
+                    "q8_maps".into(),
+                    r#"{"exp_avg": "dynamic_unsigned", "exp_avg_sq": "dynamic_unsigned", "max_exp_avg_sq": "dynamic_unsigned"}"#.into(),
+                );
+            },
+            |e| matches!(e, Error::InvalidMetadata { key: "q8_maps", value, .. } if value.contains("\"exp_avg\": \"dynamic_unsigned\"")),
+        ),
+        (
+            "an unknown map",
+            |raw| {
+                raw.metadata.insert(
+                    "q8_maps".into(),
+                    r#"{"exp_avg": "linear", "exp_avg_sq": "dynamic_unsigned", "max_exp_avg_sq": "dynamic_unsigned"}"#.into(),
+                );
+            },
+            |e| matches!(e, Error::InvalidMetadata { key: "q8_maps", .. }),
+        ),
+        (
+            "a q8 state's map missing",
+            |raw| {
+                raw.metadata.insert(
+                    "q8_maps".into(),
+                    r#"{"exp_avg": "dynamic_signed", "exp_avg_sq": "dynamic_unsigned"}"#.into(),
+                );
+            },
+            |e| matches!(e, Error::InvalidMetadata { key: "q8_maps", .. }),
+        ),
+        (
+            "no q8_maps",
+            |raw| {
+                raw.metadata.remove("q8_maps");
+            },
+            |e| matches!(e, Error::MissingMetadata { key: "q8_maps", .. }),
+        ),
+        (
+            "codes in F32",
+            |raw| retag(raw, "exp_avg.block0.weight", Dtype::F32),
+            |e| matches!(e, Error::DType { tensor, dtype, expected } if tensor == "exp_avg.block0.weight" && dtype == "F32" && expected.contains("U8") && expected.contains("exp_avg_dtype")),
+        ),
+        (
+            "codes in I8",
+            |raw| retag(raw, "max_exp_avg_sq.block1.weight", Dtype::I8),
+            |e| matches!(e, Error::DType { tensor, dtype, .. } if tensor == "max_exp_avg_sq.block1.weight" && dtype == "I8"),
+        ),
+        (
+            "codes of another length than exp_avg's",
+            |raw| set_u8(raw, "exp_avg_sq.block1.weight", &[4], &[0; 4]),
+            |e| matches!(e, Error::Shape { tensor, .. } if tensor == "exp_avg_sq.block1.weight"),
+        ),
+        (
+            "absmax of the wrong length",
+            |raw| raw.set_f32("exp_avg_absmax.block0.weight", &[3], &[1.0; 3]),
+            |e| matches!(e, Error::Shape { tensor, shape, .. } if tensor == "exp_avg_absmax.block0.weight" && shape == &[3]),
+        ),
+        (
+            "absmax of two dimensions",
+            |raw| raw.set_f32("exp_avg_sq_absmax.block0.weight", &[1, 2], &[1.0; 2]),
+            |e| matches!(e, Error::Shape { tensor, .. } if tensor == "exp_avg_sq_absmax.block0.weight"),
+        ),
+        (
+            "absmax in BF16",
+            |raw| retag(raw, "exp_avg_absmax.block1.weight", Dtype::BF16),
+            |e| matches!(e, Error::DType { tensor, dtype, .. } if tensor == "exp_avg_absmax.block1.weight" && dtype == "BF16"),
+        ),
+        (
+            "absmax negative",
+            |raw| raw.set_f32("max_exp_avg_sq_absmax.block0.weight", &[2], &[1.0, -2.0]),
+            |e| matches!(e, Error::TensorValue { tensor, index: 1, .. } if tensor == "max_exp_avg_sq_absmax.block0.weight"),
+        ),
+        (
+            "absmax missing",
+            |raw| {
+                raw.tensors.remove("exp_avg_sq_absmax.block1.weight");
+            },
+            |e| matches!(e, Error::MissingTensor { tensor, .. } if tensor == "exp_avg_sq_absmax.block1.weight"),
+        ),
+        (
+            "q8 tensors, the config says f32",
+            |raw| {
+                set_config(raw, "exp_avg_dtype", "f32".into());
+                raw.metadata.insert("q8_maps".into(), V_MAPS.into());
+            },
+            |e| matches!(e, Error::DType { tensor, dtype, expected } if tensor == "exp_avg.block0.weight" && dtype == "U8" && expected.starts_with("F32")),
+        ),
+        (
+            "f32 states beside absmax, the config says f32",
+            |raw| {
+                set_config(raw, "exp_avg_dtype", "f32".into());
+                raw.metadata.insert("q8_maps".into(), V_MAPS.into());
+                raw.set_f32("exp_avg.block0.weight", &[300], &[0.0; 300]);
+                raw.set_f32("exp_avg.block1.weight", &[3], &[0.0; 3]);
+            },
+            |e| matches!(e, Error::UnexpectedTensor { tensor, .. } if tensor == "exp_avg_absmax.block0.weight"),
+        ),
+        (
+            "f32 states without absmax, the config says q8",
+            |raw| {
+                for kind in STATE_KINDS {
+                    raw.tensors.remove(&format!("{kind}_absmax.block1.weight"));
+                    raw.set_f32(&format!("{kind}.block1.weight"), &[3], &[0.0; 3]);
+                }
+            },
+            |e| matches!(e, Error::DType { tensor, dtype, .. } if tensor == "exp_avg.block1.weight" && dtype == "F32"),
+        ),
+    ];
+    for (what, corrupt, expected) in corruptions {
+        let mut raw = Raw::parse(&good);
+        corrupt(&mut raw);
+        let result = Checkpoint::from_bytes(&raw.bytes(), "ckpt.safetensors")
+            .and_then(|c| c.restore(&mut victim.optimizer, queue));
+        attempt(what, result, &expected);
+    }
+
+    // Consistent codes of the wrong length for the optimizer (every state of the second
+    // tensor, with its absmax): the file is sound, the optimizer refuses it.
+    let mut raw = Raw::parse(&good);
+    for kind in STATE_KINDS {
+        set_u8(&mut raw, &format!("{kind}.block1.weight"), &[4], &[9; 4]);
+    }
+    let longer = Checkpoint::from_bytes(&raw.bytes(), "ckpt.safetensors").unwrap();
+    attempt(
+        "codes of another length than the parameter",
+        longer.restore(&mut victim.optimizer, queue),
+        &|e| matches!(e, Error::Shape { tensor, .. } if tensor == "exp_avg.block1.weight"),
+    );
+
+    // Valid checkpoints of an optimizer with other state dtypes.
+    let other = |config: Config| {
+        let mut m = Q8Model::new(&config, false, &init(&sizes, 3));
+        m.step(grads);
+        Checkpoint::capture(&m.optimizer, device, queue).unwrap()
+    };
+    let refusals: Vec<(&str, Config, &str)> = vec![
+        (
+            "f32 exp_avg",
+            config.clone().exp_avg_dtype(f),
+            "exp_avg_dtype",
+        ),
+        (
+            "f32 states",
+            config.clone().exp_avg_dtype(f).exp_avg_sq_dtype(f),
+            "exp_avg_dtype",
+        ),
+        (
+            "bf16 exp_avg_sq",
+            config.clone().exp_avg_sq_dtype(Storage::Bf16),
+            "exp_avg_sq_dtype",
+        ),
+    ];
+    for (what, other_config, key) in refusals {
+        attempt(
+            what,
+            other(other_config).restore(&mut victim.optimizer, queue),
+            &|e| matches!(e, Error::ConfigMismatch { key: k, .. } if *k == key),
+        );
+    }
+
+    // The state I/O's own checks.
+    let saved = source
+        .optimizer
+        .read_q8_state_blocking(device, queue, 0, "exp_avg")
+        .unwrap();
+    let load = |victim: &mut Q8Model, index: usize, kind: &str, edit: &dyn Fn(&mut Q8State)| {
+        let mut state = saved.clone();
+        edit(&mut state);
+        victim.optimizer.load_q8_state(queue, index, kind, &state)
+    };
+    attempt(
+        "load_q8_state, another map",
+        load(&mut victim, 0, "exp_avg", &|s| {
+            s.map = "dynamic_unsigned".into()
+        }),
+        &|e| matches!(e, Error::Q8Map { tensor, map, expected: "dynamic_signed" } if tensor == "exp_avg.block0.weight" && map == "dynamic_unsigned"),
+    );
+    attempt(
+        "load_q8_state, exp_avg's map for exp_avg_sq",
+        load(&mut victim, 0, "exp_avg_sq", &|_| {}),
+        &|e| matches!(e, Error::Q8Map { tensor, expected: "dynamic_unsigned", .. } if tensor == "exp_avg_sq.block0.weight"),
+    );
+    attempt(
+        "load_q8_state, a code too many",
+        load(&mut victim, 0, "exp_avg", &|s| s.codes.push(0)),
+        &|e| matches!(e, Error::Shape { tensor, shape, .. } if tensor == "exp_avg.block0.weight" && shape == &[301]),
+    );
+    attempt(
+        "load_q8_state, another tensor's length",
+        load(&mut victim, 1, "exp_avg", &|_| {}),
+        &|e| matches!(e, Error::Shape { tensor, .. } if tensor == "exp_avg.block1.weight"),
+    );
+    attempt(
+        "load_q8_state, an absmax too few",
+        load(&mut victim, 0, "exp_avg", &|s| {
+            s.absmax.pop();
+        }),
+        &|e| matches!(e, Error::Shape { tensor, shape, .. } if tensor == "exp_avg_absmax.block0.weight" && shape == &[1]),
+    );
+    attempt(
+        "load_q8_state, a negative absmax",
+        load(&mut victim, 0, "exp_avg", &|s| s.absmax[0] = -0.0),
+        &|e| matches!(e, Error::TensorValue { tensor, index: 0, .. } if tensor == "exp_avg_absmax.block0.weight"),
+    );
+    attempt(
+        "load_q8_state, not a state",
+        load(&mut victim, 0, "momentum", &|_| {}),
+        &|e| matches!(e, Error::UnexpectedTensor { tensor, .. } if tensor == "momentum.block0.weight"),
+    );
+    attempt(
+        "load_q8_state, no such parameter",
+        load(&mut victim, 2, "exp_avg", &|_| {}),
+        &|e| matches!(e, Error::NoSuchParameter(_)),
+    );
+    // An optimizer whose m is f32 and that has no amsgrad.
+    let mut plain = Q8Model::new(
+        &config.clone().exp_avg_dtype(f).amsgrad(false),
+        false,
+        &init(&sizes, 4),
+    );
+    attempt(
+        "load_q8_state into an f32 state",
+        load(&mut plain, 0, "exp_avg", &|_| {}),
+        &|e| matches!(e, Error::DType { tensor, dtype, expected } if tensor == "exp_avg.block0.weight" && dtype == "f32" && expected.contains("exp_avg_dtype")),
+    );
+    attempt(
+        "load_q8_state, max_exp_avg_sq without amsgrad",
+        load(&mut plain, 0, "max_exp_avg_sq", &|s| {
+            s.map = "dynamic_unsigned".into()
+        }),
+        &|e| matches!(e, Error::UnexpectedTensor { tensor, .. } if tensor == "max_exp_avg_sq.block0.weight"),
+    );
+    attempt(
+        "read_q8_state of an f32 state",
+        plain
+            .optimizer
+            .read_q8_state_blocking(device, queue, 0, "exp_avg")
+            .map(|_| ()),
+        &|e| matches!(e, Error::DType { tensor, .. } if tensor == "exp_avg.block0.weight"),
+    );
+    attempt(
+        "read_q8_state, not a state",
+        victim
+            .optimizer
+            .read_q8_state_blocking(device, queue, 1, "master_param")
+            .map(|_| ()),
+        &|e| matches!(e, Error::UnexpectedTensor { tensor, .. } if tensor == "master_param.block1.weight"),
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // Nothing was written: states (codes and absmax included), step and lr as before.
+    let after = (
+        victim.states(),
+        victim.optimizer.step_count(),
+        victim.optimizer.lr(),
+    );
+    assert_eq!((after.1, after.2), (before.1, before.2));
+    for (a, b) in after.0.iter().zip(&before.0) {
+        assert!(same_bits(&a.0, &b.0));
+        assert_eq!(a.1, b.1);
+    }
+    // And the good file loads: codes and absmax as the source's.
+    let loaded = Checkpoint::from_bytes(&good, "good").unwrap();
+    assert_eq!(loaded.q8_state(names[0], "exp_avg"), Some(&saved));
+    assert_eq!(loaded.q8_state(names[0], "master_param"), None);
+    loaded.restore(&mut victim.optimizer, queue).unwrap();
+    assert_eq!(victim.optimizer.step_count(), 3);
+    for (a, b) in victim.states().iter().zip(source.states()) {
+        assert!(same_bits(&a.0, &b.0));
+        assert_eq!(a.1, b.1);
     }
 }
