@@ -27,7 +27,11 @@ Storage dtypes (semantics.md, "Storage dtypes"). An export writes f32 states and
 no storage keys (f32 storage), whatever the torch parameters' dtype. An import reads states saved
 as BF16 or F16 (each must have the dtype its config key gives it) and loads them widened to f32
 (exact): torch's Adam state is f32 for f32 parameters, and load_state_dict casts it to each
-parameter's dtype. Torch's Adam has no master weights: `master_param.<name>` is checked but not
+parameter's dtype. Torch cannot hold q8 state: an import loads each q8 state (U8 codes
+`<state>.<name>`, F32 `<state>_absmax.<name>`, its map named in the metadata `q8_maps`)
+dequantised to f32, bit for bit the values the optimizer holds (scripts/wgpu_optim_q8.py, pure
+Python, checked against wgpu-optim by tests/checkpoint.rs); going back from torch gives an f32
+file, which loads only into an optimizer with f32 states. Torch's Adam has no master weights: `master_param.<name>` is checked but not
 loaded into the optimizer; `import_checkpoint(..., params_from_master=True)` copies it into the
 torch parameters (the f32 weights the run was training; the engine's 16-bit parameters are
 their rounding), and without it the parameters are left as they are.
@@ -56,11 +60,13 @@ from safetensors import safe_open
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from torch_trace import (F32_EPS, TinyModel, _atomic_save, _named, optimizer_config,  # noqa: E402
                          tiny_batches)
+from wgpu_optim_q8 import blocks, check_q8_maps, dequantize, STATE_MAPS  # noqa: E402
 
 GENERATOR = "scripts/torch_checkpoint.py"
 STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-# The storage dtypes a checkpoint tensor can have, by config value (q8 is not implemented).
-DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+# The storage dtypes a checkpoint tensor can have, by config value; a q8 state is U8 codes (with
+# F32 absmax beside them).
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "q8": torch.uint8}
 
 
 def stored_dtype(config, kind):
@@ -115,7 +121,7 @@ def export_checkpoint(named_parameters, optimizer, path, algorithm=None):
 def import_checkpoint(named_parameters, optimizer, path, params_from_master=False):
     """Loads a wgpu-optim checkpoint into a torch.optim.Adam / AdamW built on the same model.
 
-    States saved as BF16 or F16 are loaded as f32. With `params_from_master`, the checkpoint's
+    States saved as BF16 or F16 are loaded as f32, q8 states dequantised to f32. With `params_from_master`, the checkpoint's
     master weights (it must have them) are copied into the parameters; otherwise the parameters
     are not touched. Everything is checked before anything is written.
     """
@@ -142,6 +148,7 @@ def import_checkpoint(named_parameters, optimizer, path, params_from_master=Fals
         if config.get(key, "f32") not in DTYPES:
             raise ValueError(f"{path}: config {key}={config[key]!r} is not supported here "
                              f"(one of {sorted(DTYPES)})")
+    q8 = check_q8_maps(config, meta, path)
     master = keeps_master(config)
     if params_from_master and not master:
         raise ValueError(f"{path}: params_from_master=True, but the checkpoint has no master "
@@ -170,7 +177,17 @@ def import_checkpoint(named_parameters, optimizer, path, params_from_master=Fals
             raise ValueError(f"{path}: {key} has dtype {t.dtype}, but the config gives it {want}")
         if t.numel() != p.numel():
             raise ValueError(f"{path}: {key} has {t.numel()} elements, the parameter {p.numel()}")
-        return t.to(torch.float32).reshape(p.shape).clone()
+        if kind not in q8:
+            return t.to(torch.float32).reshape(p.shape).clone()
+        absmax_key = f"{kind}_absmax.{n}"
+        if absmax_key not in tensors:
+            raise ValueError(f"{path}: {absmax_key} is missing")
+        absmax = tensors[absmax_key]
+        if absmax.dtype != torch.float32 or list(absmax.shape) != [blocks(t.numel())]:
+            raise ValueError(f"{path}: {absmax_key} is {absmax.dtype} {list(absmax.shape)}, "
+                             f"expected torch.float32 [{blocks(t.numel())}]")
+        values = dequantize(bytes(t.flatten().tolist()), absmax.tolist(), STATE_MAPS[kind])
+        return torch.tensor(values.tolist(), dtype=torch.float32).reshape(p.shape)
 
     for n, p in named:
         s = {"step": tensors[f"step.{n}"].to(torch.float32).reshape(()).clone()}

@@ -3,19 +3,24 @@
 //!
 //! | tensor | content |
 //! | --- | --- |
-//! | `exp_avg.<name>` | in `exp_avg_dtype` (F32, BF16 or F16), one element per parameter element |
+//! | `exp_avg.<name>` | in `exp_avg_dtype` (F32, BF16, F16, or U8 codes for q8), one element per parameter element |
 //! | `exp_avg_sq.<name>` | in `exp_avg_sq_dtype`, the same shape |
 //! | `max_exp_avg_sq.<name>` | in `exp_avg_sq_dtype`, the same shape; only with amsgrad |
+//! | `<state>_absmax.<name>` | F32 `[ceil(len / 256)]`: each block's absmax, for each of the three states above that is q8 |
 //! | `master_param.<name>` | f32, the same shape; only with master weights ([`Config::keeps_master`]) |
 //! | `step.<name>` | f32, 0-d: the step count, like torch's per-parameter `step` |
 //!
 //! Each state is written as its buffer stores it, so a 16-bit state is saved and restored bit
-//! for bit (the values a 16-bit buffer holds are exact in f32, where the host keeps them).
+//! for bit (the values a 16-bit buffer holds are exact in f32, where the host keeps them), and
+//! a q8 state as its codes and absmax ([`Optimizer::read_q8_state`]), restored as they were
+//! ([`Optimizer::load_q8_state`]): quantising its dequantised values again need not give them
+//! back. Element `i` of a q8 state is `f32(map[code[i]] * absmax[i / 256])`.
 //!
 //! | metadata | content |
 //! | --- | --- |
 //! | `config` | the effective configuration ([`Config::to_json`]), `lr` being the one in effect |
 //! | `step` | the step count, decimal (exact where f32 is not) |
+//! | `q8_maps` | with q8 states: each q8 state's map name, a JSON object (`{"exp_avg": "dynamic_signed", "exp_avg_sq": "dynamic_unsigned"}`); it must name each state's own map |
 //! | `param_names` | the parameter names as a JSON list, in the optimizer's order |
 //! | `groups` | with several parameter groups only: every group's effective configuration |
 //! | `param_groups` | with `groups` only: each parameter's group, a JSON list beside `param_names` |
@@ -27,14 +32,15 @@
 //! layout. Other metadata keys are ignored.
 //!
 //! Loading checks the file on its own (names, each tensor's dtype against the file's config,
-//! shapes, the config, every `step.<name>` equal to `step`), then against the optimizer (the
+//! shapes, the config, `q8_maps`, every `step.<name>` equal to `step`), then against the optimizer (the
 //! same parameter names, element counts, and config in every key but `lr`: the storage keys
 //! included), and only then writes the state, the step counter and the learning rate: a failed
 //! load returns a typed error and leaves the optimizer as it was.
 //! Saving writes a temporary file in the same directory and renames it over the target.
 //!
 //! Owns: the checkpoint format (`docs/checkpoint-format.md`). May not reach into the optimizer
-//! beyond its public state I/O (`read_state_blocking`, `load_state`, `set_step_count`).
+//! beyond its public state I/O (`read_state_blocking`, `read_q8_state_blocking`, `load_state`,
+//! `load_q8_state`, `set_step_count`).
 //!
 //! ```no_run
 //! # fn main() -> Result<(), wgpu_optim::Error> {

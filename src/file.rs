@@ -113,7 +113,8 @@ impl<'a> Safetensors<'a> {
 /// Safetensors' U8, the dtype of q8 codes in a checkpoint.
 pub(crate) const U8: Dtype = Dtype::U8;
 
-/// The safetensors name of a storage dtype (a q8 state is written dequantised, as F32).
+/// The safetensors name of a storage dtype's values (q8 as dequantised F32 values, as replay
+/// results write them; a checkpoint writes a q8 state's codes and absmax instead).
 pub(crate) fn safetensors_dtype(dtype: StorageDtype) -> Dtype {
     match dtype {
         StorageDtype::Bf16 => Dtype::BF16,

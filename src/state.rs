@@ -256,7 +256,7 @@ impl Q8State {
         Ok(())
     }
 
-    /// The values stored, dequantised with `map`. The lengths have been checked ([`check`]).
+    /// The values stored, dequantised with `map`. The lengths have been checked (`check`).
     pub(crate) fn values(&self, map: &q8::Map) -> Vec<f32> {
         self.codes
             .iter()

@@ -2136,3 +2136,81 @@ fn q8_mismatches_are_refused_and_the_optimizer_is_untouched() {
         assert_eq!(a.1, b.1);
     }
 }
+
+/// [`grads`], but tensor 3's are around 1e-38: its m holds f32 subnormal values.
+fn tiny_grads(t: u64, i: usize, len: u64) -> Vec<f32> {
+    let scale = if i == 3 { 1e-38 } else { 1.0 };
+    grads(t, i, len).iter().map(|g| g * scale).collect()
+}
+
+#[test]
+fn q8_states_dequantise_alike_in_python() {
+    // scripts/wgpu_optim_q8.py, which scripts/torch_checkpoint.py loads q8 states into torch
+    // with, must compute the maps and dequantise a checkpoint's codes and absmax bit for bit as
+    // the optimizer does. This writes a checkpoint and the optimizer's own values (and maps),
+    // and runs the script's check when python3 is on the PATH (it needs nothing else).
+    let (device, queue) = gpu();
+    let (f, q) = (Storage::F32, Storage::Q8);
+    let config = stored(
+        Config::adam().amsgrad(true),
+        [f, f, q, q],
+        false,
+        Rounding::Nearest,
+    );
+    let mut model = Q8Model::new(&config, false, &init(&[1, 257, 3000, 700], 50));
+    for _ in 0..4 {
+        model.step(tiny_grads);
+    }
+    let dir = scratch("q8-python");
+    let path = dir.join("q8.safetensors");
+    checkpoint::save(&model.optimizer, device, queue, &path).unwrap();
+    let mut expected = Raw::default();
+    for (i, info) in model.optimizer.tensors().iter().enumerate() {
+        let state = model
+            .optimizer
+            .read_state_blocking(device, queue, i)
+            .unwrap();
+        let vmax = state.max_exp_avg_sq.unwrap();
+        for (kind, values) in [
+            ("exp_avg", &state.exp_avg),
+            ("exp_avg_sq", &state.exp_avg_sq),
+            ("max_exp_avg_sq", &vmax),
+        ] {
+            expected.set_f32(&format!("{kind}.{}", info.name), &[values.len()], values);
+        }
+        if i == 3 {
+            let subnormal = state.exp_avg.iter().filter(|m| m.is_subnormal()).count();
+            assert!(subnormal > 100, "{subnormal} subnormal values in m");
+        }
+    }
+    for signed in [true, false] {
+        let map = wgpu_optim::dtype::q8::Map::new(signed);
+        expected.set_f32(&format!("map.{}", map.name), &[256], &map.values);
+    }
+    let expected_path = dir.join("expected.safetensors");
+    std::fs::write(&expected_path, expected.bytes()).unwrap();
+
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/wgpu_optim_q8.py");
+    let run = std::process::Command::new("python3")
+        .arg(&script)
+        .arg("check")
+        .arg(&path)
+        .arg(&expected_path)
+        .output();
+    match run {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => eprintln!(
+            "python3 is not on the PATH: the Python side did not run (run it by hand: \
+             python3 {} check {} {})",
+            script.display(),
+            path.display(),
+            expected_path.display()
+        ),
+        Err(e) => panic!("running python3: {e}"),
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            eprintln!("{text}");
+            assert!(out.status.success(), "{text}");
+        }
+    }
+}
