@@ -1717,8 +1717,9 @@ fn check_q8_resume(
 #[test]
 fn q8_states_resume_bit_exact() {
     // m, v, or both in q8, with amsgrad, beside 16-bit states and parameters with master
-    // weights; separate buffers and a flat buffer in two groups; tensors of 1, 255, 257 and 65537 elements (one partial block, a full one
-    // and a bit, 257 blocks).
+    // weights, and with the pass before the step; separate buffers and a flat buffer in two
+    // groups; tensors of 1, 255, 257 and 65537 elements (one partial block, a full one and a
+    // bit, 257 blocks).
     use Rounding::Nearest;
     let (f, b, q) = (Storage::F32, Storage::Bf16, Storage::Q8);
     let adam = Config::adam().weight_decay(0.02);
@@ -1747,6 +1748,20 @@ fn q8_states_resume_bit_exact() {
         (
             "v q8, amsgrad, bf16 m, params and grads with master weights",
             stored(adamw.amsgrad(true), [b, b, b, q], true, Nearest),
+            grads,
+        ),
+        (
+            "m and v q8 with loss scaling and clipping (t, S on the device)",
+            stored(
+                adam.clone()
+                    .loss_scale(Some(
+                        LossScale::default().init_scale(256.0).growth_interval(2),
+                    ))
+                    .max_grad_norm(Some(0.5)),
+                [f, f, q, q],
+                false,
+                Nearest,
+            ),
             grads,
         ),
     ];
